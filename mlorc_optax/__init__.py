@@ -1,0 +1,46 @@
+"""MLorc: Momentum Low-rank Compression as Optax gradient transformations.
+
+Paper: https://arxiv.org/abs/2506.01897. ``mlorc_adamw`` and ``mlorc_lion`` are
+drop-in replacements for ``optax.adamw`` and ``optax.lion`` whose optimizer
+state holds only low-rank factors of each matrix parameter's moments.
+"""
+
+from mlorc_optax._src.alias import mlorc_adamw
+from mlorc_optax._src.alias import mlorc_lion
+from mlorc_optax._src.masking import DEFAULT_EXCLUDED_NAMES
+from mlorc_optax._src.masking import LeafPlan
+from mlorc_optax._src.masking import MatrixDimensionNumbers
+from mlorc_optax._src.masking import MatrixView
+from mlorc_optax._src.masking import compression_plan
+from mlorc_optax._src.masking import format_plan
+from mlorc_optax._src.masking import path_mask
+from mlorc_optax._src.mlorc import MLorcAdamState
+from mlorc_optax._src.mlorc import MLorcLionState
+from mlorc_optax._src.mlorc import nonnegative_second_moment
+from mlorc_optax._src.mlorc import scale_by_mlorc_adam
+from mlorc_optax._src.mlorc import scale_by_mlorc_lion
+from mlorc_optax._src.rsvd import LowRankFactors
+from mlorc_optax._src.rsvd import randomized_svd
+from mlorc_optax._src.rsvd import reconstruct
+
+__version__ = '0.1.0'
+
+__all__ = (
+    'DEFAULT_EXCLUDED_NAMES',
+    'LeafPlan',
+    'LowRankFactors',
+    'MLorcAdamState',
+    'MLorcLionState',
+    'MatrixDimensionNumbers',
+    'MatrixView',
+    'compression_plan',
+    'format_plan',
+    'mlorc_adamw',
+    'mlorc_lion',
+    'nonnegative_second_moment',
+    'path_mask',
+    'randomized_svd',
+    'reconstruct',
+    'scale_by_mlorc_adam',
+    'scale_by_mlorc_lion',
+)

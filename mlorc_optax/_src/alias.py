@@ -1,0 +1,210 @@
+"""Complete MLorc optimizers: drop-in replacements for optax.adamw / optax.lion."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mlorc_optax._src import masking
+from mlorc_optax._src import mlorc
+
+
+def mlorc_adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-8,
+    eps_root: jax.typing.ArrayLike = 0.0,
+    mu_dtype: jax.typing.DTypeLike | None = None,
+    weight_decay: optax.ScalarOrSchedule = 1e-4,
+    mask: Any | Callable[[optax.Params], Any] | None = None,
+    *,
+    nesterov: bool = False,
+    rank: int = 4,
+    oversample: int = 0,
+    power_iters: int = 0,
+    seed: int | jax.Array = 0,
+    factor_dtype: jax.typing.DTypeLike = jnp.float32,
+    compress: Sequence[str] = ('mu', 'nu'),
+    low_rank_mask: masking.MaskSpec = None,
+    dimension_numbers: masking.DimensionSpec = None,
+) -> optax.GradientTransformation:
+  """AdamW whose moments are stored as low-rank factors (MLorc-AdamW).
+
+  Paper Algorithm 1: the optimizer state of every compressed ``m x n`` matrix
+  is ``2(m + n)r`` numbers (plus ``2r`` singular values) instead of ``2mn``.
+  Built like ``optax.adamw``, with the same arguments in the same order and
+  the same defaults, so replacing ``optax.adamw(...)`` by
+  ``mlorc_optax.mlorc_adamw(...)`` is a drop-in change::
+
+    chain(scale_by_mlorc_adam(b1, b2, eps, eps_root, mu_dtype, ...),
+          add_decayed_weights(weight_decay, mask),
+          scale_by_learning_rate(learning_rate))
+
+  At ``rank >= min(m, n)`` for every compressed leaf it computes exactly what
+  ``optax.adamw`` computes (up to float32 rounding of the RSVD).
+
+  Paper settings: rank 4 (LLaMA2-7B) or 8 (RoBERTa-base), oversample 0,
+  ``b1=0.8`` (the paper lowers it from 0.9 to damp the compression error),
+  and a learning rate close to full fine-tuning's (7e-5 vs 4e-5 in their
+  LLaMA2-7B runs).
+
+  .. warning::
+    Only the leaves chosen by ``low_rank_mask`` are compressed (default:
+    floating matrices whose last path name is not ``bias``, ``scale`` or
+    ``embedding`` and with ``min(rows, cols) > rank``); all other leaves get
+    plain AdamW. Inspect the choice with :func:`mlorc_optax.compression_plan`.
+
+  Args:
+    learning_rate: a scalar or an ``optax`` schedule.
+    b1: first-moment decay.
+    b2: second-moment decay.
+    eps: added to the denominator outside the square root.
+    eps_root: added inside the square root.
+    mu_dtype: first-moment dtype of the leaves that are not compressed.
+    weight_decay: decoupled weight decay (scalar or schedule).
+    mask: which leaves get weight decay, exactly as ``optax.adamw``'s
+      ``mask`` (a pytree of bools or a callable); independent of compression.
+    nesterov: Nadam-style update.
+    rank: factor rank ``r`` (static).
+    oversample: RSVD oversampling ``p`` (static).
+    power_iters: RSVD power iterations (static).
+    seed: int seed or ``jax.random`` key for the RSVD sketches.
+    factor_dtype: storage dtype of the factors (computation is float32).
+    compress: ``('mu', 'nu')``, ``('mu',)`` or ``('nu',)``: which moments are
+      low-rank (the paper's ablation keeps the other one dense).
+    low_rank_mask: which leaves are compressed (see
+      :func:`mlorc_optax.compression_plan`).
+    dimension_numbers: how leaves are viewed as matrices (see
+      :class:`mlorc_optax.MatrixDimensionNumbers`).
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import mlorc_optax
+    >>> params = {'w': jnp.ones((32, 16)), 'b': jnp.zeros(16)}
+    >>> loss = lambda p: jnp.sum((jnp.ones(32) @ p['w'] + p['b']) ** 2)
+    >>> tx = mlorc_optax.mlorc_adamw(1e-2, rank=4)
+    >>> state = tx.init(params)
+    >>> for _ in range(3):
+    ...   grads = jax.grad(loss)(params)
+    ...   updates, state = tx.update(grads, state, params)
+    ...   params = optax.apply_updates(params, updates)
+    >>> bool(loss(params) < 32.0 ** 2 * 16)
+    True
+
+  References:
+    Shen et al., *MLorc: Momentum Low-rank Compression for Memory Efficient
+    Large Language Model Adaptation*, https://arxiv.org/abs/2506.01897;
+    Loshchilov & Hutter, *Decoupled Weight Decay Regularization*,
+    https://arxiv.org/abs/1711.05101.
+  """
+  return optax.chain(
+      mlorc.scale_by_mlorc_adam(
+          b1=b1,
+          b2=b2,
+          eps=eps,
+          eps_root=eps_root,
+          mu_dtype=mu_dtype,
+          nesterov=nesterov,
+          rank=rank,
+          oversample=oversample,
+          power_iters=power_iters,
+          seed=seed,
+          factor_dtype=factor_dtype,
+          compress=compress,
+          low_rank_mask=low_rank_mask,
+          dimension_numbers=dimension_numbers,
+      ),
+      optax.add_decayed_weights(weight_decay, mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+def mlorc_lion(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.99,
+    mu_dtype: jax.typing.DTypeLike | None = None,
+    weight_decay: optax.ScalarOrSchedule = 1e-3,
+    mask: Any | Callable[[optax.Params], Any] | None = None,
+    *,
+    rank: int = 4,
+    oversample: int = 0,
+    power_iters: int = 0,
+    seed: int | jax.Array = 0,
+    factor_dtype: jax.typing.DTypeLike = jnp.float32,
+    low_rank_mask: masking.MaskSpec = None,
+    dimension_numbers: masking.DimensionSpec = None,
+) -> optax.GradientTransformation:
+  """Lion whose momentum is stored as low-rank factors (MLorc-Lion).
+
+  Paper Algorithm 2, built like ``optax.lion`` with the same arguments,
+  order and defaults::
+
+    chain(scale_by_mlorc_lion(b1, b2, mu_dtype, ...),
+          add_decayed_weights(weight_decay, mask),
+          scale_by_learning_rate(learning_rate))
+
+  The paper's MLorc-Lion beat full Lion on GSM8K with LLaMA2-7B at rank 4
+  (47.75 vs 46.38). As for Lion, use a learning rate 3-10x smaller than
+  AdamW's and a larger weight decay.
+
+  .. warning::
+    Only the leaves chosen by ``low_rank_mask`` are compressed; the others
+    get plain Lion. See :func:`mlorc_optax.compression_plan`.
+
+  Args:
+    learning_rate: a scalar or an ``optax`` schedule.
+    b1: rate combining the momentum and the current gradient.
+    b2: momentum decay.
+    mu_dtype: momentum dtype of the leaves that are not compressed.
+    weight_decay: decoupled weight decay (scalar or schedule).
+    mask: which leaves get weight decay, as ``optax.lion``'s ``mask``.
+    rank: factor rank ``r`` (static).
+    oversample: RSVD oversampling (static).
+    power_iters: RSVD power iterations (static).
+    seed: int seed or ``jax.random`` key for the RSVD sketches.
+    factor_dtype: storage dtype of the factors.
+    low_rank_mask: which leaves are compressed.
+    dimension_numbers: how leaves are viewed as matrices.
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax
+    >>> import mlorc_optax
+    >>> params = {'w': jnp.ones((32, 16))}
+    >>> tx = mlorc_optax.mlorc_lion(1e-3, weight_decay=0.0)
+    >>> updates, _ = tx.update(params, tx.init(params), params)
+    >>> updates['w'][0, :3]  # -lr * sign(g) on the first step
+    Array([-0.001, -0.001, -0.001], dtype=float32)
+
+  References:
+    Shen et al., https://arxiv.org/abs/2506.01897, Algorithm 2; Chen et al.,
+    *Symbolic Discovery of Optimization Algorithms*,
+    https://arxiv.org/abs/2302.06675.
+  """
+  return optax.chain(
+      mlorc.scale_by_mlorc_lion(
+          b1=b1,
+          b2=b2,
+          mu_dtype=mu_dtype,
+          rank=rank,
+          oversample=oversample,
+          power_iters=power_iters,
+          seed=seed,
+          factor_dtype=factor_dtype,
+          low_rank_mask=low_rank_mask,
+          dimension_numbers=dimension_numbers,
+      ),
+      optax.add_decayed_weights(weight_decay, mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )

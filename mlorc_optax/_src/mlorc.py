@@ -1,0 +1,564 @@
+"""MLorc gradient transformations: Adam and Lion with low-rank moments.
+
+Paper: Shen et al., *MLorc: Momentum Low-rank Compression for Memory Efficient
+Large Language Model Adaptation*, https://arxiv.org/abs/2506.01897
+(Algorithm 1: MLorc-AdamW, Algorithm 2: MLorc-Lion, Algorithm 3: RSVD).
+
+For every compressed leaf (see :mod:`mlorc_optax._src.masking`) the state keeps
+only :class:`~mlorc_optax.LowRankFactors` of its moments: ``B((m + n)r + r)``
+numbers per moment for a batch of ``B`` matrices ``m x n`` instead of ``Bmn``.
+Each step reconstructs the dense moments in float32, mixes in the gradient,
+computes the update from the *uncompressed* new moments and recompresses them
+with a randomized SVD. Every other leaf gets the exact base optimizer
+(``optax.scale_by_adam`` / ``optax.scale_by_lion``) through ``optax.masked``.
+
+Randomness: the state holds a raw ``uint32[2]`` PRNG key that never changes.
+At step ``t`` (the state's ``count`` before the update), the sketch of moment
+``j`` (0: first moment, 1: second) of the ``i``-th compressed leaf in
+tree-flatten order is drawn from
+
+``fold_in(fold_in(fold_in(key, t), i), j)``
+
+as ``jax.random.normal(k, (*batch_shape, n, l), float32)`` with
+``l = min(rank + oversample, m, n)``. It depends on nothing else (never on the
+device), so replicas that share the state draw identical sketches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mlorc_optax._src import checks
+from mlorc_optax._src import masking
+from mlorc_optax._src import rsvd
+
+_MOMENTS = ('mu', 'nu')
+
+
+class MLorcAdamState(NamedTuple):
+  """State of :func:`scale_by_mlorc_adam` for the compressed leaves.
+
+  Attributes:
+    count: int32 step counter (number of updates applied).
+    key: raw ``uint32[2]`` PRNG key from which every sketch is derived.
+    mu: first moment, per leaf: :class:`LowRankFactors` (compressed),
+      a dense array (compressed leaf whose first moment is kept dense, see
+      ``compress``) or ``optax.MaskedNode`` (leaf handled by the base Adam).
+    nu: second moment, same layout.
+  """
+
+  count: jax.Array
+  key: jax.Array
+  mu: optax.Updates
+  nu: optax.Updates
+
+
+class MLorcLionState(NamedTuple):
+  """State of :func:`scale_by_mlorc_lion` for the compressed leaves.
+
+  Attributes:
+    count: int32 step counter.
+    key: raw ``uint32[2]`` PRNG key from which every sketch is derived.
+    mu: momentum, per leaf: :class:`LowRankFactors` or ``optax.MaskedNode``.
+  """
+
+  count: jax.Array
+  key: jax.Array
+  mu: optax.Updates
+
+
+def nonnegative_second_moment(v: jax.Array) -> jax.Array:
+  """The paper's fix (eq. 2) of a reconstructed second moment, per matrix.
+
+  A low-rank reconstruction of a non-negative matrix can have negative
+  entries. Zeroing them (ReLU) would make ``1 / sqrt(v)`` explode, so each
+  negative entry is replaced by ``zeta``, the mean absolute value of the
+  matrix's negative entries:
+
+  .. math::
+
+    \\tilde v \\leftarrow \\mathrm{ReLU}(\\tilde v) + \\zeta(\\tilde v)\\,
+    \\mathbf 1_{\\{\\tilde v < 0\\}},\\qquad
+    \\zeta(\\tilde v) = \\frac{\\sum_{i: \\tilde v_i < 0} |\\tilde v_i|}
+    {|\\{i: \\tilde v_i < 0\\}|}.
+
+  Args:
+    v: matrices ``[..., m, n]``; ``zeta`` is computed per matrix.
+
+  Returns:
+    ``v`` with every negative entry replaced by its matrix's ``zeta`` (> 0).
+  """
+  negative = v < 0
+  count = jnp.sum(negative, axis=(-2, -1), keepdims=True)
+  total = jnp.sum(jnp.where(negative, -v, 0), axis=(-2, -1), keepdims=True)
+  zeta = total / jnp.maximum(count, 1).astype(v.dtype)
+  return jnp.where(negative, zeta, v)
+
+
+def _key_data(seed: Any) -> jax.Array:
+  """A raw ``uint32[2]`` key from an int seed, a typed key or raw key data."""
+  if isinstance(seed, (jax.Array, np.ndarray)) and jnp.issubdtype(
+      seed.dtype, jax.dtypes.prng_key
+  ):
+    return jax.random.key_data(seed)
+  if isinstance(seed, jax.Array) and seed.shape == () and jnp.issubdtype(
+      seed.dtype, jnp.integer
+  ):  # possibly traced, e.g. a seed injected by optax.inject_hyperparams
+    return jax.random.PRNGKey(seed)
+  array = np.asarray(seed)
+  if array.dtype == np.uint32 and array.shape == (2,):
+    return jnp.asarray(array)
+  if array.shape == () and np.issubdtype(array.dtype, np.integer):
+    return jax.random.PRNGKey(seed)
+  raise TypeError(
+      f'seed must be an int, a jax.random key or raw uint32[2] key data, got '
+      f'{seed!r}.'
+  )
+
+
+class _LowRankMoments:
+  """Planning, storage and recompression shared by the Adam and Lion cores."""
+
+  def __init__(
+      self,
+      *,
+      rank: int,
+      oversample: int,
+      power_iters: int,
+      factor_dtype: Any,
+      low_rank_mask: masking.MaskSpec,
+      dimension_numbers: masking.DimensionSpec,
+  ):
+    self.rank = checks.check_int('rank', rank, 1)
+    self.oversample = checks.check_int('oversample', oversample, 0)
+    self.power_iters = checks.check_int('power_iters', power_iters, 0)
+    self.factor_dtype = checks.check_float_dtype('factor_dtype', factor_dtype)
+    if isinstance(low_rank_mask, (bool, np.bool_)):
+      low_rank_mask = bool(low_rank_mask)
+    self.low_rank_mask = low_rank_mask
+    self.dimension_numbers = dimension_numbers
+
+  def plan(self, tree: Any) -> tuple[list[masking.LeafPlan], Any]:
+    return masking.plan_leaves(
+        tree,
+        rank=self.rank,
+        low_rank_mask=self.low_rank_mask,
+        dimension_numbers=self.dimension_numbers,
+    )
+
+  def dense_mask(self, tree: Any) -> Any:
+    """Pytree of bools: True where the leaf is *not* compressed."""
+    plans, treedef = self.plan(tree)
+    return jax.tree_util.tree_unflatten(
+        treedef, [not p.compressed for p in plans]
+    )
+
+  def zeros(self, plan: masking.LeafPlan, low_rank: bool) -> Any:
+    """Initial moment of a compressed leaf: zero factors, or dense zeros."""
+    view = plan.view
+    batch, k = view.batch_shape, plan.rank
+    if not low_rank:
+      return jnp.zeros((*batch, view.rows, view.cols), self.factor_dtype)
+    return rsvd.LowRankFactors(
+        u=jnp.zeros((*batch, view.rows, k), self.factor_dtype),
+        s=jnp.zeros((*batch, k), self.factor_dtype),
+        v=jnp.zeros((*batch, view.cols, k), self.factor_dtype),
+    )
+
+  @staticmethod
+  def read(moment: Any) -> jax.Array:
+    """Dense float32 matrices ``[*batch, m, n]`` of a stored moment."""
+    if _is_factors(moment):
+      return rsvd.reconstruct(moment)
+    return jnp.asarray(moment, jnp.float32)
+
+  def write(
+      self, x: jax.Array, like: Any, plan: masking.LeafPlan, key: jax.Array
+  ) -> Any:
+    """Stores the new dense moment ``x`` in the form of ``like``."""
+    if not _is_factors(like):
+      return x.astype(self.factor_dtype)
+    view = plan.view
+    width = rsvd.sketch_width(view.rows, view.cols, self.rank, self.oversample)
+    omega = rsvd.gaussian_sketch(key, view.batch_shape, view.cols, width)
+    f = rsvd.randomized_svd_from_sketch(
+        x, omega, plan.rank, power_iters=self.power_iters
+    )
+    return rsvd.LowRankFactors(*(a.astype(self.factor_dtype) for a in f))
+
+  def check_moment(self, moment: Any, plan: masking.LeafPlan, name: str):
+    """Raises if a stored moment does not fit the plan of its leaf."""
+    view = plan.view
+    if view is None:
+      if _is_factors(moment) or hasattr(moment, 'shape'):
+        raise ValueError(
+            f'The optimizer state holds a {name} for {plan.path!r}, which is '
+            'not compressed now: was the state made with other params or '
+            'another low_rank_mask?'
+        )
+      return
+    batch, m, n, k = view.batch_shape, view.rows, view.cols, plan.rank
+    if _is_factors(moment):
+      got = tuple(tuple(np.shape(a)) for a in (moment.u, moment.s, moment.v))
+      want = ((*batch, m, k), (*batch, k), (*batch, n, k))
+    else:
+      got = tuple(np.shape(moment)) if hasattr(moment, 'shape') else None
+      want = (*batch, m, n)
+    if got != want:
+      raise ValueError(
+          f'The optimizer state of {plan.path!r} ({name}) has shapes {got}, '
+          f'expected {want} for the leaf of shape {plan.shape} at rank '
+          f'{self.rank}: was the state made with other params or settings?'
+      )
+
+
+def _is_factors(x: Any) -> bool:
+  return all(hasattr(x, a) for a in ('u', 's', 'v'))
+
+
+def _split_state(treedef: Any, subtree: Any, name: str) -> list[Any]:
+  try:
+    return treedef.flatten_up_to(subtree)
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+        f'The optimizer state ({name}) does not have the structure of the '
+        f'updates: was it initialised with a different parameter tree? ({e})'
+    ) from None
+
+
+def _leaf_keys(key: jax.Array, count: jax.Array, index: int) -> tuple:
+  leaf = jax.random.fold_in(jax.random.fold_in(key, count), index)
+  return jax.random.fold_in(leaf, 0), jax.random.fold_in(leaf, 1)
+
+
+def _validate_compress(compress: Sequence[str]) -> tuple[str, ...]:
+  if isinstance(compress, str):
+    compress = (compress,)
+  compress = tuple(compress)
+  unknown = [c for c in compress if c not in _MOMENTS]
+  if unknown or not compress or len(set(compress)) != len(compress):
+    raise ValueError(
+        f'compress must be a non-empty subset of {_MOMENTS} without '
+        f'repeats, got {compress!r}.'
+    )
+  return compress
+
+
+def _scale_by_low_rank_adam(
+    b1, b2, eps, eps_root, nesterov, compress, store: _LowRankMoments, key
+) -> optax.GradientTransformation:
+  """Algorithm 1 (without lr and weight decay) on the compressed leaves only.
+
+  Leaves that are not compressed pass through unchanged with an empty state.
+  """
+
+  def init_fn(params):
+    plans, treedef = store.plan(params)
+    mu, nu = [], []
+    for p in plans:
+      if p.compressed:
+        mu.append(store.zeros(p, 'mu' in compress))
+        nu.append(store.zeros(p, 'nu' in compress))
+      else:
+        mu.append(optax.MaskedNode())
+        nu.append(optax.MaskedNode())
+    return MLorcAdamState(
+        count=jnp.zeros([], jnp.int32),
+        key=key,
+        mu=jax.tree_util.tree_unflatten(treedef, mu),
+        nu=jax.tree_util.tree_unflatten(treedef, nu),
+    )
+
+  def update_fn(updates, state, params=None):
+    del params
+    plans, treedef = store.plan(updates)
+    grads = treedef.flatten_up_to(updates)
+    mus = _split_state(treedef, state.mu, 'mu')
+    nus = _split_state(treedef, state.nu, 'nu')
+    count_inc = optax.safe_increment(state.count)
+    out, new_mu, new_nu = [], [], []
+    index = 0
+    for g, mu, nu, p in zip(grads, mus, nus, plans):
+      store.check_moment(mu, p, 'mu')
+      store.check_moment(nu, p, 'nu')
+      if not p.compressed:
+        out.append(g)
+        new_mu.append(mu)
+        new_nu.append(nu)
+        continue
+      key_mu, key_nu = _leaf_keys(state.key, state.count, index)
+      index += 1
+      g32 = p.view.to_matrix(g).astype(jnp.float32)
+      m_prev = store.read(mu)
+      v_prev = store.read(nu)
+      if _is_factors(nu):
+        v_prev = nonnegative_second_moment(v_prev)
+      m = (1 - b1) * g32 + b1 * m_prev
+      v = (1 - b2) * (g32 * g32) + b2 * v_prev
+      if nesterov:
+        m_hat = b1 * optax.tree.bias_correction(
+            m, b1, optax.safe_increment(count_inc)
+        ) + (1 - b1) * optax.tree.bias_correction(g32, b1, count_inc)
+      else:
+        m_hat = optax.tree.bias_correction(m, b1, count_inc)
+      v_hat = optax.tree.bias_correction(v, b2, count_inc)
+      direction = m_hat / (jnp.sqrt(v_hat + eps_root) + eps)
+      out.append(p.view.from_matrix(direction).astype(g.dtype))
+      new_mu.append(store.write(m, mu, p, key_mu))
+      new_nu.append(store.write(v, nu, p, key_nu))
+    new_state = MLorcAdamState(
+        count=count_inc,
+        key=state.key,
+        mu=jax.tree_util.tree_unflatten(treedef, new_mu),
+        nu=jax.tree_util.tree_unflatten(treedef, new_nu),
+    )
+    return jax.tree_util.tree_unflatten(treedef, out), new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _scale_by_low_rank_lion(
+    b1, b2, store: _LowRankMoments, key
+) -> optax.GradientTransformation:
+  """Algorithm 2 (without lr and weight decay) on the compressed leaves only."""
+
+  def init_fn(params):
+    plans, treedef = store.plan(params)
+    mu = [
+        store.zeros(p, True) if p.compressed else optax.MaskedNode()
+        for p in plans
+    ]
+    return MLorcLionState(
+        count=jnp.zeros([], jnp.int32),
+        key=key,
+        mu=jax.tree_util.tree_unflatten(treedef, mu),
+    )
+
+  def update_fn(updates, state, params=None):
+    del params
+    plans, treedef = store.plan(updates)
+    grads = treedef.flatten_up_to(updates)
+    mus = _split_state(treedef, state.mu, 'mu')
+    out, new_mu = [], []
+    index = 0
+    for g, mu, p in zip(grads, mus, plans):
+      store.check_moment(mu, p, 'mu')
+      if not p.compressed:
+        out.append(g)
+        new_mu.append(mu)
+        continue
+      key_mu, _ = _leaf_keys(state.key, state.count, index)
+      index += 1
+      g32 = p.view.to_matrix(g).astype(jnp.float32)
+      m_prev = store.read(mu)
+      c = (1.0 - b1) * g32 + b1 * m_prev
+      m = (1 - b2) * g32 + b2 * m_prev
+      out.append(p.view.from_matrix(jnp.sign(c)).astype(g.dtype))
+      new_mu.append(store.write(m, mu, p, key_mu))
+    new_state = MLorcLionState(
+        count=optax.safe_increment(state.count),
+        key=state.key,
+        mu=jax.tree_util.tree_unflatten(treedef, new_mu),
+    )
+    return jax.tree_util.tree_unflatten(treedef, out), new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def scale_by_mlorc_adam(
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-8,
+    eps_root: jax.typing.ArrayLike = 0.0,
+    mu_dtype: jax.typing.DTypeLike | None = None,
+    *,
+    nesterov: bool = False,
+    rank: int = 4,
+    oversample: int = 0,
+    power_iters: int = 0,
+    seed: int | jax.Array = 0,
+    factor_dtype: jax.typing.DTypeLike = jnp.float32,
+    compress: Sequence[str] = ('mu', 'nu'),
+    low_rank_mask: masking.MaskSpec = None,
+    dimension_numbers: masking.DimensionSpec = None,
+) -> optax.GradientTransformation:
+  """Rescales updates by Adam with low-rank compressed moments (MLorc).
+
+  Paper Algorithm 1 without the learning rate and weight decay, a drop-in
+  replacement for ``optax.scale_by_adam``. For each compressed leaf (viewed as
+  a batch of ``m x n`` matrices), with factors kept from the previous step:
+
+  .. math::
+
+    \\tilde m = U_m S_m V_m^\\top,\\quad
+    \\tilde v = \\mathrm{fix}(U_v S_v V_v^\\top),\\quad
+    m = \\beta_1 \\tilde m + (1-\\beta_1) g,\\quad
+    v = \\beta_2 \\tilde v + (1-\\beta_2) g^2,
+
+    u = \\frac{m / (1-\\beta_1^t)}{\\sqrt{v / (1-\\beta_2^t) + \\epsilon_{root}}
+    + \\epsilon},\\qquad
+    (U_m, S_m, V_m) = \\mathrm{RSVD}(m, r),\\ (U_v, S_v, V_v) =
+    \\mathrm{RSVD}(v, r),
+
+  where ``fix`` is :func:`nonnegative_second_moment`. The update ``u`` uses the
+  uncompressed ``m`` and ``v``; the factors start at zero, so the first step is
+  exactly Adam's first step. Leaves that are not compressed get
+  ``optax.scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov)``
+  through ``optax.masked``, so they are never skipped or frozen.
+
+  .. warning::
+    Which leaves are compressed is decided by ``low_rank_mask`` (default: see
+    :func:`mlorc_optax.compression_plan`, which also shows the decision per
+    leaf). Embeddings, biases and norm scales are not compressed by default.
+
+  Args:
+    b1: decay of the first moment (the paper recommends 0.8 for MLorc-AdamW to
+      damp the compression error; 0.9 is optax's default).
+    b2: decay of the second moment.
+    eps: added to the denominator outside the square root (as optax and the
+      official code; the paper's line 15 writes it inside).
+    eps_root: added inside the square root (the paper's ``epsilon``).
+    mu_dtype: dtype of the first moment of the leaves that are not compressed
+      (as in ``optax.scale_by_adam``).
+    nesterov: Nadam-style update, as ``optax.scale_by_adam(nesterov=True)``.
+    rank: rank ``r`` of the factors (static; >= 1).
+    oversample: extra sketch columns ``p`` of the RSVD (static; >= 0).
+    power_iters: power iterations of the RSVD (static; >= 0).
+    seed: int seed or ``jax.random`` key for the RSVD sketches.
+    factor_dtype: dtype in which factors (and moments kept dense by
+      ``compress``) are stored; computation is always float32.
+    compress: which moments of the compressed leaves are stored low-rank:
+      ``('mu', 'nu')`` (the paper), or ``('mu',)`` / ``('nu',)`` for the
+      paper's ablation (Table 7), the other moment then kept dense.
+    low_rank_mask: which leaves are compressed: None (default rule), a bool, a
+      pytree of bools (matched to the params by path; prefix trees allowed) or
+      a callable ``params -> pytree of bools``.
+    dimension_numbers: how leaves are viewed as matrices: None (last two axes
+      are rows and columns, leading axes batch), a
+      :class:`MatrixDimensionNumbers` for all leaves, or a pytree / callable
+      giving one per leaf.
+
+  Returns:
+    An ``optax.GradientTransformation``; its state is
+    ``(MLorcAdamState, optax.MaskedState(ScaleByAdamState))``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import mlorc_optax
+    >>> params = {'w': jnp.ones((16, 8)), 'b': jnp.zeros(8)}
+    >>> tx = optax.chain(mlorc_optax.scale_by_mlorc_adam(rank=2),
+    ...                  optax.scale(-1e-3))
+    >>> state = tx.init(params)
+    >>> state[0][0].mu['w'].u.shape  # factors, not a 16 x 8 moment
+    (16, 2)
+    >>> updates, state = tx.update(params, state)
+
+  References:
+    Shen et al., *MLorc: Momentum Low-rank Compression for Memory Efficient
+    Large Language Model Adaptation*, https://arxiv.org/abs/2506.01897.
+  """
+  checks.check_beta('b1', b1)
+  checks.check_beta('b2', b2)
+  checks.check_nonnegative('eps', eps)
+  checks.check_nonnegative('eps_root', eps_root)
+  compress = _validate_compress(compress)
+  store = _LowRankMoments(
+      rank=rank,
+      oversample=oversample,
+      power_iters=power_iters,
+      factor_dtype=factor_dtype,
+      low_rank_mask=low_rank_mask,
+      dimension_numbers=dimension_numbers,
+  )
+  return optax.chain(
+      _scale_by_low_rank_adam(
+          b1, b2, eps, eps_root, nesterov, compress, store, _key_data(seed)
+      ),
+      optax.masked(
+          optax.scale_by_adam(b1, b2, eps, eps_root, mu_dtype,
+                              nesterov=nesterov),
+          store.dense_mask,
+      ),
+  )
+
+
+def scale_by_mlorc_lion(
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.99,
+    mu_dtype: jax.typing.DTypeLike | None = None,
+    *,
+    rank: int = 4,
+    oversample: int = 0,
+    power_iters: int = 0,
+    seed: int | jax.Array = 0,
+    factor_dtype: jax.typing.DTypeLike = jnp.float32,
+    low_rank_mask: masking.MaskSpec = None,
+    dimension_numbers: masking.DimensionSpec = None,
+) -> optax.GradientTransformation:
+  """Rescales updates by Lion with a low-rank compressed momentum (MLorc).
+
+  Paper Algorithm 2 without the learning rate and weight decay, a drop-in
+  replacement for ``optax.scale_by_lion``. For each compressed leaf:
+
+  .. math::
+
+    \\tilde m = U S V^\\top,\\quad
+    c = \\beta_1 \\tilde m + (1-\\beta_1) g,\\quad
+    m = \\beta_2 \\tilde m + (1-\\beta_2) g,\\quad
+    u = \\mathrm{sign}(c),\\quad (U, S, V) = \\mathrm{RSVD}(m, r).
+
+  Leaves that are not compressed get ``optax.scale_by_lion(b1, b2, mu_dtype)``
+  through ``optax.masked``.
+
+  Args:
+    b1: rate combining the momentum and the current gradient.
+    b2: decay of the momentum.
+    mu_dtype: dtype of the momentum of the leaves that are not compressed.
+    rank: rank ``r`` of the factors (static; >= 1).
+    oversample: extra sketch columns of the RSVD (static; >= 0).
+    power_iters: power iterations of the RSVD (static; >= 0).
+    seed: int seed or ``jax.random`` key for the RSVD sketches.
+    factor_dtype: dtype in which the factors are stored.
+    low_rank_mask: which leaves are compressed (see
+      :func:`scale_by_mlorc_adam`).
+    dimension_numbers: how leaves are viewed as matrices (see
+      :func:`scale_by_mlorc_adam`).
+
+  Returns:
+    An ``optax.GradientTransformation``; its state is
+    ``(MLorcLionState, optax.MaskedState(ScaleByLionState))``.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax
+    >>> import mlorc_optax
+    >>> params = {'w': jnp.ones((16, 8)), 'b': jnp.zeros(8)}
+    >>> tx = mlorc_optax.scale_by_mlorc_lion(rank=2)
+    >>> updates, state = tx.update(params, tx.init(params))
+    >>> updates['w'][0, :3]
+    Array([1., 1., 1.], dtype=float32)
+
+  References:
+    Shen et al., https://arxiv.org/abs/2506.01897, Algorithm 2; Chen et al.,
+    *Symbolic Discovery of Optimization Algorithms*,
+    https://arxiv.org/abs/2302.06675.
+  """
+  checks.check_beta('b1', b1)
+  checks.check_beta('b2', b2)
+  store = _LowRankMoments(
+      rank=rank,
+      oversample=oversample,
+      power_iters=power_iters,
+      factor_dtype=factor_dtype,
+      low_rank_mask=low_rank_mask,
+      dimension_numbers=dimension_numbers,
+  )
+  return optax.chain(
+      _scale_by_low_rank_lion(b1, b2, store, _key_data(seed)),
+      optax.masked(optax.scale_by_lion(b1, b2, mu_dtype), store.dense_mask),
+  )

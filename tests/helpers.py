@@ -1,0 +1,35 @@
+"""Test helpers: a parameter tree with every kind of leaf MLorc meets."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def make_params(dtype=jnp.float32, seed: int = 0):
+  """Matrices (tall, wide), a stacked 3-D leaf, a bias and a scalar."""
+  k = jax.random.split(jax.random.key(seed), 5)
+  return {
+      'dense': {
+          'kernel': jax.random.normal(k[0], (24, 10), dtype),
+          'bias': jax.random.normal(k[1], (10,), dtype),
+      },
+      'wide': jax.random.normal(k[2], (6, 20), dtype),
+      'stack': jax.random.normal(k[3], (3, 12, 9), dtype),
+      'scale': jnp.asarray(1.5, dtype),
+  }
+
+
+def loss_fn(params):
+  """A smooth non-quadratic loss touching every leaf."""
+  total = 0.0
+  for leaf in jax.tree.leaves(params):
+    x = leaf.astype(jnp.float32)
+    total = total + jnp.sum(jnp.sin(x) ** 2) + 0.1 * jnp.sum(x**4) / x.size
+  k = params['dense']['kernel'].astype(jnp.float32)
+  return total + jnp.sum((k @ k.T) ** 2) / k.size
+
+
+def all_matrices(params):
+  """low_rank_mask compressing every leaf with >= 2 axes, whatever its size."""
+  return jax.tree.map(lambda x: x.ndim >= 2, params)
