@@ -22,6 +22,8 @@ from mlorc_optax._src.mlorc import scale_by_mlorc_lion
 from mlorc_optax._src.rsvd import LowRankFactors
 from mlorc_optax._src.rsvd import randomized_svd
 from mlorc_optax._src.rsvd import reconstruct
+from mlorc_optax._src.sharding import factor_partition_specs
+from mlorc_optax._src.sharding import state_shardings
 
 __version__ = '0.1.0'
 
@@ -34,6 +36,7 @@ __all__ = (
     'MatrixDimensionNumbers',
     'MatrixView',
     'compression_plan',
+    'factor_partition_specs',
     'format_plan',
     'mlorc_adamw',
     'mlorc_lion',
@@ -43,4 +46,5 @@ __all__ = (
     'reconstruct',
     'scale_by_mlorc_adam',
     'scale_by_mlorc_lion',
+    'state_shardings',
 )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+import mlorc_optax
+
 
 def make_params(dtype=jnp.float32, seed: int = 0):
   """Matrices (tall, wide), a stacked 3-D leaf, a bias and a scalar."""
@@ -33,3 +35,12 @@ def loss_fn(params):
 def all_matrices(params):
   """low_rank_mask compressing every leaf with >= 2 axes, whatever its size."""
   return jax.tree.map(lambda x: x.ndim >= 2, params)
+
+
+def factors(moment, *path):
+  """The (u, s, v) of one leaf from a low-rank moment of the state."""
+  def get(tree):
+    for key in path:
+      tree = tree[key]
+    return tree
+  return mlorc_optax.LowRankFactors(get(moment.u), get(moment.s), get(moment.v))

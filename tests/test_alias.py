@@ -122,5 +122,5 @@ def test_bfloat16_params_keep_their_dtype():
     assert x.dtype == jnp.bfloat16
     assert np.all(np.isfinite(np.asarray(x, np.float32)))
   # Factors stay float32 by default.
-  assert state[0][0].mu['wide'].u.dtype == jnp.float32
+  assert state[0][0].mu.u['wide'].dtype == jnp.float32
   assert loss_fn(trained) < loss_fn(params)

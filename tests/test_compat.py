@@ -145,3 +145,13 @@ def test_state_from_other_params_is_a_clear_error(params):
                          params)
   with pytest.raises(ValueError, match="'dense/kernel'.*shapes"):
     tx.update(jax.grad(loss_fn)(params), tx.init(smaller), params)
+
+
+def test_states_survive_donation_of_another_state(params):
+  tx = mlorc_optax.mlorc_adamw(1e-2, rank=2)
+  first, second = tx.init(params), tx.init(params)
+  grads = jax.grad(loss_fn)(params)
+  step = jax.jit(lambda s: tx.update(grads, s, params)[1], donate_argnums=0)
+  step(first)
+  step(second)  # its key is its own buffer, not the donated one
+  step(tx.init(params))

@@ -37,6 +37,7 @@ import optax
 from mlorc_optax._src import checks
 from mlorc_optax._src import masking
 from mlorc_optax._src import rsvd
+from mlorc_optax._src import sharding
 
 _MOMENTS = ('mu', 'nu')
 
@@ -47,9 +48,10 @@ class MLorcAdamState(NamedTuple):
   Attributes:
     count: int32 step counter (number of updates applied).
     key: raw ``uint32[2]`` PRNG key from which every sketch is derived.
-    mu: first moment, per leaf: :class:`LowRankFactors` (compressed),
-      a dense array (compressed leaf whose first moment is kept dense, see
-      ``compress``) or ``optax.MaskedNode`` (leaf handled by the base Adam).
+    mu: first moment: :class:`LowRankFactors` ``(u, s, v)`` of three pytrees
+      with the structure of the params (``state.mu.u['layer']['kernel']``), or,
+      if ``compress`` keeps it dense, one such pytree of dense matrices. Leaves
+      handled by the base Adam hold ``optax.MaskedNode()``.
     nu: second moment, same layout.
   """
 
@@ -65,7 +67,9 @@ class MLorcLionState(NamedTuple):
   Attributes:
     count: int32 step counter.
     key: raw ``uint32[2]`` PRNG key from which every sketch is derived.
-    mu: momentum, per leaf: :class:`LowRankFactors` or ``optax.MaskedNode``.
+    mu: momentum: :class:`LowRankFactors` ``(u, s, v)`` of three pytrees
+      with the structure of the params (``optax.MaskedNode()`` for leaves
+      handled by the base Lion).
   """
 
   count: jax.Array
@@ -159,16 +163,25 @@ class _LowRankMoments:
         treedef, [not p.compressed for p in plans]
     )
 
-  def zeros(self, plan: masking.LeafPlan, low_rank: bool) -> Any:
-    """Initial moment of a compressed leaf: zero factors, or dense zeros."""
+  def zeros(self, plan: masking.LeafPlan, low_rank: bool, leaf: Any) -> Any:
+    """Initial moment of a compressed leaf: zero factors, or dense zeros.
+
+    A concrete ``leaf`` with a ``NamedSharding`` places the moment by the
+    rule of :mod:`mlorc_optax._src.sharding`.
+    """
     view = plan.view
     batch, k = view.batch_shape, plan.rank
+    placed = None
+    if not isinstance(leaf, jax.core.Tracer):
+      placed = sharding.factor_shardings(plan, getattr(leaf, 'sharding', None))
+    u_sh, s_sh, v_sh, dense_sh = placed or (None,) * 4
+    dtype = self.factor_dtype
     if not low_rank:
-      return jnp.zeros((*batch, view.rows, view.cols), self.factor_dtype)
+      return jnp.zeros((*batch, view.rows, view.cols), dtype, device=dense_sh)
     return rsvd.LowRankFactors(
-        u=jnp.zeros((*batch, view.rows, k), self.factor_dtype),
-        s=jnp.zeros((*batch, k), self.factor_dtype),
-        v=jnp.zeros((*batch, view.cols, k), self.factor_dtype),
+        u=jnp.zeros((*batch, view.rows, k), dtype, device=u_sh),
+        s=jnp.zeros((*batch, k), dtype, device=s_sh),
+        v=jnp.zeros((*batch, view.cols, k), dtype, device=v_sh),
     )
 
   @staticmethod
@@ -185,6 +198,13 @@ class _LowRankMoments:
     if not _is_factors(like):
       return x.astype(self.factor_dtype)
     view = plan.view
+    # Saturate overflowed entries (a float32 g**2 overflows for |g| > 1.8e19):
+    # an infinite moment would give NaN factors and poison every later step,
+    # while optax.adamw merely keeps an infinite moment. At this bound the
+    # singular values (<= sqrt(mn) max|x|) and reconstructions stay finite,
+    # and the step that overflowed still gets a ~0 update, as in adamw.
+    bound = np.finfo(np.float32).max / (2.0 * np.sqrt(view.rows * view.cols))
+    x = jnp.clip(x, -bound, bound)
     width = rsvd.sketch_width(view.rows, view.cols, self.rank, self.oversample)
     omega = rsvd.gaussian_sketch(key, view.batch_shape, view.cols, width)
     f = rsvd.randomized_svd_from_sketch(
@@ -222,7 +242,7 @@ def _is_factors(x: Any) -> bool:
   return all(hasattr(x, a) for a in ('u', 's', 'v'))
 
 
-def _split_state(treedef: Any, subtree: Any, name: str) -> list[Any]:
+def _flatten_up_to(treedef: Any, subtree: Any, name: str) -> list[Any]:
   try:
     return treedef.flatten_up_to(subtree)
   except (ValueError, TypeError) as e:
@@ -230,6 +250,42 @@ def _split_state(treedef: Any, subtree: Any, name: str) -> list[Any]:
         f'The optimizer state ({name}) does not have the structure of the '
         f'updates: was it initialised with a different parameter tree? ({e})'
     ) from None
+
+
+def _split_moment(treedef: Any, moment: Any, low_rank: bool, name: str):
+  """A stored moment -> per leaf: LowRankFactors, dense array or MaskedNode.
+
+  The state keeps ``u``, ``s`` and ``v`` as three params-shaped trees (each
+  leaf a plain array), the layout ``nnx.Optimizer`` and checkpointers handle
+  like any optax moment; this regroups them per leaf.
+  """
+  if not low_rank:
+    return _flatten_up_to(treedef, moment, name)
+  if not _is_factors(moment):
+    raise ValueError(
+        f'The optimizer state ({name}) holds no (u, s, v) factors: was it '
+        'made with other settings (compress)?'
+    )
+  parts = [
+      _flatten_up_to(treedef, getattr(moment, a), f'{name}.{a}')
+      for a in ('u', 's', 'v')
+  ]
+  return [
+      rsvd.LowRankFactors(u, s, v) if hasattr(u, 'shape') else u
+      for u, s, v in zip(*parts)
+  ]
+
+
+def _join_moment(treedef: Any, leaves: list[Any], low_rank: bool) -> Any:
+  """Inverse of :func:`_split_moment`."""
+  if not low_rank:
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+  return rsvd.LowRankFactors(*(
+      jax.tree_util.tree_unflatten(
+          treedef, [getattr(x, a) if _is_factors(x) else x for x in leaves]
+      )
+      for a in ('u', 's', 'v')
+  ))
 
 
 def _leaf_keys(key: jax.Array, count: jax.Array, index: int) -> tuple:
@@ -261,26 +317,26 @@ def _scale_by_low_rank_adam(
   def init_fn(params):
     plans, treedef = store.plan(params)
     mu, nu = [], []
-    for p in plans:
+    for p, leaf in zip(plans, treedef.flatten_up_to(params)):
       if p.compressed:
-        mu.append(store.zeros(p, 'mu' in compress))
-        nu.append(store.zeros(p, 'nu' in compress))
+        mu.append(store.zeros(p, 'mu' in compress, leaf))
+        nu.append(store.zeros(p, 'nu' in compress, leaf))
       else:
         mu.append(optax.MaskedNode())
         nu.append(optax.MaskedNode())
     return MLorcAdamState(
         count=jnp.zeros([], jnp.int32),
-        key=key,
-        mu=jax.tree_util.tree_unflatten(treedef, mu),
-        nu=jax.tree_util.tree_unflatten(treedef, nu),
+        key=jnp.array(key),  # a fresh buffer: states may be donated
+        mu=_join_moment(treedef, mu, 'mu' in compress),
+        nu=_join_moment(treedef, nu, 'nu' in compress),
     )
 
   def update_fn(updates, state, params=None):
     del params
     plans, treedef = store.plan(updates)
     grads = treedef.flatten_up_to(updates)
-    mus = _split_state(treedef, state.mu, 'mu')
-    nus = _split_state(treedef, state.nu, 'nu')
+    mus = _split_moment(treedef, state.mu, 'mu' in compress, 'mu')
+    nus = _split_moment(treedef, state.nu, 'nu' in compress, 'nu')
     count_inc = optax.safe_increment(state.count)
     out, new_mu, new_nu = [], [], []
     index = 0
@@ -315,8 +371,8 @@ def _scale_by_low_rank_adam(
     new_state = MLorcAdamState(
         count=count_inc,
         key=state.key,
-        mu=jax.tree_util.tree_unflatten(treedef, new_mu),
-        nu=jax.tree_util.tree_unflatten(treedef, new_nu),
+        mu=_join_moment(treedef, new_mu, 'mu' in compress),
+        nu=_join_moment(treedef, new_nu, 'nu' in compress),
     )
     return jax.tree_util.tree_unflatten(treedef, out), new_state
 
@@ -331,20 +387,20 @@ def _scale_by_low_rank_lion(
   def init_fn(params):
     plans, treedef = store.plan(params)
     mu = [
-        store.zeros(p, True) if p.compressed else optax.MaskedNode()
-        for p in plans
+        store.zeros(p, True, leaf) if p.compressed else optax.MaskedNode()
+        for p, leaf in zip(plans, treedef.flatten_up_to(params))
     ]
     return MLorcLionState(
         count=jnp.zeros([], jnp.int32),
-        key=key,
-        mu=jax.tree_util.tree_unflatten(treedef, mu),
+        key=jnp.array(key),  # a fresh buffer: states may be donated
+        mu=_join_moment(treedef, mu, True),
     )
 
   def update_fn(updates, state, params=None):
     del params
     plans, treedef = store.plan(updates)
     grads = treedef.flatten_up_to(updates)
-    mus = _split_state(treedef, state.mu, 'mu')
+    mus = _split_moment(treedef, state.mu, True, 'mu')
     out, new_mu = [], []
     index = 0
     for g, mu, p in zip(grads, mus, plans):
@@ -364,7 +420,7 @@ def _scale_by_low_rank_lion(
     new_state = MLorcLionState(
         count=optax.safe_increment(state.count),
         key=state.key,
-        mu=jax.tree_util.tree_unflatten(treedef, new_mu),
+        mu=_join_moment(treedef, new_mu, True),
     )
     return jax.tree_util.tree_unflatten(treedef, out), new_state
 
@@ -455,7 +511,7 @@ def scale_by_mlorc_adam(
     >>> tx = optax.chain(mlorc_optax.scale_by_mlorc_adam(rank=2),
     ...                  optax.scale(-1e-3))
     >>> state = tx.init(params)
-    >>> state[0][0].mu['w'].u.shape  # factors, not a 16 x 8 moment
+    >>> state[0][0].mu.u['w'].shape  # factors, not a 16 x 8 moment
     (16, 2)
     >>> updates, state = tx.update(params, state)
 

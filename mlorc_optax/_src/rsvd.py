@@ -46,20 +46,18 @@ def factor_rank(rows: int, cols: int, rank: int) -> int:
 
 def gaussian_sketch(
     key: jax.Array, batch_shape: tuple[int, ...], cols: int, width: int
-) -> jax.Array:
+) -> jax.Array | None:
   """The test matrix ``Omega`` of shape ``[*batch_shape, cols, width]``.
 
   ``Omega ~ N(0, 1)`` drawn from ``key``: the only randomness of the
   randomized SVD, a pure function of ``key``, so every replica that holds the
   same key draws the same sketch. When ``width == cols`` the sketch would
-  sample the whole column space, and the identity is returned instead: the
-  range is then exact, and a square Gaussian sketch (often ill-conditioned)
-  would only lose float32 accuracy.
+  sample the whole column space, and None (standing for the identity) is
+  returned instead: the range is then exact, and a square Gaussian sketch
+  (often ill-conditioned) would only lose float32 accuracy.
   """
   if width == cols:
-    return jnp.broadcast_to(
-        jnp.eye(cols, dtype=jnp.float32), (*batch_shape, cols, cols)
-    )
+    return None
   return jax.random.normal(key, (*batch_shape, cols, width), jnp.float32)
 
 
@@ -88,11 +86,15 @@ def randomized_svd_from_sketch(
     B = Q^\\top A = \\hat U \\Sigma V^\\top,\\quad U = Q \\hat U,
 
   keeping the top ``rank`` singular triplets. Each power iteration
-  re-orthonormalises both half steps, which keeps float32 accurate.
+  re-orthonormalises both half steps, which keeps float32 accurate. Each
+  matrix is divided by its largest absolute entry first (and ``S`` multiplied
+  back), so matrices of any finite magnitude, 1e-30 or 1e30, neither underflow
+  in the Householder norms nor overflow in ``A Omega``.
 
   Args:
     a: matrices ``[..., m, n]``; computed in float32.
-    omega: sketch ``[..., n, l]`` with ``l >= rank`` (broadcastable batch).
+    omega: sketch ``[..., n, l]`` with ``l >= rank`` (broadcastable batch),
+      or None for the identity (``Y = A``).
     rank: number of singular triplets kept (``<= l``).
     power_iters: number of power iterations ``q``.
 
@@ -100,15 +102,19 @@ def randomized_svd_from_sketch(
     :class:`LowRankFactors` in float32 with ``k = rank`` columns.
   """
   a = jnp.asarray(a, jnp.float32)
-  omega = jnp.asarray(omega, jnp.float32)
-  q = _orthonormal_basis(a @ omega)
+  scale = jnp.max(jnp.abs(a), axis=(-2, -1), keepdims=True)
+  scale = jnp.where((scale > 0) & jnp.isfinite(scale), scale, 1.0)
+  a = a / scale
+  y = a if omega is None else a @ jnp.asarray(omega, jnp.float32)
+  q = _orthonormal_basis(y)
   for _ in range(power_iters):
     z = _orthonormal_basis(_mT(a) @ q)
     q = _orthonormal_basis(a @ z)
   b = _mT(q) @ a  # [..., l, n]
   u_b, s, vt = jnp.linalg.svd(b, full_matrices=False)
   u = q @ u_b[..., :rank]
-  return LowRankFactors(u=u, s=s[..., :rank], v=_mT(vt[..., :rank, :]))
+  s = s[..., :rank] * scale[..., 0]
+  return LowRankFactors(u=u, s=s, v=_mT(vt[..., :rank, :]))
 
 
 def randomized_svd(
