@@ -155,3 +155,13 @@ def test_states_survive_donation_of_another_state(params):
   step(first)
   step(second)  # its key is its own buffer, not the donated one
   step(tx.init(params))
+
+
+def test_state_shardings_needs_a_mesh_when_nothing_is_sharded(params):
+  state = mlorc_optax.mlorc_adamw(1e-2, rank=2).init(params)
+  with pytest.raises(ValueError, match='mesh='):
+    mlorc_optax.state_shardings(state)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('x',))
+  out = mlorc_optax.state_shardings(state, mesh)
+  for s in jax.tree.leaves(out):
+    assert s.spec == jax.sharding.PartitionSpec()
