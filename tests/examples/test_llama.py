@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
-# Must precede JAX's backend start-up to take effect (see
-# examples.llama.train.CPU_DEADLOCK_FLAG); harmless otherwise.
-_FLAG = '--xla_cpu_enable_concurrency_optimized_scheduler=false'
-if _FLAG not in os.environ.get('XLA_FLAGS', ''):
-  os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {_FLAG}'
-
-import jax  # pylint: disable=g-import-not-at-top
+# The root conftest.py sets the XLA:CPU scheduler flag these tests need
+# (examples.llama.train.CPU_DEADLOCK_FLAG) before JAX starts.
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
