@@ -58,6 +58,7 @@ from flax import nnx
 import mlorc_optax
 from examples.llama import data as data_lib
 from examples.llama import model as model_lib
+from examples.llama import parallel
 
 #: Optimizer names accepted by :func:`make_optimizer`.
 OPTIMIZERS: tuple[str, ...] = ('adamw', 'mlorc_adamw')
@@ -228,12 +229,19 @@ def build(
   return graphdef, state
 
 
-def make_train_step(graphdef: nnx.GraphDef) -> Any:
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    shardings: Any = None,
+    tokens_sharding: Any = None,
+) -> Any:
   """The jitted step ``(state, tokens) -> (state, loss)``; donates ``state``.
 
   ``tokens`` is ``int32 [batch, seq_len + 1]``; the step computes the
   next-token loss and its gradient with respect to every ``nnx.Param`` and
-  applies ``nnx.Optimizer.update``.
+  applies ``nnx.Optimizer.update``. With ``shardings`` (the state's
+  ``NamedSharding`` tree, :func:`examples.llama.parallel.build_sharded`) and
+  ``tokens_sharding`` the state keeps its placement across steps and the
+  loss is replicated.
   """
 
   def step(state: nnx.State, tokens: jax.Array) -> tuple[nnx.State, Any]:
@@ -244,7 +252,17 @@ def make_train_step(graphdef: nnx.GraphDef) -> Any:
     optimizer.update(model, grads)
     return nnx.state((model, optimizer)), loss
 
-  return jax.jit(step, donate_argnums=0)
+  if shardings is None:
+    return jax.jit(step, donate_argnums=0)
+  replicated = jax.sharding.NamedSharding(
+      tokens_sharding.mesh, jax.sharding.PartitionSpec()
+  )
+  return jax.jit(
+      step,
+      in_shardings=(shardings, tokens_sharding),
+      out_shardings=(shardings, replicated),
+      donate_argnums=0,
+  )
 
 
 def compile_step(
@@ -285,11 +303,15 @@ def compile_step(
   return compiled, info
 
 
-def make_update_step(graphdef: nnx.GraphDef) -> Any:
+def make_update_step(
+    graphdef: nnx.GraphDef, shardings: Any = None, grad_shardings: Any = None
+) -> Any:
   """The jitted optimizer update alone: ``(state, grads) -> state``.
 
   Runs ``nnx.Optimizer.update`` with given gradients (no forward or
-  backward pass), donating ``state``; for attributing step time.
+  backward pass), donating ``state``; for attributing step time. With
+  ``shardings`` (of the state) and ``grad_shardings`` the placement is
+  pinned as in :func:`make_train_step`.
   """
 
   def update(state: nnx.State, grads: Any) -> nnx.State:
@@ -297,36 +319,38 @@ def make_update_step(graphdef: nnx.GraphDef) -> Any:
     optimizer.update(model, grads)
     return nnx.state((model, optimizer))
 
-  return jax.jit(update, donate_argnums=0)
+  if shardings is None:
+    return jax.jit(update, donate_argnums=0)
+  return jax.jit(
+      update,
+      in_shardings=(shardings, grad_shardings),
+      out_shardings=shardings,
+      donate_argnums=0,
+  )
 
 
 def time_update_step(
-    graphdef: nnx.GraphDef, state: nnx.State, calls: int, *, seed: int = 0
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    calls: int,
+    *,
+    seed: int = 0,
+    shardings: Any = None,
 ) -> tuple[float, nnx.State]:
   """Median seconds of :func:`make_update_step` over ``calls`` calls.
 
-  Gradients are standard normal (times 1e-3) in the parameter dtypes.
+  Gradients are standard normal (times 1e-3) in the parameter dtypes,
+  placed like the parameters.
 
   Returns:
     ``(median seconds, new state)``; the input ``state`` is donated.
   """
-  params = nnx.state(nnx.merge(graphdef, state)[0], nnx.Param)
-
-  @jax.jit
-  def random_grads(params: nnx.State) -> nnx.State:
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree.unflatten(
-        treedef,
-        [
-            1e-3 * jax.random.normal(k, x.shape, x.dtype)
-            for k, x in zip(keys, leaves)
-        ],
-    )
-
-  grads = random_grads(params)
-  del params
-  update = make_update_step(graphdef)
+  grads = parallel.random_grads_like(
+      nnx.state(nnx.merge(graphdef, state)[0], nnx.Param), seed
+  )
+  update = make_update_step(
+      graphdef, shardings, jax.tree.map(lambda g: g.sharding, grads)
+  )
   times = []
   for i in range(calls + 1):
     t0 = time.perf_counter()
@@ -432,12 +456,18 @@ def run(
     seed: int = 0,
     log_every: int = 10,
     time_update: int = 0,
+    sharding: str = 'none',
+    devices: int = 1,
     verbose: bool = True,
 ) -> dict[str, Any]:
   """Trains ``steps`` steps and returns measurements (never raises on OOM).
 
-  The step is compiled ahead of time from abstract shapes (recording XLA's
-  memory estimate) before any parameter is allocated.
+  On one device (``sharding='none'``) the step is compiled ahead of time
+  from abstract shapes (recording XLA's memory estimate) before any
+  parameter is allocated. With ``'dp'`` or ``'fsdp'`` the model and
+  optimizer are placed on a mesh of ``devices`` devices first
+  (:mod:`examples.llama.parallel`) and the step is compiled for that
+  placement; the global batch is ``batch`` either way.
 
   Args:
     cfg: model configuration.
@@ -458,14 +488,23 @@ def run(
     time_update: after training, also time the optimizer update alone
       (:func:`make_update_step`, random gradients) over this many calls
       (0: skip); adds ``update_time_s`` and ``update_fraction``.
+    sharding: ``'none'``, ``'dp'`` or ``'fsdp'``
+      (:data:`examples.llama.parallel.MODES`).
+    devices: devices on the mesh (with ``'dp'`` / ``'fsdp'``); must divide
+      ``batch``.
     verbose: print progress.
 
   Returns:
     A JSON-serialisable dict: ``status`` (``'ok'``, ``'oom'`` or
     ``'error'``), ``tokens_per_s``, ``step_time_s`` (median of timed steps),
-    ``peak_bytes`` (device peak, None on CPU), ``opt_state_bytes``,
-    ``param_count``, ``param_bytes``, ``compiled_memory`` (XLA's estimate),
-    ``losses`` and the settings.
+    ``peak_bytes`` (device peak, None on CPU; the largest over the mesh's
+    devices) and ``peak_bytes_per_device``, ``opt_state_bytes`` (global),
+    ``param_count``, ``param_bytes``, ``compiled_memory`` (XLA's estimate,
+    per device), ``losses`` and the settings. Sharded runs add
+    ``update_collectives`` (:func:`examples.llama.parallel.update_collectives`
+    of the optimizer update), ``smallest_compressed_matrix`` and
+    ``gathers_dense_moment`` (whether any transfer in the update is as large
+    as the smallest compressed matrix).
   """
   log = print if verbose else (lambda *a, **k: None)
   result: dict[str, Any] = {
@@ -483,6 +522,8 @@ def run(
       'rank': rank if optimizer == 'mlorc_adamw' else None,
       'moment_dtype': moment_dtype,
       'data': 'custom' if batches is not None else data,
+      'sharding': sharding,
+      'devices': devices if sharding != 'none' else 1,
       'backend': jax.default_backend(),
       'device': str(jax.local_devices()[0].device_kind),
       'jax_version': jax.__version__,
@@ -490,9 +531,8 @@ def run(
       'error': None,
   }
   before = device_memory_stats()
-  result['peak_bytes_before'] = (
-      before.get('peak_bytes_in_use') if before else None
-  )
+  peaks_before = parallel.per_device_peak_bytes()
+  result['peak_bytes_before'] = max(peaks_before) if peaks_before else None
   result['bytes_limit'] = before.get('bytes_limit') if before else None
   state = None
   try:
@@ -507,11 +547,67 @@ def run(
         moment_dtype=moment_dtype,
         seed=seed,
     )
-    # Ahead-of-time compilation from shapes: nothing is allocated yet.
-    compiled, info = compile_step(
-        cfg, tx, batch=batch, seq_len=seq_len, seed=seed
-    )
-    result.update(info)
+    if sharding not in parallel.MODES:
+      raise ValueError(
+          f'sharding must be one of {parallel.MODES}, got {sharding!r}.'
+      )
+    mesh = None
+    if sharding != 'none':
+      mesh = parallel.make_mesh(devices)
+      if batch % devices:
+        raise ValueError(
+            f'batch {batch} must be divisible by devices {devices}.'
+        )
+      t0 = time.perf_counter()
+      graphdef, state, shardings = parallel.build_sharded(
+          lambda: model_lib.create_model(cfg, seed), tx, mesh, sharding
+      )
+      jax.block_until_ready(state)
+      result['init_s'] = time.perf_counter() - t0
+      tokens_sharding = parallel.batch_sharding(mesh)
+      t0 = time.perf_counter()
+      compiled = (
+          make_train_step(graphdef, shardings, tokens_sharding)
+          .lower(state, jax.ShapeDtypeStruct((batch, seq_len + 1), jnp.int32))
+          .compile()
+      )
+      result.update(
+          param_bytes=model_lib.tree_bytes(state[0]),
+          opt_state_bytes=optimizer_state_bytes(state),
+          opt_state_bytes_per_device=parallel.bytes_on_device(
+              state[1].get('opt_state', {}), mesh.devices.flat[0]
+          ),
+          compile_s=time.perf_counter() - t0,
+          compiled_memory=memory_analysis_dict(compiled),
+      )
+      params = nnx.state(nnx.merge(graphdef, state)[0], nnx.Param)
+      grad_specs = jax.tree.map(
+          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+          params,
+      )
+      result['update_collectives'] = parallel.update_collectives(
+          make_update_step(
+              graphdef, shardings, jax.tree.map(lambda g: g.sharding, grad_specs)
+          ),
+          state,
+          grad_specs,
+      )
+      smallest = parallel.smallest_compressed_matrix(params, rank)
+      del params
+      result['smallest_compressed_matrix'] = smallest
+      result['gathers_dense_moment'] = bool(
+          optimizer == 'mlorc_adamw'
+          and smallest is not None
+          and result['update_collectives']['max_elements'] >= smallest
+      )
+    else:
+      tokens_sharding = None
+      shardings = None
+      # Ahead-of-time compilation from shapes: nothing is allocated yet.
+      compiled, info = compile_step(
+          cfg, tx, batch=batch, seq_len=seq_len, seed=seed
+      )
+      result.update(info)
     est = (result['compiled_memory'] or {}).get('estimated_peak_bytes')
     log(
         f'[{optimizer}] params {cfg.num_params() / 1e6:,.1f}M '
@@ -524,10 +620,11 @@ def run(
       batches = data_lib.make_batches(
           data, batch, seq_len, cfg.vocab_size, seed=seed
       )
-    t0 = time.perf_counter()
-    graphdef, state = build(cfg, tx, seed=seed)
-    jax.block_until_ready(state)
-    result['init_s'] = time.perf_counter() - t0
+    if mesh is None:
+      t0 = time.perf_counter()
+      graphdef, state = build(cfg, tx, seed=seed)
+      jax.block_until_ready(state)
+      result['init_s'] = time.perf_counter() - t0
     after_init = device_memory_stats()
     result['bytes_in_use_after_init'] = (
         after_init.get('bytes_in_use') if after_init else None
@@ -535,7 +632,12 @@ def run(
 
     times, losses = [], []
     for i in range(steps):
-      tokens = jnp.asarray(next(batches))
+      tokens = next(batches)
+      tokens = (
+          jnp.asarray(tokens)
+          if tokens_sharding is None
+          else jax.device_put(np.asarray(tokens), tokens_sharding)
+      )
       t0 = time.perf_counter()
       state, loss = compiled(state, tokens)
       loss = float(jax.block_until_ready(loss))
@@ -571,7 +673,7 @@ def run(
     if time_update:
       try:
         update_time, state = time_update_step(
-            graphdef, state, time_update, seed=seed
+            graphdef, state, time_update, seed=seed, shardings=shardings
         )
         result['update_time_s'] = update_time
         result['update_fraction'] = update_time / step_time
@@ -590,8 +692,13 @@ def run(
   finally:
     del state
     gc.collect()
-  stats = device_memory_stats()
-  result['peak_bytes'] = stats.get('peak_bytes_in_use') if stats else None
+  peaks = parallel.per_device_peak_bytes()
+  result['peak_bytes_per_device'] = (
+      peaks[: result['devices']] if peaks else None
+  )
+  result['peak_bytes'] = (
+      max(result['peak_bytes_per_device']) if peaks else None
+  )
   # The device peak is process-wide and never resets: a run whose own peak
   # stays below an earlier run's reports that earlier peak (an upper bound).
   result['peak_is_upper_bound'] = bool(
@@ -637,6 +744,8 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
   ]
   for r in results:
     name = r['optimizer'] + (f' (r={r["rank"]})' if r.get('rank') else '')
+    if r.get('sharding', 'none') != 'none':
+      name += f' {r["sharding"]} x{r["devices"]}'
     ok = r['status'] == 'ok'
     tps = f'{r["tokens_per_s"]:,.0f}' if ok else '-'
     ratio = (
@@ -729,6 +838,8 @@ def _cli_args(
       'data',
       'seed',
       'time_update',
+      'sharding',
+      'devices',
   ):
     if key in kwargs:
       args += ['--' + key.replace('_', '-'), str(kwargs[key])]
@@ -1017,6 +1128,20 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
       help='Also time the optimizer update alone over this many calls.',
   )
   parser.add_argument(
+      '--sharding',
+      default='none',
+      choices=parallel.MODES,
+      help="'none': one device; 'dp': data parallel (params and optimizer "
+      "state replicated); 'fsdp': params and optimizer state sharded. Both "
+      'split the batch over --devices devices (jit + NamedSharding).',
+  )
+  parser.add_argument(
+      '--devices',
+      type=int,
+      default=None,
+      help='Devices on the mesh with --sharding dp/fsdp (default: all).',
+  )
+  parser.add_argument(
       '--repeats',
       type=int,
       default=1,
@@ -1048,6 +1173,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
       data=args.data,
       seed=args.seed,
       time_update=args.time_update,
+      sharding=args.sharding,
+      devices=(
+          1
+          if args.sharding == 'none'
+          else (args.devices or len(jax.devices()))
+      ),
   )
   if not args.quiet:
     print(f'{env}; backend {jax.default_backend()}')

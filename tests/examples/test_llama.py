@@ -260,3 +260,65 @@ def test_fit_search_reports_failures_without_raising():
   assert 'timeout' in fit_search.format_table([r]) or 'crashed' in (
       fit_search.format_table([r])
   )
+
+
+# ---------------------------------------------------------------------------
+# Data parallel and FSDP on simulated CPU devices (examples/llama/parallel.py).
+# ---------------------------------------------------------------------------
+
+
+def test_fsdp_shards_the_largest_axis_but_never_the_layer_axis():
+  from examples.llama import parallel
+  from jax.sharding import PartitionSpec as P
+
+  spec = parallel.param_spec
+  assert spec(('layers', 'mlp', 'up_proj', 'kernel'), (4, 64, 192), 'fsdp',
+              4) == P(None, None, 'data')
+  assert spec(('layers', 'attn', 'o_proj', 'kernel'), (8, 64, 64), 'fsdp',
+              8) == P(None, 'data', None)
+  assert spec(('embed', 'embedding'), (64, 32), 'fsdp', 4) == P('data', None)
+  assert spec(('norm', 'scale'), (64,), 'fsdp', 4) == P()
+  assert spec(('lm_head', 'kernel'), (63, 35), 'fsdp', 4) == P()
+  assert spec(('lm_head', 'kernel'), (64, 32), 'dp', 4) == P()
+  with pytest.raises(ValueError, match='mode'):
+    spec(('w',), (4, 4), 'tp', 2)
+  with pytest.raises(ValueError, match='devices'):
+    parallel.make_mesh(len(jax.devices()) + 1)
+
+
+@pytest.fixture(scope='module')
+def sharded_runs():
+  """Single-device, DP and FSDP runs of mlorc_adamw on 4 CPU devices."""
+  kwargs = dict(batch=8, seq_len=16, steps=4, warmup=1, lr=1e-2,
+                data='synthetic', seed=0, verbose=False)
+  return {
+      mode: train.run(tiny(), 'mlorc_adamw', sharding=mode, devices=4,
+                      **kwargs)
+      for mode in ('none', 'dp', 'fsdp')
+  }
+
+
+def test_dp_and_fsdp_losses_equal_the_single_device_run(sharded_runs):
+  base = sharded_runs['none']
+  assert base['status'] == 'ok', base['error']
+  assert base['losses'][-1] < base['losses'][0]
+  for mode in ('dp', 'fsdp'):
+    r = sharded_runs[mode]
+    assert r['status'] == 'ok', r['error']
+    assert r['devices'] == 4
+    np.testing.assert_allclose(r['losses'], base['losses'], rtol=1e-5)
+
+
+def test_fsdp_state_is_sharded_and_never_gathers_a_dense_moment(sharded_runs):
+  fsdp, dp = sharded_runs['fsdp'], sharded_runs['dp']
+  # FSDP keeps about a quarter of the optimizer state on each device; DP a
+  # full replica.
+  assert dp['opt_state_bytes_per_device'] == dp['opt_state_bytes']
+  assert fsdp['opt_state_bytes_per_device'] < 0.5 * fsdp['opt_state_bytes']
+  # DP's update needs no communication at all; FSDP's moves only the
+  # randomized SVD's sketches, each smaller than any compressed matrix.
+  assert dp['update_collectives']['count'] == 0
+  coll = fsdp['update_collectives']
+  assert coll['count'] > 0
+  assert coll['max_elements'] < fsdp['smallest_compressed_matrix']
+  assert fsdp['gathers_dense_moment'] is False

@@ -1,0 +1,270 @@
+"""Data-parallel and FSDP placement of the LLaMA example on a device mesh.
+
+Both modes use one mesh axis, ``'data'``, over ``n`` devices, ``jax.jit``
+with ``NamedSharding`` (no ``pmap``, no ``shard_map``), and split the global
+batch along it:
+
+* ``'dp'`` (data parallel): every parameter and every optimizer-state array
+  is replicated; XLA all-reduces the gradients and each device runs the
+  same optimizer update.
+* ``'fsdp'`` (fully sharded): every parameter with an axis divisible by
+  ``n`` is sharded along its largest such axis (never the stacked layer
+  axis, which ``nnx.scan`` slices; 1-D norm scales stay replicated). XLA
+  gathers the weights where the forward and backward passes need them and
+  reduce-scatters the gradients. ``tx.init`` on the sharded parameters
+  places MLorc's factors by :func:`mlorc_optax.factor_partition_specs` (the
+  row factor ``u`` like the parameter's rows, ``v`` like its columns, the
+  rank axis replicated) and optax's dense moments like the parameters.
+
+:func:`update_collectives` reads the compiled optimizer update and lists
+every cross-device transfer in it, which is how the run shows that MLorc
+never gathers a dense moment: only the ``[rows, l]`` / ``[l, cols]``
+sketches of the randomized SVD cross devices.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import mlorc_optax
+
+#: Placement modes (``'none'``: one device, no mesh).
+MODES: tuple[str, ...] = ('none', 'dp', 'fsdp')
+
+#: Name of the mesh axis that splits the batch (and, for FSDP, the params).
+AXIS = 'data'
+
+
+def make_mesh(devices: int) -> Mesh:
+  """A 1-D mesh named :data:`AXIS` over the first ``devices`` devices."""
+  available = jax.devices()
+  if not 1 <= devices <= len(available):
+    raise ValueError(
+        f'devices must be in [1, {len(available)}] (the devices JAX sees), '
+        f'got {devices}.'
+    )
+  return Mesh(np.array(available[:devices]), (AXIS,))
+
+
+def param_spec(path: Sequence[str], shape: Sequence[int], mode: str, n: int):
+  """The ``PartitionSpec`` of one parameter under ``mode`` on ``n`` devices.
+
+  Args:
+    path: the parameter's path names (``('layers', 'attn', 'q_proj',
+      'kernel')``); a leaf under ``layers`` of a scanned model has a leading
+      layer axis.
+    shape: its shape.
+    mode: ``'dp'`` or ``'fsdp'``.
+    n: devices on the mesh axis.
+
+  Returns:
+    ``P()`` (replicated) for ``'dp'``, 1-D leaves and leaves with no axis
+    divisible by ``n``; else the largest divisible axis (the first of equal
+    ones) sharded over :data:`AXIS`.
+  """
+  if mode not in ('dp', 'fsdp'):
+    raise ValueError(f"mode must be 'dp' or 'fsdp', got {mode!r}.")
+  if mode == 'dp' or len(shape) < 2:
+    return P()
+  first = 1 if (path and path[0] == 'layers' and len(shape) >= 3) else 0
+  candidates = [a for a in range(first, len(shape)) if shape[a] % n == 0]
+  if not candidates:
+    return P()
+  axis = max(candidates, key=lambda a: (shape[a], -a))
+  spec = [None] * len(shape)
+  spec[axis] = AXIS
+  return P(*spec)
+
+
+def _names(keypath: Sequence[Any]) -> tuple[str, ...]:
+  names = []
+  for entry in keypath:
+    for attr in ('key', 'name', 'idx'):
+      if hasattr(entry, attr):
+        names.append(str(getattr(entry, attr)))
+        break
+  return tuple(n for n in names if n != 'value')
+
+
+def param_shardings(abstract_params: Any, mesh: Mesh, mode: str) -> Any:
+  """``NamedSharding`` of every leaf of a parameter tree (see :func:`param_spec`)."""
+  n = mesh.shape[AXIS]
+  return jax.tree_util.tree_map_with_path(
+      lambda kp, x: NamedSharding(
+          mesh, param_spec(_names(kp), x.shape, mode, n)
+      ),
+      abstract_params,
+  )
+
+
+def build_sharded(
+    create_model: Any,
+    tx: Any,
+    mesh: Mesh,
+    mode: str,
+) -> tuple[nnx.GraphDef, nnx.State, Any]:
+  """The model and its ``nnx.Optimizer`` placed on ``mesh`` under ``mode``.
+
+  The parameters are created by one jitted program whose outputs are
+  already sharded; ``nnx.Optimizer`` then initialises ``tx`` on them, so
+  MLorc's factors (and optax's moments) follow the parameters' shardings
+  (:func:`mlorc_optax.state_shardings`); counters and keys are replicated.
+
+  Args:
+    create_model: ``() -> nnx.Module``.
+    tx: the optimizer.
+    mesh: from :func:`make_mesh`.
+    mode: ``'dp'`` or ``'fsdp'``.
+
+  Returns:
+    ``(graphdef, state, shardings)`` of ``nnx.split((model, optimizer))``,
+    with ``shardings`` the ``NamedSharding`` tree of ``state``.
+  """
+  graphdef, abstract = nnx.split(nnx.eval_shape(create_model))
+  shardings = param_shardings(abstract, mesh, mode)
+  params = jax.jit(
+      lambda: nnx.split(create_model())[1], out_shardings=shardings
+  )()
+  model = nnx.merge(graphdef, params)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  graphdef, state = nnx.split((model, optimizer))
+  state_shardings = mlorc_optax.state_shardings(state, mesh)
+  return graphdef, jax.device_put(state, state_shardings), state_shardings
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Tokens ``[batch, seq]`` split along the batch over :data:`AXIS`."""
+  return NamedSharding(mesh, P(AXIS, None))
+
+
+def collectives(hlo: str) -> list[tuple[str, int]]:
+  """``(kind, elements)`` of every collective's result in compiled HLO text.
+
+  Kinds: all-gather, all-reduce, reduce-scatter, all-to-all and
+  collective-permute (asynchronous ``-start`` forms included); a tuple
+  result counts each element.
+  """
+  found = []
+  pattern = re.compile(
+      r'= (\(?[^=]*?\)?) (all-gather|all-reduce|reduce-scatter|all-to-all|'
+      r'collective-permute)(?:-start)?\('
+  )
+  for line in hlo.splitlines():
+    m = pattern.search(line)
+    if not m:
+      continue
+    for shape in re.findall(r'[a-z0-9]+\[([0-9,]*)\]', m.group(1)):
+      dims = [int(d) for d in shape.split(',') if d]
+      found.append((m.group(2), math.prod(dims)))
+  return found
+
+
+def smallest_compressed_matrix(params: Any, rank: int) -> int | None:
+  """Elements of the smallest matrix (one batch slice) MLorc compresses."""
+  plan = mlorc_optax.compression_plan(params, rank)
+  sizes = [
+      p.view.rows * p.view.cols
+      for p in jax.tree.leaves(
+          plan, is_leaf=lambda x: isinstance(x, mlorc_optax.LeafPlan)
+      )
+      if p.view is not None
+  ]
+  return min(sizes) if sizes else None
+
+
+def update_collectives(
+    update_fn: Any, state: nnx.State, grads: Any
+) -> dict[str, Any]:
+  """Cross-device transfers in the compiled optimizer update.
+
+  Args:
+    update_fn: a jitted ``(state, grads) -> state`` with shardings.
+    state: its state argument (arrays or ``ShapeDtypeStruct``).
+    grads: its gradient argument.
+
+  Returns:
+    ``count``, ``by_kind`` (kind -> number), ``max_elements`` (largest
+    transfer) and the HLO-derived list ``largest`` (top 5).
+  """
+  hlo = update_fn.lower(state, grads).compile().as_text()
+  found = collectives(hlo)
+  by_kind: dict[str, int] = {}
+  for kind, _ in found:
+    by_kind[kind] = by_kind.get(kind, 0) + 1
+  return {
+      'count': len(found),
+      'by_kind': by_kind,
+      'max_elements': max((n for _, n in found), default=0),
+      'largest': sorted(found, key=lambda x: -x[1])[:5],
+  }
+
+
+def per_device_peak_bytes() -> list[int] | None:
+  """``peak_bytes_in_use`` of every local device (None where unreported)."""
+  peaks = []
+  for d in jax.local_devices():
+    try:
+      stats = d.memory_stats()
+    except Exception:  # pylint: disable=broad-except
+      return None
+    if not stats:
+      return None
+    peaks.append(int(stats.get('peak_bytes_in_use', 0)))
+  return peaks
+
+
+def bytes_on_device(tree: Any, device: Any) -> int:
+  """Bytes of the shards of ``tree``'s arrays that live on ``device``."""
+  return sum(
+      shard.data.nbytes
+      for x in jax.tree.leaves(tree)
+      for shard in getattr(x, 'addressable_shards', ())
+      if shard.device == device
+  )
+
+
+def random_grads_like(params: Any, seed: int = 0) -> Any:
+  """Standard-normal (x 1e-3) arrays shaped, typed and placed like ``params``."""
+  leaves, treedef = jax.tree.flatten(params)
+  shapes = [(x.shape, x.dtype) for x in leaves]
+
+  def draw():
+    keys = jax.random.split(jax.random.key(seed), len(shapes))
+    return [
+        1e-3 * jax.random.normal(k, shape, dtype)
+        for k, (shape, dtype) in zip(keys, shapes)
+    ]
+
+  shardings = [getattr(x, 'sharding', None) for x in leaves]
+  if all(isinstance(s, NamedSharding) for s in shardings):
+    out = jax.jit(draw, out_shardings=shardings)()
+  else:
+    out = jax.jit(draw)()
+  return jax.tree.unflatten(treedef, out)
+
+
+__all__ = [
+    'AXIS',
+    'MODES',
+    'batch_sharding',
+    'build_sharded',
+    'bytes_on_device',
+    'collectives',
+    'make_mesh',
+    'param_shardings',
+    'param_spec',
+    'per_device_peak_bytes',
+    'random_grads_like',
+    'smallest_compressed_matrix',
+    'update_collectives',
+]
