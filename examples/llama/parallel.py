@@ -147,12 +147,12 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(AXIS, None))
 
 
-def collectives(hlo: str) -> list[tuple[str, int]]:
-  """``(kind, elements)`` of every collective's result in compiled HLO text.
+def collectives(hlo: str) -> list[tuple[str, tuple[int, ...]]]:
+  """``(kind, shape)`` of every collective's result in compiled HLO text.
 
   Kinds: all-gather, all-reduce, reduce-scatter, all-to-all and
   collective-permute (asynchronous ``-start`` forms included); a tuple
-  result counts each element.
+  result (XLA combines small collectives) lists each element.
   """
   found = []
   pattern = re.compile(
@@ -164,26 +164,49 @@ def collectives(hlo: str) -> list[tuple[str, int]]:
     if not m:
       continue
     for shape in re.findall(r'[a-z0-9]+\[([0-9,]*)\]', m.group(1)):
-      dims = [int(d) for d in shape.split(',') if d]
-      found.append((m.group(2), math.prod(dims)))
+      found.append((m.group(2), tuple(int(d) for d in shape.split(',') if d)))
   return found
 
 
-def smallest_compressed_matrix(params: Any, rank: int) -> int | None:
-  """Elements of the smallest matrix (one batch slice) MLorc compresses."""
+def compressed_views(params: Any, rank: int) -> list[tuple[int, int, int]]:
+  """``(slices, rows, cols)`` of every matrix view MLorc compresses."""
   plan = mlorc_optax.compression_plan(params, rank)
-  sizes = [
-      p.view.rows * p.view.cols
+  return [
+      (
+          math.prod(p.shape) // (p.view.rows * p.view.cols),
+          p.view.rows,
+          p.view.cols,
+      )
       for p in jax.tree.leaves(
           plan, is_leaf=lambda x: isinstance(x, mlorc_optax.LeafPlan)
       )
       if p.view is not None
   ]
-  return min(sizes) if sizes else None
+
+
+def moves_dense_moment(
+    shape: Sequence[int], views: Sequence[tuple[int, int, int]]
+) -> bool:
+  """Whether a transfer of ``shape`` can hold a dense moment of a view.
+
+  True if two of its dimensions are a compressed matrix's ``(rows, cols)``
+  in either order (a slice of a dense moment), or if it has at least as
+  many elements as the smallest whole compressed leaf. The sketches of the
+  randomized SVD (``[..., rows, l]`` and ``[..., l, cols]``, ``l`` the small
+  sketch width) are neither.
+  """
+  dims = list(shape)
+  for _, rows, cols in views:
+    for i, a in enumerate(dims):
+      for b in dims[i + 1 :]:
+        if (a, b) in ((rows, cols), (cols, rows)):
+          return True
+  smallest_leaf = min((n * r * c for n, r, c in views), default=None)
+  return smallest_leaf is not None and math.prod(dims) >= smallest_leaf
 
 
 def update_collectives(
-    update_fn: Any, state: nnx.State, grads: Any
+    update_fn: Any, state: nnx.State, grads: Any, views: Sequence[Any] = ()
 ) -> dict[str, Any]:
   """Cross-device transfers in the compiled optimizer update.
 
@@ -191,21 +214,28 @@ def update_collectives(
     update_fn: a jitted ``(state, grads) -> state`` with shardings.
     state: its state argument (arrays or ``ShapeDtypeStruct``).
     grads: its gradient argument.
+    views: :func:`compressed_views` of the parameters, for
+      :func:`moves_dense_moment`.
 
   Returns:
     ``count``, ``by_kind`` (kind -> number), ``max_elements`` (largest
-    transfer) and the HLO-derived list ``largest`` (top 5).
+    transfer), ``largest`` (the 5 largest as ``[kind, shape]``) and
+    ``dense_moment_transfers`` (how many :func:`moves_dense_moment` flags).
   """
   hlo = update_fn.lower(state, grads).compile().as_text()
   found = collectives(hlo)
   by_kind: dict[str, int] = {}
   for kind, _ in found:
     by_kind[kind] = by_kind.get(kind, 0) + 1
+  ranked = sorted(found, key=lambda x: -math.prod(x[1]))
   return {
       'count': len(found),
       'by_kind': by_kind,
-      'max_elements': max((n for _, n in found), default=0),
-      'largest': sorted(found, key=lambda x: -x[1])[:5],
+      'max_elements': math.prod(ranked[0][1]) if ranked else 0,
+      'largest': [[kind, list(shape)] for kind, shape in ranked[:5]],
+      'dense_moment_transfers': sum(
+          moves_dense_moment(shape, views) for _, shape in found
+      ),
   }
 
 
@@ -265,6 +295,7 @@ __all__ = [
     'param_spec',
     'per_device_peak_bytes',
     'random_grads_like',
-    'smallest_compressed_matrix',
+    'compressed_views',
+    'moves_dense_moment',
     'update_collectives',
 ]

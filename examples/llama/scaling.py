@@ -12,8 +12,10 @@ model, global batch, data and seed three ways, each in its own process
 It reports tokens/s, the speed-up over the same optimizer on one device,
 the ratio to ``optax.adamw`` in the same mode, the peak memory of every
 device, the optimizer state per device, the cross-device transfers of the
-compiled optimizer update (MLorc must never move a dense moment: the
-largest transfer has to stay below the smallest compressed matrix) and the
+compiled optimizer update (MLorc must never move a dense moment:
+:func:`examples.llama.parallel.moves_dense_moment` flags any transfer with a
+compressed matrix's ``(rows, cols)`` among its dimensions or as large as the
+smallest compressed leaf) and the
 largest difference of the per-step losses from the one-device run of the
 same optimizer (same global batch and seed), checked against ``--loss-tol``.
 
@@ -101,9 +103,8 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
   rows = [
       '| optimizer | mode | devices | status | tokens/s | speed-up vs 1 '
       'device | ratio vs adamw | step ms | update ms | peak GiB per device | '
-      'optimizer state GiB per device | update transfers: count (largest '
-      'vs smallest compressed matrix, elements) | max abs loss diff vs 1 '
-      'device |',
+      'optimizer state GiB per device | update transfers (largest shape), '
+      'dense-moment-sized | max abs loss diff vs 1 device |',
       '|---|---|---|---|---|---|---|---|---|---|---|---|---|',
   ]
   for r in results:
@@ -113,14 +114,14 @@ def format_table(results: Sequence[dict[str, Any]]) -> str:
         ' / '.join(f'{p / 2**30:.1f}' for p in peaks) if ok and peaks else '-'
     )
     coll = r.get('update_collectives')
-    smallest = r.get('smallest_compressed_matrix')
-    transfers = (
-        '-'
-        if coll is None
-        else f'{coll["count"]} ({coll["max_elements"]:,}'
-        + (f' vs {smallest:,}' if smallest else '')
-        + ')'
-    )
+    transfers = '-'
+    if coll is not None:
+      largest = coll['largest'][0][1] if coll['largest'] else None
+      transfers = (
+          f'{coll["count"]}'
+          + (f' (largest {largest})' if largest else '')
+          + f', {coll.get("dense_moment_transfers", "?")} dense'
+      )
     state = r.get('opt_state_bytes_per_device', r.get('opt_state_bytes'))
     rows.append(
         f'| {r["optimizer"]} | {r.get("sharding", "none")} | '

@@ -502,9 +502,9 @@ def run(
     ``param_count``, ``param_bytes``, ``compiled_memory`` (XLA's estimate,
     per device), ``losses`` and the settings. Sharded runs add
     ``update_collectives`` (:func:`examples.llama.parallel.update_collectives`
-    of the optimizer update), ``smallest_compressed_matrix`` and
-    ``gathers_dense_moment`` (whether any transfer in the update is as large
-    as the smallest compressed matrix).
+    of the optimizer update) and ``gathers_dense_moment`` (whether any of
+    its transfers could hold a dense moment,
+    :func:`examples.llama.parallel.moves_dense_moment`).
   """
   log = print if verbose else (lambda *a, **k: None)
   result: dict[str, Any] = {
@@ -585,20 +585,19 @@ def run(
           lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
           params,
       )
+      views = parallel.compressed_views(params, rank)
       result['update_collectives'] = parallel.update_collectives(
           make_update_step(
               graphdef, shardings, jax.tree.map(lambda g: g.sharding, grad_specs)
           ),
           state,
           grad_specs,
+          views,
       )
-      smallest = parallel.smallest_compressed_matrix(params, rank)
       del params
-      result['smallest_compressed_matrix'] = smallest
+      result['compressed_views'] = len(views)
       result['gathers_dense_moment'] = bool(
-          optimizer == 'mlorc_adamw'
-          and smallest is not None
-          and result['update_collectives']['max_elements'] >= smallest
+          result['update_collectives']['dense_moment_transfers']
       )
     else:
       tokens_sharding = None

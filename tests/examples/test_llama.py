@@ -286,6 +286,17 @@ def test_fsdp_shards_the_largest_axis_but_never_the_layer_axis():
     parallel.make_mesh(len(jax.devices()) + 1)
 
 
+def test_dense_moment_transfers_are_recognised_by_shape():
+  from examples.llama import parallel
+
+  views = [(4, 64, 192), (1, 64, 64)]  # (slices, rows, cols)
+  assert parallel.moves_dense_moment((64, 192), views)
+  assert parallel.moves_dense_moment((4, 192, 64), views)
+  assert parallel.moves_dense_moment((4096 * 2,), views)  # >= a whole leaf
+  assert not parallel.moves_dense_moment((4, 64, 8), views)  # a sketch
+  assert not parallel.moves_dense_moment((8, 192), views)
+
+
 @pytest.fixture(scope='module')
 def sharded_runs():
   """Single-device, DP and FSDP runs of mlorc_adamw on 4 CPU devices."""
@@ -320,5 +331,7 @@ def test_fsdp_state_is_sharded_and_never_gathers_a_dense_moment(sharded_runs):
   assert dp['update_collectives']['count'] == 0
   coll = fsdp['update_collectives']
   assert coll['count'] > 0
-  assert coll['max_elements'] < fsdp['smallest_compressed_matrix']
+  assert coll['dense_moment_transfers'] == 0
   assert fsdp['gathers_dense_moment'] is False
+  for _, shape in coll['largest']:  # sketches: one side is the rank, 4
+    assert 4 in shape, shape
