@@ -277,7 +277,7 @@ def plot(results: Sequence[dict[str, Any]], path: str) -> None:
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+  fig, axes = plt.subplots(1, 2, figsize=(12.5, 4.2), sharey=True)
   for ax, dtype in zip(axes, ('float32', 'bfloat16')):
     series: dict[str, list[tuple[int, float]]] = {}
     for r in results:
@@ -294,7 +294,7 @@ def plot(results: Sequence[dict[str, Any]], path: str) -> None:
     ax.set_title(dtype)
     ax.grid(True, which='both', alpha=0.3)
   axes[0].set_ylabel('optimizer step (ms)')
-  axes[1].legend(fontsize=7, loc='upper left')
+  axes[1].legend(fontsize=7, loc='center left', bbox_to_anchor=(1.02, 0.5))
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
@@ -328,7 +328,16 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                       help='Write the markdown table here.')
   parser.add_argument('--plot', default=None, help='Write the figure here.')
   parser.add_argument('--quiet', action='store_true', help='Less output.')
+  parser.add_argument('--render', nargs='+', default=None, metavar='JSON',
+                      help='Measure nothing: merge these result files and '
+                      'write --json/--table/--plot from them.')
   args = parser.parse_args(argv)
+  if args.render:
+    results = []
+    for path in args.render:
+      with open(path) as f:
+        results.extend(json.load(f))
+    return _write(results, args)
 
   os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
   os.environ.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.95')
@@ -352,6 +361,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             print(f'{case} {dtype} {optimizer} r={rank}: {r["status"]} '
                   + (f'{r["step_s"] * 1e3:.2f} ms' if r['status'] == 'ok'
                      else str(r['error'])[:200]), flush=True)
+  return _write(results, args)
+
+
+def _write(results: list[dict[str, Any]], args: Any) -> list[dict[str, Any]]:
+  """Adds the ratios, prints and writes the outputs named in ``args``."""
   add_ratios(results)
   table = format_table(results)
   if not args.quiet:

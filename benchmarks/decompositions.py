@@ -1,0 +1,127 @@
+"""Where an MLorc step's time goes: its dense products and small factorizations.
+
+The randomized SVD of one moment ``M [batch, m, n]`` at rank ``r`` (sketch
+width ``l = r + oversample``) is: the sketch ``Y = M Omega`` (``[m, l]``), an
+orthonormal basis ``Q`` of ``Y`` (QR of a tall, thin matrix), ``B = Q^T M``
+(``[l, n]``) and the SVD of the short, wide ``B``. This times each piece on the
+device with the library's way (``jnp.linalg.qr`` / ``jnp.linalg.svd``) next
+to a matmul-only alternative (CholeskyQR2; the SVD of ``B`` from the
+eigendecomposition of the ``l x l`` Gram matrix ``B B^T``), and the two
+streaming products next to a plain copy of ``M`` (the bandwidth floor), all
+in one process.
+
+Usage::
+
+  python -m benchmarks.decompositions --batch 8 --ranks 4 32 \\
+      --json benchmarks/results/decompositions/h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))
+
+
+def _time(fn, *args, calls: int) -> float:
+  compiled = jax.jit(fn).lower(*args).compile()
+  jax.block_until_ready(compiled(*args))
+  times = []
+  for _ in range(calls):
+    t0 = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def _mT(x):
+  return jnp.swapaxes(x, -1, -2)
+
+
+def cholesky_qr2(y: jax.Array) -> jax.Array:
+  """Orthonormal basis of ``y [..., m, l]`` by two CholeskyQR passes."""
+  for _ in range(2):
+    gram = _mT(y) @ y
+    shift = 1e-6 * jnp.trace(gram, axis1=-2, axis2=-1)[..., None, None]
+    chol = jnp.linalg.cholesky(gram + shift * jnp.eye(gram.shape[-1]))
+    y = _mT(jax.scipy.linalg.solve_triangular(chol, _mT(y), lower=True))
+  return y
+
+
+def gram_svd(b: jax.Array):
+  """SVD of a short, wide ``b [..., l, n]`` from ``eigh(b b^T)``."""
+  w, u = jnp.linalg.eigh(b @ _mT(b))
+  s = jnp.sqrt(jnp.maximum(w, 0.0))
+  v = _mT(b) @ u / jnp.where(s > 0, s, 1.0)[..., None, :]
+  return u, s, v
+
+
+def run(batch: int, ranks: Sequence[int], calls: int) -> list[dict[str, Any]]:
+  results = []
+  key = jax.random.key(0)
+  for m, n in SHAPES:
+    big = jax.random.normal(key, (batch, m, n), jnp.float32)
+    row = dict(m=m, n=n, batch=batch)
+    row['copy_ms'] = 1e3 * _time(lambda a: a * 1.0, big, calls=calls)
+    for r in ranks:
+      omega = jax.random.normal(key, (n, r), jnp.float32)
+      y = big @ omega
+      q = jnp.linalg.qr(y)[0]
+      b = _mT(q) @ big
+      entry = dict(row, rank=r)
+      entry['sketch_ms'] = 1e3 * _time(lambda a, o: a @ o, big, omega,
+                                       calls=calls)
+      entry['project_ms'] = 1e3 * _time(lambda q, a: _mT(q) @ a, q, big,
+                                        calls=calls)
+      entry['qr_ms'] = 1e3 * _time(lambda y: jnp.linalg.qr(y)[0], y,
+                                   calls=calls)
+      entry['cholesky_qr2_ms'] = 1e3 * _time(cholesky_qr2, y, calls=calls)
+      entry['svd_ms'] = 1e3 * _time(
+          lambda b: jnp.linalg.svd(b, full_matrices=False), b, calls=calls)
+      entry['gram_svd_ms'] = 1e3 * _time(gram_svd, b, calls=calls)
+      q2 = cholesky_qr2(y)
+      entry['cholesky_qr2_orthogonality'] = float(jnp.max(jnp.abs(
+          _mT(q2) @ q2 - jnp.eye(r))))
+      u, s, v = gram_svd(b)
+      entry['gram_svd_rel_error'] = float(
+          jnp.linalg.norm((u * s[..., None, :]) @ _mT(v) - b)
+          / jnp.linalg.norm(b))
+      entry['copy_ms'] = row['copy_ms']
+      results.append(entry)
+      print(json.dumps(entry), flush=True)
+  return results
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+  parser = argparse.ArgumentParser(
+      description=__doc__.splitlines()[0],
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  parser.add_argument('--batch', type=int, default=8,
+                      help='Matrices per stack (layers).')
+  parser.add_argument('--ranks', nargs='+', type=int, default=[4, 32],
+                      help='Sketch widths.')
+  parser.add_argument('--calls', type=int, default=10, help='Timed calls.')
+  parser.add_argument('--json', default=None, help='Write results here.')
+  args = parser.parse_args(argv)
+  results = run(args.batch, args.ranks, args.calls)
+  for r in results:
+    r.update(device=jax.local_devices()[0].device_kind,
+             jax_version=jax.__version__)
+  if args.json:
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, 'w') as f:
+      json.dump(results, f, indent=2)
+  return results
+
+
+if __name__ == '__main__':
+  main()
