@@ -1,0 +1,102 @@
+"""Sphinx configuration of the mlorc_optax documentation.
+
+Build: ``sphinx-build -W --keep-going -b html docs docs/_build/html``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+_DOCS = os.path.dirname(os.path.abspath(__file__))
+_ROOT = os.path.dirname(_DOCS)
+# Document this checkout, whatever mlorc_optax is installed elsewhere.
+sys.path.insert(0, _ROOT)
+
+import mlorc_optax  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+project = 'mlorc_optax'
+author = 'mlorc_optax authors'
+copyright = '2026, mlorc_optax authors'  # pylint: disable=redefined-builtin
+release = mlorc_optax.__version__
+version = release
+
+extensions = [
+    'sphinx.ext.autodoc',
+    'sphinx.ext.autosummary',
+    'sphinx.ext.napoleon',
+    'sphinx.ext.mathjax',
+    'myst_parser',
+]
+
+source_suffix = {'.rst': 'restructuredtext', '.md': 'markdown'}
+root_doc = 'index'
+exclude_patterns = ['_build']
+templates_path = ['_templates']
+
+# Markdown pages: $...$ and $$...$$ math.
+myst_enable_extensions = ['dollarmath', 'amsmath']
+myst_heading_anchors = 3
+
+autosummary_generate = True
+autosummary_imported_members = True
+autodoc_member_order = 'bysource'
+# Signatures without annotations: the modules use postponed annotations, some
+# of which evaluate (to long unions) and some don't, and the docstrings' Args
+# already say what each argument takes.
+autodoc_typehints = 'none'
+autodoc_preserve_defaults = True
+
+napoleon_google_docstring = True
+napoleon_numpy_docstring = False
+napoleon_use_rtype = False
+napoleon_attr_annotations = False
+
+html_theme = 'alabaster'
+html_title = f'mlorc_optax {release}'
+html_theme_options = {'description': 'MLorc optimizers for JAX/Optax'}
+
+
+def _skip_data_members(app, what, name, obj, skip, options):
+  """Classes list their methods and properties; data comes from docstrings.
+
+  NamedTuple and dataclass fields are documented by the class docstring's
+  ``Attributes:`` section (napoleon); listing them again as members would
+  repeat them ("Alias for field number 0") and define them twice.
+  """
+  del app, name, options
+  if what == 'class' and not (callable(obj) or isinstance(obj, property)):
+    return True
+  return skip
+
+
+def _module_data_doc(name: str) -> list[str] | None:
+  """The ``#:`` comment of a public constant, read where it is defined.
+
+  ``mlorc_optax`` re-exports its constants from ``mlorc_optax._src``, and
+  autodoc looks for the comment in ``mlorc_optax/__init__.py`` only.
+  """
+  from sphinx.pycode import ModuleAnalyzer  # pylint: disable=g-import-not-at-top
+  import pkgutil  # pylint: disable=g-import-not-at-top
+  import mlorc_optax._src as src  # pylint: disable=g-import-not-at-top
+
+  for info in pkgutil.iter_modules(src.__path__):
+    analyzer = ModuleAnalyzer.for_module(f'{src.__name__}.{info.name}')
+    docs = analyzer.find_attr_docs().get(('', name))
+    if docs:
+      return [line for line in docs]
+  return None
+
+
+def _fill_data_docs(app, what, name, obj, options, lines):
+  del app, obj, options
+  if what != 'data' or not name.startswith('mlorc_optax.'):
+    return
+  found = _module_data_doc(name.rsplit('.', 1)[-1])
+  if found:
+    lines[:] = found
+
+
+def setup(app):
+  app.connect('autodoc-process-docstring', _fill_data_docs)
+  app.connect('autodoc-skip-member', _skip_data_members)
