@@ -31,7 +31,7 @@ extensions = [
 
 source_suffix = {'.rst': 'restructuredtext', '.md': 'markdown'}
 root_doc = 'index'
-exclude_patterns = ['_build']
+exclude_patterns = ['_build', '_generated']
 templates_path = ['_templates']
 
 # Markdown pages: $...$ and $$...$$ math.
@@ -97,6 +97,47 @@ def _fill_data_docs(app, what, name, obj, options, lines):
     lines[:] = found
 
 
+# Tables computed at build time, so that the pages show what the code
+# computes rather than numbers typed once: docs/_generated/*.md, included by
+# the pages (the folder is ignored by git and excluded as a source).
+_GENERATED = os.path.join(_DOCS, '_generated')
+_MEMORY_TABLES = {
+    'memory_table_r4.md': ['--rank', '4'],
+    'memory_table_r8.md': ['--rank', '8'],
+    'memory_table_r4_bf16.md': ['--rank', '4', '--dtype', 'bfloat16'],
+}
+
+
+def _generate_tables(app):
+  """Writes the output of ``benchmarks/memory_table.py`` for the pages."""
+  del app
+  import contextlib  # pylint: disable=g-import-not-at-top
+  import io  # pylint: disable=g-import-not-at-top
+  import runpy  # pylint: disable=g-import-not-at-top
+
+  os.makedirs(_GENERATED, exist_ok=True)
+  script = os.path.join(_ROOT, 'benchmarks', 'memory_table.py')
+  for name, args in _MEMORY_TABLES.items():
+    out = io.StringIO()
+    argv = sys.argv
+    sys.argv = [script, *args]
+    try:
+      with contextlib.redirect_stdout(out):
+        runpy.run_path(script, run_name='__main__')
+    finally:
+      sys.argv = argv
+    text = out.getvalue()
+    path = os.path.join(_GENERATED, name)
+    # Rewrite only on change: Sphinx rebuilds the pages that include it.
+    if os.path.exists(path):
+      with open(path) as f:
+        if f.read() == text:
+          continue
+    with open(path, 'w') as f:
+      f.write(text)
+
+
 def setup(app):
+  app.connect('builder-inited', _generate_tables)
   app.connect('autodoc-process-docstring', _fill_data_docs)
   app.connect('autodoc-skip-member', _skip_data_members)
