@@ -5,8 +5,14 @@ Build: ``sphinx-build -W --keep-going -b html docs docs/_build/html``.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import pkgutil
+import runpy
 import sys
+
+from sphinx.pycode import ModuleAnalyzer
 
 _DOCS = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(_DOCS)
@@ -76,15 +82,12 @@ def _module_data_doc(name: str) -> list[str] | None:
   ``mlorc_optax`` re-exports its constants from ``mlorc_optax._src``, and
   autodoc looks for the comment in ``mlorc_optax/__init__.py`` only.
   """
-  from sphinx.pycode import ModuleAnalyzer  # pylint: disable=g-import-not-at-top
-  import pkgutil  # pylint: disable=g-import-not-at-top
-  import mlorc_optax._src as src  # pylint: disable=g-import-not-at-top
-
+  src = mlorc_optax._src  # pylint: disable=protected-access
   for info in pkgutil.iter_modules(src.__path__):
     analyzer = ModuleAnalyzer.for_module(f'{src.__name__}.{info.name}')
     docs = analyzer.find_attr_docs().get(('', name))
     if docs:
-      return [line for line in docs]
+      return list(docs)
   return None
 
 
@@ -111,10 +114,6 @@ _MEMORY_TABLES = {
 def _generate_tables(app):
   """Writes the output of ``benchmarks/memory_table.py`` for the pages."""
   del app
-  import contextlib  # pylint: disable=g-import-not-at-top
-  import io  # pylint: disable=g-import-not-at-top
-  import runpy  # pylint: disable=g-import-not-at-top
-
   os.makedirs(_GENERATED, exist_ok=True)
   script = os.path.join(_ROOT, 'benchmarks', 'memory_table.py')
   for name, args in _MEMORY_TABLES.items():
