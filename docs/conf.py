@@ -12,8 +12,6 @@ import pkgutil
 import runpy
 import sys
 
-from sphinx.pycode import ModuleAnalyzer
-
 _DOCS = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(_DOCS)
 # Document this checkout, whatever mlorc_optax is installed elsewhere.
@@ -82,9 +80,13 @@ def _module_data_doc(name: str) -> list[str] | None:
   ``mlorc_optax`` re-exports its constants from ``mlorc_optax._src``, and
   autodoc looks for the comment in ``mlorc_optax/__init__.py`` only.
   """
+  # Imported here, not at the top: this file must import without Sphinx
+  # (pytest may collect it for doctests).
+  from sphinx import pycode  # pylint: disable=g-import-not-at-top
+
   src = mlorc_optax._src  # pylint: disable=protected-access
   for info in pkgutil.iter_modules(src.__path__):
-    analyzer = ModuleAnalyzer.for_module(f'{src.__name__}.{info.name}')
+    analyzer = pycode.ModuleAnalyzer.for_module(f'{src.__name__}.{info.name}')
     docs = analyzer.find_attr_docs().get(('', name))
     if docs:
       return list(docs)
