@@ -1,4 +1,4 @@
-"""Complete MLorc optimizers: drop-in replacements for optax.adamw / optax.lion."""
+"""MLorc optimizers, drop-in replacements for optax.adamw and optax.lion."""
 
 from __future__ import annotations
 
@@ -45,8 +45,23 @@ def mlorc_adamw(
           add_decayed_weights(weight_decay, mask),
           scale_by_learning_rate(learning_rate))
 
-  At ``rank >= min(m, n)`` for every compressed leaf it computes exactly what
-  ``optax.adamw`` computes (up to float32 rounding of the RSVD).
+  For a compressed matrix ``W`` with gradient ``g_t`` and the factors of
+  step ``t - 1``, learning rate ``alpha_t`` and weight decay ``lambda``:
+
+  .. math::
+
+    m_t = \\beta_1 U_m S_m V_m^\\top + (1-\\beta_1) g_t,\\quad
+    v_t = \\beta_2 \\operatorname{fix}(U_v S_v V_v^\\top) + (1-\\beta_2) g_t^2,
+
+    W_{t+1} = W_t - \\alpha_t \\Bigl(\\frac{m_t / (1-\\beta_1^t)}
+    {\\sqrt{v_t / (1-\\beta_2^t) + \\epsilon_{root}} + \\epsilon}
+    + \\lambda W_t\\Bigr),
+
+  after which ``m_t`` and ``v_t`` are recompressed to rank ``r`` by
+  :func:`mlorc_optax.randomized_svd` and ``fix`` is
+  :func:`mlorc_optax.nonnegative_second_moment`. At ``rank >= min(m, n)`` for
+  every compressed leaf it computes exactly what ``optax.adamw`` computes (up
+  to float32 rounding of the RSVD).
 
   Paper settings: rank 4 (LLaMA2-7B) or 8 (RoBERTa-base), oversample 0,
   ``b1=0.8`` (the paper lowers it from 0.9 to damp the compression error),
@@ -152,9 +167,20 @@ def mlorc_lion(
           add_decayed_weights(weight_decay, mask),
           scale_by_learning_rate(learning_rate))
 
-  The paper's MLorc-Lion beat full Lion on GSM8K with LLaMA2-7B at rank 4
-  (47.75 vs 46.38). As for Lion, use a learning rate 3-10x smaller than
-  AdamW's and a larger weight decay.
+  For a compressed matrix ``W`` with gradient ``g_t``, the factors of step
+  ``t - 1``, learning rate ``alpha_t`` and weight decay ``lambda``:
+
+  .. math::
+
+    c_t = \\beta_1 U S V^\\top + (1-\\beta_1) g_t,\\quad
+    m_t = \\beta_2 U S V^\\top + (1-\\beta_2) g_t,\\quad
+    W_{t+1} = W_t - \\alpha_t \\bigl(\\operatorname{sign}(c_t)
+    + \\lambda W_t\\bigr),
+
+  after which ``m_t`` is recompressed to rank ``r`` by
+  :func:`mlorc_optax.randomized_svd`. The paper's MLorc-Lion beat full Lion
+  on GSM8K with LLaMA2-7B at rank 4 (47.75 vs 46.38). As for Lion, use a
+  learning rate 3-10x smaller than AdamW's and a larger weight decay.
 
   .. warning::
     Only the leaves chosen by ``low_rank_mask`` are compressed; the others

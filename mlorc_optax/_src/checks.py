@@ -15,7 +15,7 @@ import numpy as np
 
 
 def check_int(name: str, value: Any, minimum: int) -> int:
-  """Returns ``value`` as a Python int ``>= minimum`` or raises naming ``name``."""
+  """Returns ``value`` as an int ``>= minimum``; raises naming ``name``."""
   if isinstance(value, bool):
     raise TypeError(f'{name} must be a Python int, got the bool {value!r}.')
   try:

@@ -19,10 +19,33 @@ from mlorc_optax._src.checks import check_int
 class LowRankFactors(NamedTuple):
   """A batch of rank-``k`` matrices ``a ≈ u @ diag(s) @ v.T``.
 
+  What :func:`randomized_svd` returns and what the MLorc states store for
+  each compressed moment (there, each field is a tree shaped like the
+  params). ``k (m + n + 1)`` numbers per matrix instead of ``mn``:
+
+  .. math::
+
+    A \\approx U \\operatorname{diag}(s) V^\\top
+    = \\sum_{i=1}^{k} s_i\\, u_i v_i^\\top .
+
   Attributes:
     u: left singular vectors, shape ``[..., m, k]``.
     s: singular values, shape ``[..., k]`` (non-negative, descending).
     v: right singular vectors, shape ``[..., n, k]``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from mlorc_optax import LowRankFactors, reconstruct
+    >>> f = LowRankFactors(u=jnp.array([[1.0], [0.0]]), s=jnp.array([3.0]),
+    ...                    v=jnp.array([[0.0], [1.0], [0.0]]))
+    >>> reconstruct(f)
+    Array([[0., 3., 0.],
+           [0., 0., 0.]], dtype=float32)
+
+  References:
+    Shen et al., *MLorc: Momentum Low-rank Compression for Memory Efficient
+    Large Language Model Adaptation*, https://arxiv.org/abs/2506.01897,
+    Algorithms 1-3.
   """
 
   u: jax.Array
@@ -130,7 +153,16 @@ def randomized_svd(
   With ``k = min(rank, m, n)`` and ``l = min(rank + oversample, m, n)``, draws
   ``Omega = N(0, 1)^{n x l}`` from ``key``, finds an orthonormal basis ``Q``
   of the range of ``A Omega`` (refined by ``power_iters`` power iterations)
-  and returns the top ``k`` singular triplets of ``Q Q^T A``.
+  and returns the top ``k`` singular triplets of ``Q Q^T A``:
+
+  .. math::
+
+    Y = A \\Omega,\\quad Q = \\mathrm{qr}(Y),\\quad
+    B = Q^\\top A = \\hat U \\Sigma V^\\top,\\quad U = Q \\hat U,
+
+  each power iteration replacing ``Q`` by
+  ``qr(A qr(A^T Q))``. When ``l == n`` the sketch is the identity
+  (``Y = A``), which samples the whole range exactly.
 
   Guarantees: the result is exact (up to float32 rounding) when
   ``rank >= min(m, n)``; an all-zero matrix gives zero singular values and a
@@ -190,7 +222,30 @@ def randomized_svd(
 
 
 def reconstruct(factors: LowRankFactors) -> jax.Array:
-  """Dense matrices ``u @ diag(s) @ v.T`` in float32, shape ``[..., m, n]``."""
+  """Dense matrices ``u @ diag(s) @ v.T`` in float32, shape ``[..., m, n]``.
+
+  .. math::
+
+    A = U \\operatorname{diag}(s) V^\\top,
+
+  batched over the leading axes; the factors may be stored in any floating
+  dtype (``factor_dtype``), the product is computed in float32.
+
+  Args:
+    factors: :class:`LowRankFactors` with ``u [..., m, k]``, ``s [..., k]``
+      and ``v [..., n, k]``.
+
+  Returns:
+    A float32 array of shape ``[..., m, n]``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from mlorc_optax import randomized_svd, reconstruct
+    >>> a = jax.random.normal(jax.random.key(0), (2, 5, 3))  # a batch of 2
+    >>> f = randomized_svd(a, jax.random.key(1), rank=3)     # full rank
+    >>> bool(jnp.allclose(reconstruct(f), a, atol=1e-5))
+    True
+  """
   u = jnp.asarray(factors.u, jnp.float32)
   s = jnp.asarray(factors.s, jnp.float32)
   v = jnp.asarray(factors.v, jnp.float32)
