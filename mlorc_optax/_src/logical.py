@@ -31,6 +31,10 @@ exactly like the flattened parameter (and like
 sharded, as ``kv`` (the head dimension) never is in T5X or MaxText rules. If
 your rules shard a minor axis too, the factor is sharded by the major axis'
 mesh axes only: a valid placement of a small array, not the parameter's.
+Likewise, Flax resolves each array's names on their own, so rules with
+fallbacks (a name listed twice) may resolve a name differently in a factor
+than in its parameter; :func:`mlorc_optax.factor_partition_specs` of the
+parameter's resolved spec is the exact parameter-following placement.
 """
 
 from __future__ import annotations
