@@ -7,6 +7,11 @@ state holds only low-rank factors of each matrix parameter's moments.
 
 from mlorc_optax._src.alias import mlorc_adamw
 from mlorc_optax._src.alias import mlorc_lion
+from mlorc_optax._src.logical import DENSE_GENERAL_JOINED_NAMES
+from mlorc_optax._src.logical import RANK_AXIS_NAME
+from mlorc_optax._src.logical import factor_logical_axes
+from mlorc_optax._src.logical import format_logical_plan
+from mlorc_optax._src.logical import logical_dimension_numbers
 from mlorc_optax._src.masking import DEFAULT_EXCLUDED_NAMES
 from mlorc_optax._src.masking import LeafPlan
 from mlorc_optax._src.masking import MatrixDimensionNumbers
@@ -29,15 +34,20 @@ __version__ = '0.1.0'
 
 __all__ = (
     'DEFAULT_EXCLUDED_NAMES',
+    'DENSE_GENERAL_JOINED_NAMES',
     'LeafPlan',
     'LowRankFactors',
     'MLorcAdamState',
     'MLorcLionState',
     'MatrixDimensionNumbers',
     'MatrixView',
+    'RANK_AXIS_NAME',
     'compression_plan',
+    'factor_logical_axes',
     'factor_partition_specs',
+    'format_logical_plan',
     'format_plan',
+    'logical_dimension_numbers',
     'mlorc_adamw',
     'mlorc_lion',
     'nonnegative_second_moment',

@@ -126,6 +126,20 @@ def test_invalid_dimension_numbers():
                      dimension_numbers=MatrixDimensionNumbers(0, 0))
 
 
+def test_dimension_numbers_none_means_no_matrix_view():
+  params = {'w': jnp.zeros((8, 8)), 'stacked_scale': jnp.zeros((6, 64))}
+  dims = {'w': MatrixDimensionNumbers(), 'stacked_scale': None}
+  plan = compression_plan(params, 2, dimension_numbers=dims)
+  assert decisions(plan) == {'w': True, 'stacked_scale': False}
+  assert plan['stacked_scale'].reason == (
+      'dimension_numbers gives no matrix view')
+  with pytest.raises(ValueError, match='no matrix view'):
+    compression_plan(params, 2, dimension_numbers=dims, low_rank_mask=True)
+  with pytest.raises(TypeError, match="or None.*'w'"):
+    compression_plan(params, 2, dimension_numbers={'w': 'last two',
+                                                    'stacked_scale': None})
+
+
 def test_format_plan_lists_every_leaf_and_the_total():
   params = {'w': jnp.zeros((4096, 4096)), 'b': jnp.zeros(4096)}
   table = mlorc_optax.format_plan(compression_plan(params, rank=4))

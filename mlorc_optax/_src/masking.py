@@ -177,6 +177,7 @@ class LeafPlan:
 # A mask is a bool, a pytree of bools matched to the params by path (a prefix
 # tree is fine), or a callable params -> such a pytree.
 MaskSpec = Union[bool, Any, Callable[[Any], Any], None]
+# Per leaf: a MatrixDimensionNumbers, or None for "this leaf is no matrix".
 DimensionSpec = Union[
     MatrixDimensionNumbers, Any, Callable[[Any], Any], None
 ]
@@ -270,9 +271,13 @@ def _plan_leaf(
     leaf: Any,
     rank: int,
     wanted: bool | None,
-    dims: MatrixDimensionNumbers,
+    dims: MatrixDimensionNumbers | None,
 ) -> LeafPlan:
-  """``wanted`` is the user's mask value, or None for the default rule."""
+  """``wanted`` is the user's mask value, or None for the default rule.
+
+  ``dims`` None means that ``dimension_numbers`` gives the leaf no matrix
+  view (e.g. a vector named by logical axes).
+  """
   name = '/'.join(path)
   shape = tuple(np.shape(leaf))
   dtype = str(getattr(leaf, 'dtype', type(leaf).__name__))
@@ -283,12 +288,16 @@ def _plan_leaf(
   if wanted is False:
     return dense('low_rank_mask is False')
   floating = _is_floating(leaf)
-  view = dims.view(shape) if len(shape) >= 2 else None
+  view = dims.view(shape) if dims is not None and len(shape) >= 2 else None
   if wanted is None:
     if not floating:
       return dense('not a floating-point array')
     if view is None:
-      return dense('ndim < 2' if len(shape) < 2 else 'axes do not fit ndim')
+      if len(shape) < 2:
+        return dense('ndim < 2')
+      if dims is None:
+        return dense('dimension_numbers gives no matrix view')
+      return dense('axes do not fit ndim')
     if path and path[-1] in DEFAULT_EXCLUDED_NAMES:
       return dense(f'default mask excludes {path[-1]!r}')
     if min(view.rows, view.cols) <= rank:
@@ -340,10 +349,11 @@ def plan_leaves(
   else:
     dims = _resolve(dimension_numbers, tree, paths, 'dimension_numbers')
     for path, value in zip(paths, dims):
-      if not isinstance(value, MatrixDimensionNumbers):
+      if value is not None and not isinstance(value, MatrixDimensionNumbers):
         raise TypeError(
-            'dimension_numbers must give a MatrixDimensionNumbers for each '
-            f'leaf, got {value!r} for {"/".join(path)!r}.'
+            'dimension_numbers must give a MatrixDimensionNumbers (or None: '
+            f'no matrix view) for each leaf, got {value!r} for '
+            f'{"/".join(path)!r}.'
         )
   plans = [
       _plan_leaf(p, leaf, rank, w, d)
@@ -382,7 +392,8 @@ def compression_plan(
       error if it cannot be viewed as a matrix), False keeps it dense.
     dimension_numbers: None (last two axes), one
       :class:`MatrixDimensionNumbers` for every leaf, or a pytree / callable
-      giving one per leaf.
+      giving one per leaf (None for a leaf that has no matrix view and is
+      never compressed), e.g. :func:`mlorc_optax.logical_dimension_numbers`.
 
   Returns:
     A pytree with the structure of ``params`` whose leaves are

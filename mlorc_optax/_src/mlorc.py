@@ -35,6 +35,7 @@ import numpy as np
 import optax
 
 from mlorc_optax._src import checks
+from mlorc_optax._src import logical
 from mlorc_optax._src import masking
 from mlorc_optax._src import rsvd
 from mlorc_optax._src import sharding
@@ -252,12 +253,42 @@ def _flatten_up_to(treedef: Any, subtree: Any, name: str) -> list[Any]:
     ) from None
 
 
+def _boxed_layout(tree: Any) -> tuple[Any, list[Any]]:
+  """The treedef of ``tree`` with flax boxes as leaves, and each leaf's box.
+
+  Parameters boxed by ``nn.with_logical_partitioning`` (kept boxed, as
+  ``TrainState.create(params=variables['params'])`` does) give factors boxed
+  with their own logical names (:func:`logical.box_moment`), so the moment
+  trees share this outer structure with the params but not their boxes'
+  names. Every box holds one array, so the list aligns with the plans.
+  """
+  leaves, outer = jax.tree_util.tree_flatten(tree, is_leaf=logical.is_box)
+  return outer, [x if logical.is_box(x) else None for x in leaves]
+
+
+def _unboxed(moment: Any) -> Any:
+  """A stored per-leaf moment with its arrays taken out of their boxes."""
+  if isinstance(moment, rsvd.LowRankFactors):
+    return rsvd.LowRankFactors(*(logical.unbox(x) for x in moment))
+  return logical.unbox(moment)
+
+
+def _reboxed(old: Any, new: Any) -> Any:
+  """``new`` (per-leaf moment) in the boxes of the stored ``old``."""
+  if isinstance(old, rsvd.LowRankFactors) and _is_factors(new):
+    return rsvd.LowRankFactors(
+        *(logical.rebox_like(o, n) for o, n in zip(old, new))
+    )
+  return logical.rebox_like(old, new)
+
+
 def _split_moment(treedef: Any, moment: Any, low_rank: bool, name: str):
   """A stored moment -> per leaf: LowRankFactors, dense array or MaskedNode.
 
   The state keeps ``u``, ``s`` and ``v`` as three params-shaped trees (each
-  leaf a plain array), the layout ``nnx.Optimizer`` and checkpointers handle
-  like any optax moment; this regroups them per leaf.
+  leaf a plain array, or a flax box of one), the layout ``nnx.Optimizer`` and
+  checkpointers handle like any optax moment; this regroups them per leaf.
+  ``treedef`` is the :func:`_boxed_layout` of the updates.
   """
   if not low_rank:
     return _flatten_up_to(treedef, moment, name)
@@ -271,7 +302,9 @@ def _split_moment(treedef: Any, moment: Any, low_rank: bool, name: str):
       for a in ('u', 's', 'v')
   ]
   return [
-      rsvd.LowRankFactors(u, s, v) if hasattr(u, 'shape') else u
+      rsvd.LowRankFactors(u, s, v)
+      if hasattr(u, 'shape') or logical.is_box(u)
+      else u
       for u, s, v in zip(*parts)
   ]
 
@@ -316,37 +349,43 @@ def _scale_by_low_rank_adam(
 
   def init_fn(params):
     plans, treedef = store.plan(params)
+    outer, boxes = _boxed_layout(params)
     mu, nu = [], []
-    for p, leaf in zip(plans, treedef.flatten_up_to(params)):
+    for p, leaf, box in zip(plans, treedef.flatten_up_to(params), boxes):
       if p.compressed:
-        mu.append(store.zeros(p, 'mu' in compress, leaf))
-        nu.append(store.zeros(p, 'nu' in compress, leaf))
+        mu.append(logical.box_moment(
+            box, p, store.zeros(p, 'mu' in compress, leaf)))
+        nu.append(logical.box_moment(
+            box, p, store.zeros(p, 'nu' in compress, leaf)))
       else:
         mu.append(optax.MaskedNode())
         nu.append(optax.MaskedNode())
     return MLorcAdamState(
         count=jnp.zeros([], jnp.int32),
         key=jnp.array(key),  # a fresh buffer: states may be donated
-        mu=_join_moment(treedef, mu, 'mu' in compress),
-        nu=_join_moment(treedef, nu, 'nu' in compress),
+        mu=_join_moment(outer, mu, 'mu' in compress),
+        nu=_join_moment(outer, nu, 'nu' in compress),
     )
 
   def update_fn(updates, state, params=None):
     del params
     plans, treedef = store.plan(updates)
     grads = treedef.flatten_up_to(updates)
-    mus = _split_moment(treedef, state.mu, 'mu' in compress, 'mu')
-    nus = _split_moment(treedef, state.nu, 'nu' in compress, 'nu')
+    outer, _ = _boxed_layout(updates)
+    stored_mus = _split_moment(outer, state.mu, 'mu' in compress, 'mu')
+    stored_nus = _split_moment(outer, state.nu, 'nu' in compress, 'nu')
     count_inc = optax.safe_increment(state.count)
     out, new_mu, new_nu = [], [], []
     index = 0
-    for g, mu, nu, p in zip(grads, mus, nus, plans):
+    for g, stored_mu, stored_nu, p in zip(grads, stored_mus, stored_nus,
+                                          plans):
+      mu, nu = _unboxed(stored_mu), _unboxed(stored_nu)
       store.check_moment(mu, p, 'mu')
       store.check_moment(nu, p, 'nu')
       if not p.compressed:
         out.append(g)
-        new_mu.append(mu)
-        new_nu.append(nu)
+        new_mu.append(stored_mu)
+        new_nu.append(stored_nu)
         continue
       key_mu, key_nu = _leaf_keys(state.key, state.count, index)
       index += 1
@@ -366,13 +405,13 @@ def _scale_by_low_rank_adam(
       v_hat = optax.tree.bias_correction(v, b2, count_inc)
       direction = m_hat / (jnp.sqrt(v_hat + eps_root) + eps)
       out.append(p.view.from_matrix(direction).astype(g.dtype))
-      new_mu.append(store.write(m, mu, p, key_mu))
-      new_nu.append(store.write(v, nu, p, key_nu))
+      new_mu.append(_reboxed(stored_mu, store.write(m, mu, p, key_mu)))
+      new_nu.append(_reboxed(stored_nu, store.write(v, nu, p, key_nu)))
     new_state = MLorcAdamState(
         count=count_inc,
         key=state.key,
-        mu=_join_moment(treedef, new_mu, 'mu' in compress),
-        nu=_join_moment(treedef, new_nu, 'nu' in compress),
+        mu=_join_moment(outer, new_mu, 'mu' in compress),
+        nu=_join_moment(outer, new_nu, 'nu' in compress),
     )
     return jax.tree_util.tree_unflatten(treedef, out), new_state
 
@@ -386,28 +425,32 @@ def _scale_by_low_rank_lion(
 
   def init_fn(params):
     plans, treedef = store.plan(params)
+    outer, boxes = _boxed_layout(params)
     mu = [
-        store.zeros(p, True, leaf) if p.compressed else optax.MaskedNode()
-        for p, leaf in zip(plans, treedef.flatten_up_to(params))
+        logical.box_moment(box, p, store.zeros(p, True, leaf))
+        if p.compressed else optax.MaskedNode()
+        for p, leaf, box in zip(plans, treedef.flatten_up_to(params), boxes)
     ]
     return MLorcLionState(
         count=jnp.zeros([], jnp.int32),
         key=jnp.array(key),  # a fresh buffer: states may be donated
-        mu=_join_moment(treedef, mu, True),
+        mu=_join_moment(outer, mu, True),
     )
 
   def update_fn(updates, state, params=None):
     del params
     plans, treedef = store.plan(updates)
     grads = treedef.flatten_up_to(updates)
-    mus = _split_moment(treedef, state.mu, True, 'mu')
+    outer, _ = _boxed_layout(updates)
+    stored_mus = _split_moment(outer, state.mu, True, 'mu')
     out, new_mu = [], []
     index = 0
-    for g, mu, p in zip(grads, mus, plans):
+    for g, stored_mu, p in zip(grads, stored_mus, plans):
+      mu = _unboxed(stored_mu)
       store.check_moment(mu, p, 'mu')
       if not p.compressed:
         out.append(g)
-        new_mu.append(mu)
+        new_mu.append(stored_mu)
         continue
       key_mu, _ = _leaf_keys(state.key, state.count, index)
       index += 1
@@ -416,11 +459,11 @@ def _scale_by_low_rank_lion(
       c = (1.0 - b1) * g32 + b1 * m_prev
       m = (1 - b2) * g32 + b2 * m_prev
       out.append(p.view.from_matrix(jnp.sign(c)).astype(g.dtype))
-      new_mu.append(store.write(m, mu, p, key_mu))
+      new_mu.append(_reboxed(stored_mu, store.write(m, mu, p, key_mu)))
     new_state = MLorcLionState(
         count=optax.safe_increment(state.count),
         key=state.key,
-        mu=_join_moment(treedef, new_mu, True),
+        mu=_join_moment(outer, new_mu, True),
     )
     return jax.tree_util.tree_unflatten(treedef, out), new_state
 
