@@ -7,6 +7,10 @@ state holds only low-rank factors of each matrix parameter's moments.
 
 from mlorc_optax._src.alias import mlorc_adamw
 from mlorc_optax._src.alias import mlorc_lion
+from mlorc_optax._src.extras import GramsState
+from mlorc_optax._src.extras import grams
+from mlorc_optax._src.extras import orthograd
+from mlorc_optax._src.extras import scale_by_adam_atan2
 from mlorc_optax._src.masking import DEFAULT_EXCLUDED_NAMES
 from mlorc_optax._src.masking import LeafPlan
 from mlorc_optax._src.masking import MatrixDimensionNumbers
@@ -29,6 +33,7 @@ __version__ = '0.1.0'
 
 __all__ = (
     'DEFAULT_EXCLUDED_NAMES',
+    'GramsState',
     'LeafPlan',
     'LowRankFactors',
     'MLorcAdamState',
@@ -38,12 +43,15 @@ __all__ = (
     'compression_plan',
     'factor_partition_specs',
     'format_plan',
+    'grams',
     'mlorc_adamw',
     'mlorc_lion',
     'nonnegative_second_moment',
+    'orthograd',
     'path_mask',
     'randomized_svd',
     'reconstruct',
+    'scale_by_adam_atan2',
     'scale_by_mlorc_adam',
     'scale_by_mlorc_lion',
     'state_shardings',
