@@ -7,6 +7,14 @@ state holds only low-rank factors of each matrix parameter's moments.
 
 from mlorc_optax._src.alias import mlorc_adamw
 from mlorc_optax._src.alias import mlorc_lion
+from mlorc_optax._src.compressors import COMPRESSORS
+from mlorc_optax._src.compressors import FactorSpec
+from mlorc_optax._src.compressors import LoRAPreCompressor
+from mlorc_optax._src.compressors import LoRAPreFactors
+from mlorc_optax._src.compressors import MomentCompressor
+from mlorc_optax._src.compressors import RSVDCompressor
+from mlorc_optax._src.compressors import WarmStartCompressor
+from mlorc_optax._src.compressors import nonnegative_second_moment
 from mlorc_optax._src.extras import GramsState
 from mlorc_optax._src.extras import grams
 from mlorc_optax._src.extras import orthograd
@@ -20,7 +28,6 @@ from mlorc_optax._src.masking import format_plan
 from mlorc_optax._src.masking import path_mask
 from mlorc_optax._src.mlorc import MLorcAdamState
 from mlorc_optax._src.mlorc import MLorcLionState
-from mlorc_optax._src.mlorc import nonnegative_second_moment
 from mlorc_optax._src.mlorc import scale_by_mlorc_adam
 from mlorc_optax._src.mlorc import scale_by_mlorc_lion
 from mlorc_optax._src.rsvd import LowRankFactors
@@ -32,14 +39,21 @@ from mlorc_optax._src.sharding import state_shardings
 __version__ = '0.1.0'
 
 __all__ = (
+    'COMPRESSORS',
     'DEFAULT_EXCLUDED_NAMES',
+    'FactorSpec',
     'GramsState',
     'LeafPlan',
+    'LoRAPreCompressor',
+    'LoRAPreFactors',
     'LowRankFactors',
     'MLorcAdamState',
     'MLorcLionState',
     'MatrixDimensionNumbers',
     'MatrixView',
+    'MomentCompressor',
+    'RSVDCompressor',
+    'WarmStartCompressor',
     'compression_plan',
     'factor_partition_specs',
     'format_plan',

@@ -142,3 +142,37 @@ def test_adam_atan2_is_scale_invariant_where_adam_is_not():
   np.testing.assert_allclose(small, big, rtol=1e-5)
   adam_small, _ = adam.update(1e-9 * g, adam.init(g))
   assert np.max(np.abs(adam_small)) < 0.2  # eps = 1e-8 swamps 1e-9 grads
+
+
+@pytest.mark.parametrize('nesterov', [False, True])
+def test_mlorc_atan2_at_full_rank_equals_dense_adam_atan2(nesterov):
+  params = {'w': jnp.zeros((10, 6)), 'b': jnp.zeros(6)}
+  key = jax.random.key(3)
+  tx = mlorc_optax.scale_by_mlorc_adam(
+      rank=6, low_rank_mask={'w': True, 'b': False}, atan2=True, eps=1.0,
+      nesterov=nesterov)
+  dense = mlorc_optax.scale_by_adam_atan2(nesterov=nesterov)
+  s, sd = tx.init(params), dense.init(params)
+  step, dense_step = jax.jit(tx.update), jax.jit(dense.update)
+  for _ in range(4):
+    key, k1, k2 = jax.random.split(key, 3)
+    grads = {'w': jax.random.normal(k1, (10, 6)),
+             'b': jax.random.normal(k2, (6,))}
+    u, s = step(grads, s)
+    ud, sd = dense_step(grads, sd)
+    # eps = 1.0 would shrink a plain Adam step a lot: it is not used.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5),
+                 u, ud)
+
+
+def test_mlorc_adamw_atan2_first_step_and_validation():
+  params = {'w': jnp.zeros((12, 8))}
+  g = {'w': jax.random.normal(jax.random.key(0), (12, 8))}
+  for compressor in ('rsvd', 'lorapre'):
+    tx = mlorc_optax.mlorc_adamw(1.0, weight_decay=0.0, rank=2, atan2=True,
+                                 compressor=compressor)
+    u, _ = tx.update(g, tx.init(params), params)
+    np.testing.assert_allclose(u['w'], -A * math.pi / 4 * jnp.sign(g['w']),
+                               rtol=1e-5)
+  with pytest.raises(TypeError, match='atan2'):
+    mlorc_optax.mlorc_adamw(1e-3, atan2='on')
