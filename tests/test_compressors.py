@@ -45,11 +45,17 @@ def run_core(tx, grads):
   return outs, state
 
 
-def read(compressor, factors_tree, name, second_moment):
+def leaf(factors_tree, name):
+  """The factors of one leaf from a moment of the state."""
+  return type(factors_tree)(*(getattr(factors_tree, a)[name]
+                              for a in factors_tree._fields))
+
+
+def read(compressor, factors_tree, name, second_moment, count):
   """The dense moment a compressor reads back for one leaf of the state."""
-  f = type(factors_tree)(*(getattr(factors_tree, a)[name]
-                           for a in factors_tree._fields))
-  return np.asarray(compressor.read(f, second_moment=second_moment))
+  return np.asarray(compressor.read(
+      leaf(factors_tree, name), second_moment=second_moment,
+      decay=B2 if second_moment else B1, count=count))
 
 
 def ema(grads, name, decay, fn=lambda g: g):
@@ -181,9 +187,9 @@ def test_warm_start_is_exact_at_full_rank():
   _, state = run_core(tx, grads)
   c = mlorc_optax.WarmStartCompressor()
   for k in shapes:
-    np.testing.assert_allclose(read(c, state[0].mu, k, False),
+    np.testing.assert_allclose(read(c, state[0].mu, k, False, 6),
                                ema(grads, k, B1), atol=2e-5, err_msg=k)
-    np.testing.assert_allclose(read(c, state[0].nu, k, True),
+    np.testing.assert_allclose(read(c, state[0].nu, k, True, 6),
                                ema(grads, k, B2, np.square), atol=2e-5,
                                err_msg=k)
 
@@ -198,11 +204,28 @@ def test_lorapre_is_an_exact_ema_at_square_full_rank():
   tx = mlorc_optax.scale_by_mlorc_adam(B1, B2, EPS, rank=n, compressor=c,
                                        low_rank_mask=True)
   _, state = run_core(tx, grads)
-  first = read(c, state[0].mu, 'w', False)
+  first = read(c, state[0].mu, 'w', False, 8)
   np.testing.assert_allclose(first, ema(grads, 'w', B1), atol=1e-4)
-  second = read(c, state[0].nu, 'w', True)  # (B_v A_v)^2
-  np.testing.assert_allclose(np.sqrt(second),
+  f = leaf(state[0].nu, 'w')
+  np.testing.assert_allclose(f.b @ f.a.T,
                              ema(grads, 'w', np.sqrt(B2), np.abs), atol=1e-4)
+
+
+def test_lorapre_second_moment_is_read_with_adams_bias():
+  f = mlorc_optax.LoRAPreFactors(b=jnp.array([[2.0]]), a=jnp.array([[3.0]]))
+  plain = mlorc_optax.LoRAPreCompressor(bias_matched=False)
+  matched = mlorc_optax.LoRAPreCompressor()
+  kw = dict(second_moment=True, decay=0.99)
+  np.testing.assert_allclose(plain.read(f, count=7, **kw), [[36.0]])
+  # (1 - 0.99^7) / (1 - 0.99^3.5)^2 * 36: the EMA of |g| bias-corrected,
+  # squared, then given the bias 1 - b2^t that Adam's correction removes.
+  ratio = (1 - 0.99**7) / (1 - 0.99**3.5) ** 2
+  np.testing.assert_allclose(matched.read(f, count=7, **kw), [[36 * ratio]],
+                             rtol=1e-5)
+  np.testing.assert_array_equal(matched.read(f, count=0, **kw), [[0.0]])
+  # The first moment's product already has Adam's bias: read as it is.
+  np.testing.assert_allclose(
+      matched.read(f, second_moment=False, decay=0.9, count=7), [[6.0]])
 
 
 def test_lorapre_factors_are_b_and_a_transposed_placed_like_rows_and_cols():
@@ -237,8 +260,9 @@ def test_compressor_is_static_under_inject_hyperparams():
   for _ in range(2):
     u, s = jax.jit(tx.update)(grads, s, params)
     up, sp = jax.jit(plain.update)(grads, sp, params)
-  # Traced b1 vs a Python float: float32 rounding only.
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+  # Traced betas vs Python floats: float32 rounding only (amplified by the
+  # bias ratio of the second moment, whose log and expm1 are then traced).
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
                                                        atol=1e-6), u, up)
 
 
@@ -334,11 +358,15 @@ class NumpyLoRAPreAdam:
 
   def step(self, grads):
     out = {}
+    # B_v A_v: EMA of |g| with decay sqrt(b2), read with Adam's bias.
+    bias = 0.0 if self.t == 0 else (
+        (1 - self.b2**self.t) / (1 - self.b2**(self.t / 2)) ** 2)
     for i, name in enumerate(sorted(grads)):
       g = np.asarray(grads[name], np.float64)
       (bm, am), (bv, av) = self.f[name]['mu'], self.f[name]['nu']
       m = self.b1 * bm @ np.swapaxes(am, -1, -2) + (1 - self.b1) * g
-      v = self.b2 * (bv @ np.swapaxes(av, -1, -2)) ** 2 + (1 - self.b2) * g**2
+      v_read = bias * (bv @ np.swapaxes(av, -1, -2)) ** 2
+      v = self.b2 * v_read + (1 - self.b2) * g**2
       t = self.t + 1
       m_hat, v_hat = m / (1 - self.b1**t), v / (1 - self.b2**t)
       out[name] = m_hat / (np.sqrt(v_hat) + self.eps)
@@ -403,8 +431,8 @@ def test_lorapre_redraws_a_that_has_underflowed_to_zero():
   f = c.update(dead, moment=g, grad=g, key=jax.random.PRNGKey(1), decay=0.9,
                second_moment=False)
   # Not stuck at B = A = 0: the product picked up the gradient.
-  assert np.linalg.norm(c.read(f, second_moment=False)) > 0.01 * np.linalg.norm(
-      g)
+  product = c.read(f, second_moment=False, decay=0.9, count=1)
+  assert np.linalg.norm(product) > 0.01 * np.linalg.norm(g)
   # A live A is kept (not redrawn): a zero gradient only shrinks it.
   shrunk = c.update(f, moment=g, grad=jnp.zeros_like(g),
                     key=jax.random.PRNGKey(2), decay=0.81,
@@ -421,7 +449,8 @@ def test_second_moment_reads_are_never_negative():
     zero = c.factor_type(*(jnp.zeros(s.shape) for s in c.specs((), 16, 12, k)))
     f = c.update(zero, moment=g * g, grad=g, key=jax.random.PRNGKey(0),
                  decay=0.999, second_moment=True)
-    assert np.all(np.asarray(c.read(f, second_moment=True)) >= 0), name
+    v = c.read(f, second_moment=True, decay=0.999, count=1)
+    assert np.all(np.asarray(v) >= 0), name
 
 
 def test_resolve_builds_rsvd_compressors_with_the_transform_settings():

@@ -181,10 +181,14 @@ class _LowRankMoments:
         for spec in self.specs(plan)
     ))
 
-  def read(self, moment: Any, *, second_moment: bool) -> jax.Array:
+  def read(
+      self, moment: Any, *, second_moment: bool, decay: Any, count: Any
+  ) -> jax.Array:
     """Dense float32 matrices ``[*batch, m, n]`` of a stored moment."""
     if self.is_factors(moment):
-      return self.compressor.read(moment, second_moment=second_moment)
+      return self.compressor.read(
+          moment, second_moment=second_moment, decay=decay, count=count
+      )
     return jnp.asarray(moment, jnp.float32)
 
   def write(
@@ -351,8 +355,10 @@ def _scale_by_low_rank_adam(
       key_mu, key_nu = _leaf_keys(state.key, state.count, index)
       index += 1
       g32 = p.view.to_matrix(g).astype(jnp.float32)
-      m_prev = store.read(mu, second_moment=False)
-      v_prev = store.read(nu, second_moment=True)
+      m_prev = store.read(mu, second_moment=False, decay=b1,
+                          count=state.count)
+      v_prev = store.read(nu, second_moment=True, decay=b2,
+                          count=state.count)
       m = (1 - b1) * g32 + b1 * m_prev
       v = (1 - b2) * (g32 * g32) + b2 * v_prev
       if nesterov:
@@ -415,7 +421,8 @@ def _scale_by_low_rank_lion(
       key_mu, _ = _leaf_keys(state.key, state.count, index)
       index += 1
       g32 = p.view.to_matrix(g).astype(jnp.float32)
-      m_prev = store.read(mu, second_moment=False)
+      m_prev = store.read(mu, second_moment=False, decay=b2,
+                          count=state.count)
       c = (1.0 - b1) * g32 + b1 * m_prev
       m = (1 - b2) * g32 + b2 * m_prev
       out.append(p.view.from_matrix(jnp.sign(c)).astype(g.dtype))
