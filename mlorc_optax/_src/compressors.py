@@ -127,6 +127,26 @@ class MomentCompressor(abc.ABC):
   ``factor_type`` (the ``NamedTuple`` of factor arrays; the optimizer state
   holds one params-shaped tree per field). All computation is float32; the
   transform casts the factors to ``factor_dtype`` for storage.
+
+  Examples:
+    A compressor that keeps the exact truncated SVD (the sketch is the
+    identity), by overriding the RSVD's sketch:
+
+    >>> import dataclasses
+    >>> from typing import ClassVar
+    >>> import jax.numpy as jnp
+    >>> import mlorc_optax
+    >>> @dataclasses.dataclass(frozen=True)
+    ... class TruncatedSVD(mlorc_optax.RSVDCompressor):
+    ...   name: ClassVar[str] = 'truncated_svd'
+    ...   def sketch(self, factors, key, batch_shape, cols, width):
+    ...     return None  # Y = A: Q spans the whole range, the SVD is exact
+    >>> tx = mlorc_optax.mlorc_adamw(1e-3, rank=1, compressor=TruncatedSVD())
+    >>> params = {'w': jnp.zeros((4, 3))}
+    >>> g = {'w': jnp.array([[3.0, 0, 0], [0, 2, 0], [0, 0, 1], [0, 0, 0]])}
+    >>> _, state = tx.update(g, tx.init(params), params)
+    >>> state[0][0].mu.s['w']  # (1 - b1) * 3: the top singular value
+    Array([0.3], dtype=float32)
   """
 
   name: ClassVar[str]
