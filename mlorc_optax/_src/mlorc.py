@@ -42,7 +42,6 @@ from mlorc_optax._src import checks
 from mlorc_optax._src import compressors
 from mlorc_optax._src import extras
 from mlorc_optax._src import masking
-from mlorc_optax._src import rsvd
 from mlorc_optax._src import sharding
 
 _MOMENTS = ('mu', 'nu')
