@@ -107,7 +107,8 @@ def test_settings_that_would_be_ignored_are_errors():
 
 
 def test_the_default_is_the_rsvd_compressor():
-  params, grads = small_params_and_grads()
+  params = {'w': jnp.ones((12, 8))}
+  grads = noisy_low_rank({'w': (12, 8)}, 1)[0]
   a = mlorc_optax.mlorc_adamw(1e-2, rank=2)
   b = mlorc_optax.mlorc_adamw(1e-2, rank=2,
                               compressor=mlorc_optax.RSVDCompressor())
@@ -128,7 +129,7 @@ def test_names_are_registered():
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize('name', NAMES)
+@pytest.mark.parametrize('name', ('warm', 'lorapre'))  # rsvd: test_mlorc.
 def test_first_step_is_adams_first_step(name):
   params, grads = small_params_and_grads()
   tx = mlorc_optax.scale_by_mlorc_adam(B1, B2, EPS, rank=2, compressor=name,
@@ -266,7 +267,7 @@ def test_compressor_is_static_under_inject_hyperparams():
                                                        atol=1e-6), u, up)
 
 
-@pytest.mark.parametrize('name', NAMES)
+@pytest.mark.parametrize('name', ('warm', 'lorapre'))  # rsvd: test_mlorc.
 def test_factor_dtype_and_lion(name):
   params, grads = small_params_and_grads()
   tx = mlorc_optax.scale_by_mlorc_adam(rank=2, compressor=name,
