@@ -240,8 +240,22 @@ def test_init_on_boxed_params_boxes_each_factor_with_its_names():
   assert specs[0][0].count == P()
 
 
-@pytest.mark.parametrize('make_tx', [mlorc_optax.mlorc_adamw,
-                                     mlorc_optax.mlorc_lion])
+def test_lorapre_factors_of_boxed_params_get_their_row_and_column_names():
+  tx = mlorc_optax.mlorc_adamw(1e-3, rank=RANK, dimension_numbers=DIMS,
+                               compressor='lorapre')
+  specs = nn.get_partition_spec(jax.eval_shape(tx.init, BOXED))
+  nu = specs[0][0].nu
+  # b [layers, rows, r] is laid out like u, a (A transposed) like v.
+  assert nu.b['layers']['query']['kernel'] == P('layers', 'embed', 'mlorc_rank')
+  assert nu.a['layers']['query']['kernel'] == P('layers', 'heads', 'mlorc_rank')
+  assert nu.a['head']['kernel'] == P('vocab', 'mlorc_rank')
+
+
+@pytest.mark.parametrize('make_tx', [
+    mlorc_optax.mlorc_adamw,
+    mlorc_optax.mlorc_lion,
+    functools.partial(mlorc_optax.mlorc_adamw, compressor='lorapre'),
+])
 def test_boxed_and_unboxed_updates_agree(make_tx):
   """Params kept boxed (as model.init returns them) or unboxed: same steps."""
   boxed = {'q': BOXED['layers']['query']['kernel'],
@@ -258,8 +272,9 @@ def test_boxed_and_unboxed_updates_agree(make_tx):
       params = optax.apply_updates(params, updates)
     results.append((params, state))
   (boxed_params, boxed_state), plain = results
-  u = boxed_state[0][0].mu.u['q']
-  assert u.names == ('layers', 'embed', 'mlorc_rank')  # still boxed
+  mu = boxed_state[0][0].mu  # (u, s, v), or LoRA-Pre's (b, a)
+  row_factor = getattr(mu, mu._fields[0])['q']
+  assert row_factor.names == ('layers', 'embed', 'mlorc_rank')  # still boxed
   assert boxed_params['q'].names == ('layers', 'embed', 'heads', 'kv')
   for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(plain)):
     np.testing.assert_array_equal(a, b)

@@ -12,6 +12,9 @@ name                  method
 ``mlorc_adamw_r{r}``  ``mlorc_optax.mlorc_adamw(rank=r, b1=0.8)``, every param
 ``lion``              ``optax.lion``, every ``nnx.Param`` trained
 ``mlorc_lion_r{r}``   ``mlorc_optax.mlorc_lion(rank=r)``, every param
+``..._r{r}_{c}``      an MLorc method with ``compressor=c`` (``warm`` or
+                      ``lorapre``; no suffix: the paper's ``rsvd``), e.g.
+                      ``mlorc_adamw_r4_lorapre``
 ``galore_r{r}``       ``optax.contrib.galore(rank=r)`` (GaLore-AdamW) projecting
                       the leaves MLorc compresses at rank ``r``
 ``lora_r{r}``         ``nnx.LoRA`` (rank ``r``) around every encoder Linear
@@ -69,6 +72,17 @@ GALORE_UPDATE_PROJ_GAP = 50
 """Steps between GaLore projector updates (the paper's value for small GLUE
 tasks, Appendix D.2)."""
 
+COMPRESSOR_METHODS: tuple[str, ...] = (
+    'adamw',
+    'mlorc_adamw_r4',
+    'mlorc_adamw_r4_warm',
+    'mlorc_adamw_r4_lorapre',
+    'mlorc_adamw_r8',
+    'mlorc_adamw_r8_warm',
+    'mlorc_adamw_r8_lorapre',
+)
+"""The comparison of the moment compressors (issue #9), in table order."""
+
 DEFAULT_METHODS: tuple[str, ...] = (
     'adamw',
     'mlorc_adamw_r4',
@@ -97,7 +111,7 @@ _LR_GRIDS: dict[tuple[str, str], tuple[float, ...]] = {
 
 _NAME = re.compile(
     r'^(?P<kind>mlorc_adamw|mlorc_lion|galore|lora|adamw|lion)'
-    r'(?:_r(?P<rank>\d+))?$'
+    r'(?:_r(?P<rank>\d+))?(?:_(?P<compressor>[a-z]+))?$'
 )
 
 LORA_TARGETS: tuple[tuple[str, ...], ...] = (
@@ -128,12 +142,15 @@ class MethodSpec:
     kind: ``'full'``, ``'mlorc'``, ``'galore'`` or ``'lora'``.
     family: ``'adamw'`` or ``'lion'`` (the base optimizer).
     rank: the rank of the low-rank methods, None for full fine-tuning.
+    compressor: MLorc's moment compressor (``'rsvd'``, ``'warm'``,
+      ``'lorapre'``); ``'rsvd'`` for the other kinds, which have none.
   """
 
   name: str
   kind: Kind
   family: Family
   rank: int | None = None
+  compressor: str = 'rsvd'
 
   @property
   def label(self) -> str:
@@ -146,7 +163,11 @@ class MethodSpec:
         ('galore', 'adamw'): 'GaLore-AdamW',
         ('lora', 'adamw'): 'LoRA-AdamW',
     }[(self.kind, self.family)]
-    return base if self.rank is None else f'{base} (r={self.rank})'
+    if self.rank is None:
+      return base
+    if self.compressor != 'rsvd':
+      return f'{base} (r={self.rank}, {self.compressor})'
+    return f'{base} (r={self.rank})'
 
   @property
   def weight_decay(self) -> float:
@@ -174,16 +195,28 @@ def parse(name: str) -> MethodSpec:
     The :class:`MethodSpec`.
 
   Raises:
-    ValueError: unknown name, a rank on a full method or a missing rank.
+    ValueError: unknown name, a rank on a full method, a missing rank or a
+      compressor on a method that is not MLorc.
   """
   match = _NAME.match(name)
   if match is None:
     raise ValueError(
         f'Unknown method {name!r}. Known: adamw, lion, mlorc_adamw_r<R>, '
-        'mlorc_lion_r<R>, galore_r<R>, lora_r<R> (e.g. '
+        'mlorc_lion_r<R> (optionally suffixed _warm or _lorapre), '
+        'galore_r<R>, lora_r<R> (e.g. '
         f'{", ".join(DEFAULT_METHODS)}).'
     )
   kind_name, rank = match['kind'], match['rank']
+  compressor = match['compressor'] or 'rsvd'
+  if match['compressor'] is not None and (
+      not kind_name.startswith('mlorc')
+      or compressor not in mlorc_optax.COMPRESSORS
+      or compressor == 'rsvd'
+  ):
+    raise ValueError(
+        f'{name!r}: only MLorc methods take a compressor suffix, one of '
+        '_warm, _lorapre (no suffix: rsvd).'
+    )
   kind, family = {
       'adamw': ('full', 'adamw'),
       'lion': ('full', 'lion'),
@@ -203,6 +236,7 @@ def parse(name: str) -> MethodSpec:
       kind=kind,
       family=family,
       rank=None if rank is None else int(rank),
+      compressor=compressor,
   )
 
 
@@ -270,9 +304,14 @@ def transform(
           weight_decay=wd,
           mask=decay_mask,
           rank=spec.rank,
+          compressor=spec.compressor,
       )
     return mlorc_optax.mlorc_lion(
-        learning_rate, weight_decay=wd, mask=decay_mask, rank=spec.rank
+        learning_rate,
+        weight_decay=wd,
+        mask=decay_mask,
+        rank=spec.rank,
+        compressor=spec.compressor,
     )
   if spec.kind == 'galore':
     return optax.contrib.galore(

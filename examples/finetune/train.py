@@ -909,7 +909,8 @@ def build_parser(
       metavar='METHOD',
       help=(
           'methods to compare: adamw, lion, mlorc_adamw_r<R>, '
-          'mlorc_lion_r<R>, galore_r<R>, lora_r<R> (any rank R)'
+          'mlorc_lion_r<R> (suffix _warm or _lorapre for another moment '
+          'compressor), galore_r<R>, lora_r<R> (any rank R)'
       ),
   )
   g.add_argument(

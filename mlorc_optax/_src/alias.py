@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mlorc_optax._src import compressors
 from mlorc_optax._src import masking
 from mlorc_optax._src import mlorc
 
@@ -32,6 +33,8 @@ def mlorc_adamw(
     compress: Sequence[str] = ('mu', 'nu'),
     low_rank_mask: masking.MaskSpec = None,
     dimension_numbers: masking.DimensionSpec = None,
+    compressor: str | compressors.MomentCompressor = 'rsvd',
+    atan2: bool = False,
 ) -> optax.GradientTransformation:
   """AdamW whose moments are stored as low-rank factors (MLorc-AdamW).
 
@@ -96,6 +99,12 @@ def mlorc_adamw(
       :func:`mlorc_optax.compression_plan`).
     dimension_numbers: how leaves are viewed as matrices (see
       :class:`mlorc_optax.MatrixDimensionNumbers`).
+    compressor: how the moments are compressed (static): ``'rsvd'`` (the
+      paper's randomized SVD, default), ``'warm'`` (RSVD sketched with the
+      previous factors), ``'lorapre'`` (LoRA-Pre's least-squares factors) or
+      a :class:`mlorc_optax.MomentCompressor`; see ``docs/compressors.md``.
+    atan2: Adam-atan2's ``eps``-free update
+      (:func:`mlorc_optax.scale_by_adam_atan2`) on every leaf.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -113,6 +122,9 @@ def mlorc_adamw(
     ...   params = optax.apply_updates(params, updates)
     >>> bool(loss(params) < 32.0 ** 2 * 16)
     True
+    >>> tx = mlorc_optax.mlorc_adamw(1e-2, rank=4, compressor='lorapre')
+    >>> tx.init(params)[0][0].mu.b['w'].shape  # LoRA-Pre's B; A^T in .a
+    (32, 4)
 
   References:
     Shen et al., *MLorc: Momentum Low-rank Compression for Memory Efficient
@@ -136,6 +148,8 @@ def mlorc_adamw(
           compress=compress,
           low_rank_mask=low_rank_mask,
           dimension_numbers=dimension_numbers,
+          compressor=compressor,
+          atan2=atan2,
       ),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
@@ -157,6 +171,7 @@ def mlorc_lion(
     factor_dtype: jax.typing.DTypeLike = jnp.float32,
     low_rank_mask: masking.MaskSpec = None,
     dimension_numbers: masking.DimensionSpec = None,
+    compressor: str | compressors.MomentCompressor = 'rsvd',
 ) -> optax.GradientTransformation:
   """Lion whose momentum is stored as low-rank factors (MLorc-Lion).
 
@@ -200,6 +215,9 @@ def mlorc_lion(
     factor_dtype: storage dtype of the factors.
     low_rank_mask: which leaves are compressed.
     dimension_numbers: how leaves are viewed as matrices.
+    compressor: ``'rsvd'`` (default), ``'warm'``, ``'lorapre'`` or a
+      :class:`mlorc_optax.MomentCompressor` (static; see
+      :func:`mlorc_adamw`).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -230,6 +248,7 @@ def mlorc_lion(
           factor_dtype=factor_dtype,
           low_rank_mask=low_rank_mask,
           dimension_numbers=dimension_numbers,
+          compressor=compressor,
       ),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),

@@ -76,3 +76,15 @@ def check_float_dtype(name: str, value: Any) -> np.dtype:
   if not jax.numpy.issubdtype(dtype, jax.numpy.floating):
     raise TypeError(f'{name} must be a floating dtype, got {dtype}.')
   return dtype
+
+
+def check_bool(name: str, value: Any) -> bool:
+  """Returns ``value`` as a Python bool or raises naming ``name``."""
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(
+        f'{name} must be a Python bool, got {value!r} of type '
+        f'{type(value).__name__}. It selects the computation, so it must be '
+        f'static: under optax.inject_hyperparams, list {name!r} in '
+        'static_args.'
+    )
+  return bool(value)

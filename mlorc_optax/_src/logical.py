@@ -50,7 +50,6 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from mlorc_optax._src import masking
-from mlorc_optax._src import rsvd
 
 #: Logical name of the rank axis of every factor. No rule needs to mention
 #: it: ``nn.logical_to_mesh_axes`` leaves names without a rule unsharded, so
@@ -377,13 +376,22 @@ def factor_logical_axes(
   )
 
 
-def box_moment(box: Any, plan: masking.LeafPlan, moment: Any) -> Any:
+def box_moment(
+    box: Any,
+    plan: masking.LeafPlan,
+    moment: Any,
+    placements: tuple[str, ...] = ('rows', 'batch', 'cols'),
+) -> Any:
   """Boxes a new moment of a boxed parameter with the factors' names.
 
   ``nn.LogicallyPartitioned`` gets :func:`factor_logical_axes`,
   ``nn.Partitioned`` (mesh axis names) the mesh axes of
   :func:`mlorc_optax.factor_partition_specs`; other boxes are dropped (the
-  moment is stored as plain arrays).
+  moment is stored as plain arrays). ``placements`` says, per field of a
+  factored ``moment`` (a NamedTuple), whether it is laid out like ``u``
+  (``'rows'``), ``s`` (``'batch'``) or ``v`` (``'cols'``): the default is
+  :class:`~mlorc_optax.LowRankFactors`'; a compressor gives its own (e.g.
+  LoRA-Pre's ``(b, a)`` is ``('rows', 'cols')``).
   """
   names = getattr(box, 'names', None)
   if not is_box(box) or names is None or len(names) != len(plan.shape):
@@ -400,12 +408,11 @@ def box_moment(box: Any, plan: masking.LeafPlan, moment: Any) -> Any:
   def wrap(x: Any, spec: PartitionSpec) -> Any:
     return box.replace(value=x, names=tuple(spec))
 
-  if isinstance(moment, rsvd.LowRankFactors):
-    return rsvd.LowRankFactors(
-        wrap(moment.u, specs[0]),
-        wrap(moment.s, specs[1]),
-        wrap(moment.v, specs[2]),
-    )
+  if isinstance(moment, tuple) and hasattr(moment, '_fields'):
+    by_placement = {'rows': specs[0], 'batch': specs[1], 'cols': specs[2]}
+    return type(moment)(*(
+        wrap(x, by_placement[where]) for x, where in zip(moment, placements)
+    ))
   return wrap(moment, specs[3])
 
 

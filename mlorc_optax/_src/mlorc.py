@@ -11,6 +11,8 @@ Each step reconstructs the dense moments in float32, mixes in the gradient,
 computes the update from the *uncompressed* new moments and recompresses them
 with a randomized SVD. Every other leaf gets the exact base optimizer
 (``optax.scale_by_adam`` / ``optax.scale_by_lion``) through ``optax.masked``.
+``compressor=`` swaps the RSVD for another way of storing and refreshing the
+factors (:mod:`mlorc_optax._src.compressors`).
 
 Randomness: the state holds a raw ``uint32[2]`` PRNG key that never changes.
 At step ``t`` (the state's ``count`` before the update), the sketch of moment
@@ -21,7 +23,9 @@ tree-flatten order is drawn from
 
 as ``jax.random.normal(k, (*batch_shape, n, l), float32)`` with
 ``l = min(rank + oversample, m, n)``. It depends on nothing else (never on the
-device), so replicas that share the state draw identical sketches.
+device), so replicas that share the state draw identical sketches. Other
+compressors draw their randomness from the same key (``'lorapre'``: its
+initial ``A``, ``jax.random.normal(k, (*batch_shape, n, r))``).
 """
 
 from __future__ import annotations
@@ -35,12 +39,16 @@ import numpy as np
 import optax
 
 from mlorc_optax._src import checks
+from mlorc_optax._src import compressors
+from mlorc_optax._src import extras
 from mlorc_optax._src import logical
 from mlorc_optax._src import masking
-from mlorc_optax._src import rsvd
 from mlorc_optax._src import sharding
 
 _MOMENTS = ('mu', 'nu')
+
+# Re-exported here, where it was first defined.
+nonnegative_second_moment = compressors.nonnegative_second_moment
 
 
 class MLorcAdamState(NamedTuple):
@@ -50,9 +58,11 @@ class MLorcAdamState(NamedTuple):
     count: int32 step counter (number of updates applied).
     key: raw ``uint32[2]`` PRNG key from which every sketch is derived.
     mu: first moment: :class:`LowRankFactors` ``(u, s, v)`` of three pytrees
-      with the structure of the params (``state.mu.u['layer']['kernel']``), or,
-      if ``compress`` keeps it dense, one such pytree of dense matrices. Leaves
-      handled by the base Adam hold ``optax.MaskedNode()``.
+      with the structure of the params (``state.mu.u['layer']['kernel']``;
+      with ``compressor='lorapre'``, :class:`LoRAPreFactors` ``(b, a)`` of two
+      such pytrees), or, if ``compress`` keeps it dense, one such pytree of
+      dense matrices. Leaves handled by the base Adam hold
+      ``optax.MaskedNode()``.
     nu: second moment, same layout.
   """
 
@@ -69,41 +79,14 @@ class MLorcLionState(NamedTuple):
     count: int32 step counter.
     key: raw ``uint32[2]`` PRNG key from which every sketch is derived.
     mu: momentum: :class:`LowRankFactors` ``(u, s, v)`` of three pytrees
-      with the structure of the params (``optax.MaskedNode()`` for leaves
+      with the structure of the params (:class:`LoRAPreFactors` ``(b, a)``
+      with ``compressor='lorapre'``; ``optax.MaskedNode()`` for leaves
       handled by the base Lion).
   """
 
   count: jax.Array
   key: jax.Array
   mu: optax.Updates
-
-
-def nonnegative_second_moment(v: jax.Array) -> jax.Array:
-  """The paper's fix (eq. 2) of a reconstructed second moment, per matrix.
-
-  A low-rank reconstruction of a non-negative matrix can have negative
-  entries. Zeroing them (ReLU) would make ``1 / sqrt(v)`` explode, so each
-  negative entry is replaced by ``zeta``, the mean absolute value of the
-  matrix's negative entries:
-
-  .. math::
-
-    \\tilde v \\leftarrow \\mathrm{ReLU}(\\tilde v) + \\zeta(\\tilde v)\\,
-    \\mathbf 1_{\\{\\tilde v < 0\\}},\\qquad
-    \\zeta(\\tilde v) = \\frac{\\sum_{i: \\tilde v_i < 0} |\\tilde v_i|}
-    {|\\{i: \\tilde v_i < 0\\}|}.
-
-  Args:
-    v: matrices ``[..., m, n]``; ``zeta`` is computed per matrix.
-
-  Returns:
-    ``v`` with every negative entry replaced by its matrix's ``zeta`` (> 0).
-  """
-  negative = v < 0
-  count = jnp.sum(negative, axis=(-2, -1), keepdims=True)
-  total = jnp.sum(jnp.where(negative, -v, 0), axis=(-2, -1), keepdims=True)
-  zeta = total / jnp.maximum(count, 1).astype(v.dtype)
-  return jnp.where(negative, zeta, v)
 
 
 def _key_data(seed: Any) -> jax.Array:
@@ -128,7 +111,7 @@ def _key_data(seed: Any) -> jax.Array:
 
 
 class _LowRankMoments:
-  """Planning, storage and recompression shared by the Adam and Lion cores."""
+  """Planning, storage and compression shared by the Adam and Lion cores."""
 
   def __init__(
       self,
@@ -136,13 +119,16 @@ class _LowRankMoments:
       rank: int,
       oversample: int,
       power_iters: int,
+      compressor: str | compressors.MomentCompressor,
       factor_dtype: Any,
       low_rank_mask: masking.MaskSpec,
       dimension_numbers: masking.DimensionSpec,
   ):
     self.rank = checks.check_int('rank', rank, 1)
-    self.oversample = checks.check_int('oversample', oversample, 0)
-    self.power_iters = checks.check_int('power_iters', power_iters, 0)
+    self.compressor = compressors.resolve_compressor(
+        compressor, oversample=oversample, power_iters=power_iters
+    )
+    self.fields = self.compressor.factor_type._fields
     self.factor_dtype = checks.check_float_dtype('factor_dtype', factor_dtype)
     if isinstance(low_rank_mask, (bool, np.bool_)):
       low_rank_mask = bool(low_rank_mask)
@@ -164,6 +150,15 @@ class _LowRankMoments:
         treedef, [not p.compressed for p in plans]
     )
 
+  def is_factors(self, x: Any) -> bool:
+    return all(hasattr(x, a) for a in self.fields)
+
+  def specs(self, plan: masking.LeafPlan) -> tuple:
+    view = plan.view
+    return self.compressor.specs(
+        view.batch_shape, view.rows, view.cols, plan.rank
+    )
+
   def zeros(self, plan: masking.LeafPlan, low_rank: bool, leaf: Any) -> Any:
     """Initial moment of a compressed leaf: zero factors, or dense zeros.
 
@@ -171,76 +166,77 @@ class _LowRankMoments:
     rule of :mod:`mlorc_optax._src.sharding`.
     """
     view = plan.view
-    batch, k = view.batch_shape, plan.rank
     placed = None
     if not isinstance(leaf, jax.core.Tracer):
       placed = sharding.factor_shardings(plan, getattr(leaf, 'sharding', None))
     u_sh, s_sh, v_sh, dense_sh = placed or (None,) * 4
     dtype = self.factor_dtype
     if not low_rank:
-      return jnp.zeros((*batch, view.rows, view.cols), dtype, device=dense_sh)
-    return rsvd.LowRankFactors(
-        u=jnp.zeros((*batch, view.rows, k), dtype, device=u_sh),
-        s=jnp.zeros((*batch, k), dtype, device=s_sh),
-        v=jnp.zeros((*batch, view.cols, k), dtype, device=v_sh),
-    )
+      return jnp.zeros(
+          (*view.batch_shape, view.rows, view.cols), dtype, device=dense_sh
+      )
+    where = {'rows': u_sh, 'batch': s_sh, 'cols': v_sh}
+    return self.compressor.factor_type(*(
+        jnp.zeros(spec.shape, dtype, device=where[spec.placement])
+        for spec in self.specs(plan)
+    ))
 
-  @staticmethod
-  def read(moment: Any) -> jax.Array:
+  def read(
+      self, moment: Any, *, second_moment: bool, decay: Any, count: Any
+  ) -> jax.Array:
     """Dense float32 matrices ``[*batch, m, n]`` of a stored moment."""
-    if _is_factors(moment):
-      return rsvd.reconstruct(moment)
+    if self.is_factors(moment):
+      return self.compressor.read(
+          moment, second_moment=second_moment, decay=decay, count=count
+      )
     return jnp.asarray(moment, jnp.float32)
 
   def write(
-      self, x: jax.Array, like: Any, plan: masking.LeafPlan, key: jax.Array
+      self,
+      x: jax.Array,
+      like: Any,
+      key: jax.Array,
+      *,
+      grad: jax.Array,
+      decay: Any,
+      second_moment: bool,
   ) -> Any:
     """Stores the new dense moment ``x`` in the form of ``like``."""
-    if not _is_factors(like):
+    if not self.is_factors(like):
       return x.astype(self.factor_dtype)
-    view = plan.view
-    # Saturate overflowed entries (a float32 g**2 overflows for |g| > 1.8e19):
-    # an infinite moment would give NaN factors and poison every later step,
-    # while optax.adamw merely keeps an infinite moment. At this bound the
-    # singular values (<= sqrt(mn) max|x|) and reconstructions stay finite,
-    # and the step that overflowed still gets a ~0 update, as in adamw.
-    bound = np.finfo(np.float32).max / (2.0 * np.sqrt(view.rows * view.cols))
-    x = jnp.clip(x, -bound, bound)
-    width = rsvd.sketch_width(view.rows, view.cols, self.rank, self.oversample)
-    omega = rsvd.gaussian_sketch(key, view.batch_shape, view.cols, width)
-    f = rsvd.randomized_svd_from_sketch(
-        x, omega, plan.rank, power_iters=self.power_iters
+    f = self.compressor.update(
+        like,
+        moment=x,
+        grad=grad,
+        key=key,
+        decay=decay,
+        second_moment=second_moment,
     )
-    return rsvd.LowRankFactors(*(a.astype(self.factor_dtype) for a in f))
+    return type(f)(*(a.astype(self.factor_dtype) for a in f))
 
   def check_moment(self, moment: Any, plan: masking.LeafPlan, name: str):
     """Raises if a stored moment does not fit the plan of its leaf."""
     view = plan.view
     if view is None:
-      if _is_factors(moment) or hasattr(moment, 'shape'):
+      if self.is_factors(moment) or hasattr(moment, 'shape'):
         raise ValueError(
             f'The optimizer state holds a {name} for {plan.path!r}, which is '
             'not compressed now: was the state made with other params or '
             'another low_rank_mask?'
         )
       return
-    batch, m, n, k = view.batch_shape, view.rows, view.cols, plan.rank
-    if _is_factors(moment):
-      got = tuple(tuple(np.shape(a)) for a in (moment.u, moment.s, moment.v))
-      want = ((*batch, m, k), (*batch, k), (*batch, n, k))
+    if self.is_factors(moment):
+      got = tuple(tuple(np.shape(getattr(moment, a))) for a in self.fields)
+      want = tuple(spec.shape for spec in self.specs(plan))
     else:
       got = tuple(np.shape(moment)) if hasattr(moment, 'shape') else None
-      want = (*batch, m, n)
+      want = (*view.batch_shape, view.rows, view.cols)
     if got != want:
       raise ValueError(
           f'The optimizer state of {plan.path!r} ({name}) has shapes {got}, '
           f'expected {want} for the leaf of shape {plan.shape} at rank '
           f'{self.rank}: was the state made with other params or settings?'
       )
-
-
-def _is_factors(x: Any) -> bool:
-  return all(hasattr(x, a) for a in ('u', 's', 'v'))
 
 
 def _flatten_up_to(treedef: Any, subtree: Any, name: str) -> list[Any]:
@@ -266,58 +262,74 @@ def _boxed_layout(tree: Any) -> tuple[Any, list[Any]]:
   return outer, [x if logical.is_box(x) else None for x in leaves]
 
 
-def _unboxed(moment: Any) -> Any:
+def _unboxed(moment: Any, store: _LowRankMoments) -> Any:
   """A stored per-leaf moment with its arrays taken out of their boxes."""
-  if isinstance(moment, rsvd.LowRankFactors):
-    return rsvd.LowRankFactors(*(logical.unbox(x) for x in moment))
+  if store.is_factors(moment):
+    return type(moment)(*(logical.unbox(x) for x in moment))
   return logical.unbox(moment)
 
 
-def _reboxed(old: Any, new: Any) -> Any:
+def _reboxed(old: Any, new: Any, store: _LowRankMoments) -> Any:
   """``new`` (per-leaf moment) in the boxes of the stored ``old``."""
-  if isinstance(old, rsvd.LowRankFactors) and _is_factors(new):
-    return rsvd.LowRankFactors(
-        *(logical.rebox_like(o, n) for o, n in zip(old, new))
-    )
+  if store.is_factors(old) and store.is_factors(new):
+    return type(new)(*(logical.rebox_like(o, n) for o, n in zip(old, new)))
   return logical.rebox_like(old, new)
 
 
-def _split_moment(treedef: Any, moment: Any, low_rank: bool, name: str):
-  """A stored moment -> per leaf: LowRankFactors, dense array or MaskedNode.
+def _boxed_zeros(
+    store: _LowRankMoments, box: Any, plan: masking.LeafPlan, low_rank: bool,
+    leaf: Any
+) -> Any:
+  """Initial moment of a compressed leaf, boxed like a boxed parameter."""
+  placements = tuple(spec.placement for spec in store.specs(plan))
+  return logical.box_moment(
+      box, plan, store.zeros(plan, low_rank, leaf), placements
+  )
 
-  The state keeps ``u``, ``s`` and ``v`` as three params-shaped trees (each
-  leaf a plain array, or a flax box of one), the layout ``nnx.Optimizer`` and
-  checkpointers handle like any optax moment; this regroups them per leaf.
-  ``treedef`` is the :func:`_boxed_layout` of the updates.
+
+def _split_moment(
+    treedef: Any, moment: Any, low_rank: bool, name: str, store: _LowRankMoments
+):
+  """A stored moment -> per leaf: factors, dense array or MaskedNode.
+
+  The state keeps each factor (``u``, ``s`` and ``v``, or the fields of the
+  compressor's factors) as a params-shaped tree (each leaf a plain array, or
+  a flax box of one), the layout ``nnx.Optimizer`` and checkpointers handle
+  like any optax moment; this regroups them per leaf. ``treedef`` is the
+  :func:`_boxed_layout` of the updates.
   """
   if not low_rank:
     return _flatten_up_to(treedef, moment, name)
-  if not _is_factors(moment):
+  if not store.is_factors(moment):
     raise ValueError(
-        f'The optimizer state ({name}) holds no (u, s, v) factors: was it '
-        'made with other settings (compress)?'
+        f'The optimizer state ({name}) holds no ({", ".join(store.fields)}) '
+        'factors: was it made with other settings (compress, compressor)?'
     )
   parts = [
       _flatten_up_to(treedef, getattr(moment, a), f'{name}.{a}')
-      for a in ('u', 's', 'v')
+      for a in store.fields
   ]
+  factor_type = store.compressor.factor_type
   return [
-      rsvd.LowRankFactors(u, s, v)
-      if hasattr(u, 'shape') or logical.is_box(u)
-      else u
-      for u, s, v in zip(*parts)
+      factor_type(*f)
+      if hasattr(f[0], 'shape') or logical.is_box(f[0])
+      else f[0]
+      for f in zip(*parts)
   ]
 
 
-def _join_moment(treedef: Any, leaves: list[Any], low_rank: bool) -> Any:
+def _join_moment(
+    treedef: Any, leaves: list[Any], low_rank: bool, store: _LowRankMoments
+) -> Any:
   """Inverse of :func:`_split_moment`."""
   if not low_rank:
     return jax.tree_util.tree_unflatten(treedef, leaves)
-  return rsvd.LowRankFactors(*(
+  return store.compressor.factor_type(*(
       jax.tree_util.tree_unflatten(
-          treedef, [getattr(x, a) if _is_factors(x) else x for x in leaves]
+          treedef,
+          [getattr(x, a) if store.is_factors(x) else x for x in leaves],
       )
-      for a in ('u', 's', 'v')
+      for a in store.fields
   ))
 
 
@@ -340,7 +352,8 @@ def _validate_compress(compress: Sequence[str]) -> tuple[str, ...]:
 
 
 def _scale_by_low_rank_adam(
-    b1, b2, eps, eps_root, nesterov, compress, store: _LowRankMoments, key
+    b1, b2, eps, eps_root, nesterov, atan2, compress, store: _LowRankMoments,
+    key,
 ) -> optax.GradientTransformation:
   """Algorithm 1 (without lr and weight decay) on the compressed leaves only.
 
@@ -353,18 +366,16 @@ def _scale_by_low_rank_adam(
     mu, nu = [], []
     for p, leaf, box in zip(plans, treedef.flatten_up_to(params), boxes):
       if p.compressed:
-        mu.append(logical.box_moment(
-            box, p, store.zeros(p, 'mu' in compress, leaf)))
-        nu.append(logical.box_moment(
-            box, p, store.zeros(p, 'nu' in compress, leaf)))
+        mu.append(_boxed_zeros(store, box, p, 'mu' in compress, leaf))
+        nu.append(_boxed_zeros(store, box, p, 'nu' in compress, leaf))
       else:
         mu.append(optax.MaskedNode())
         nu.append(optax.MaskedNode())
     return MLorcAdamState(
         count=jnp.zeros([], jnp.int32),
         key=jnp.array(key),  # a fresh buffer: states may be donated
-        mu=_join_moment(outer, mu, 'mu' in compress),
-        nu=_join_moment(outer, nu, 'nu' in compress),
+        mu=_join_moment(outer, mu, 'mu' in compress, store),
+        nu=_join_moment(outer, nu, 'nu' in compress, store),
     )
 
   def update_fn(updates, state, params=None):
@@ -372,14 +383,14 @@ def _scale_by_low_rank_adam(
     plans, treedef = store.plan(updates)
     grads = treedef.flatten_up_to(updates)
     outer, _ = _boxed_layout(updates)
-    stored_mus = _split_moment(outer, state.mu, 'mu' in compress, 'mu')
-    stored_nus = _split_moment(outer, state.nu, 'nu' in compress, 'nu')
+    stored_mus = _split_moment(outer, state.mu, 'mu' in compress, 'mu', store)
+    stored_nus = _split_moment(outer, state.nu, 'nu' in compress, 'nu', store)
     count_inc = optax.safe_increment(state.count)
     out, new_mu, new_nu = [], [], []
     index = 0
     for g, stored_mu, stored_nu, p in zip(grads, stored_mus, stored_nus,
                                           plans):
-      mu, nu = _unboxed(stored_mu), _unboxed(stored_nu)
+      mu, nu = _unboxed(stored_mu, store), _unboxed(stored_nu, store)
       store.check_moment(mu, p, 'mu')
       store.check_moment(nu, p, 'nu')
       if not p.compressed:
@@ -390,10 +401,10 @@ def _scale_by_low_rank_adam(
       key_mu, key_nu = _leaf_keys(state.key, state.count, index)
       index += 1
       g32 = p.view.to_matrix(g).astype(jnp.float32)
-      m_prev = store.read(mu)
-      v_prev = store.read(nu)
-      if _is_factors(nu):
-        v_prev = nonnegative_second_moment(v_prev)
+      m_prev = store.read(mu, second_moment=False, decay=b1,
+                          count=state.count)
+      v_prev = store.read(nu, second_moment=True, decay=b2,
+                          count=state.count)
       m = (1 - b1) * g32 + b1 * m_prev
       v = (1 - b2) * (g32 * g32) + b2 * v_prev
       if nesterov:
@@ -403,15 +414,20 @@ def _scale_by_low_rank_adam(
       else:
         m_hat = optax.tree.bias_correction(m, b1, count_inc)
       v_hat = optax.tree.bias_correction(v, b2, count_inc)
-      direction = m_hat / (jnp.sqrt(v_hat + eps_root) + eps)
+      if atan2:
+        direction = extras.atan2_direction(m_hat, v_hat)
+      else:
+        direction = m_hat / (jnp.sqrt(v_hat + eps_root) + eps)
       out.append(p.view.from_matrix(direction).astype(g.dtype))
-      new_mu.append(_reboxed(stored_mu, store.write(m, mu, p, key_mu)))
-      new_nu.append(_reboxed(stored_nu, store.write(v, nu, p, key_nu)))
+      new_mu.append(_reboxed(stored_mu, store.write(
+          m, mu, key_mu, grad=g32, decay=b1, second_moment=False), store))
+      new_nu.append(_reboxed(stored_nu, store.write(
+          v, nu, key_nu, grad=g32, decay=b2, second_moment=True), store))
     new_state = MLorcAdamState(
         count=count_inc,
         key=state.key,
-        mu=_join_moment(outer, new_mu, 'mu' in compress),
-        nu=_join_moment(outer, new_nu, 'nu' in compress),
+        mu=_join_moment(outer, new_mu, 'mu' in compress, store),
+        nu=_join_moment(outer, new_nu, 'nu' in compress, store),
     )
     return jax.tree_util.tree_unflatten(treedef, out), new_state
 
@@ -427,14 +443,14 @@ def _scale_by_low_rank_lion(
     plans, treedef = store.plan(params)
     outer, boxes = _boxed_layout(params)
     mu = [
-        logical.box_moment(box, p, store.zeros(p, True, leaf))
+        _boxed_zeros(store, box, p, True, leaf)
         if p.compressed else optax.MaskedNode()
         for p, leaf, box in zip(plans, treedef.flatten_up_to(params), boxes)
     ]
     return MLorcLionState(
         count=jnp.zeros([], jnp.int32),
         key=jnp.array(key),  # a fresh buffer: states may be donated
-        mu=_join_moment(outer, mu, True),
+        mu=_join_moment(outer, mu, True, store),
     )
 
   def update_fn(updates, state, params=None):
@@ -442,11 +458,11 @@ def _scale_by_low_rank_lion(
     plans, treedef = store.plan(updates)
     grads = treedef.flatten_up_to(updates)
     outer, _ = _boxed_layout(updates)
-    stored_mus = _split_moment(outer, state.mu, True, 'mu')
+    stored_mus = _split_moment(outer, state.mu, True, 'mu', store)
     out, new_mu = [], []
     index = 0
     for g, stored_mu, p in zip(grads, stored_mus, plans):
-      mu = _unboxed(stored_mu)
+      mu = _unboxed(stored_mu, store)
       store.check_moment(mu, p, 'mu')
       if not p.compressed:
         out.append(g)
@@ -455,15 +471,17 @@ def _scale_by_low_rank_lion(
       key_mu, _ = _leaf_keys(state.key, state.count, index)
       index += 1
       g32 = p.view.to_matrix(g).astype(jnp.float32)
-      m_prev = store.read(mu)
+      m_prev = store.read(mu, second_moment=False, decay=b2,
+                          count=state.count)
       c = (1.0 - b1) * g32 + b1 * m_prev
       m = (1 - b2) * g32 + b2 * m_prev
       out.append(p.view.from_matrix(jnp.sign(c)).astype(g.dtype))
-      new_mu.append(_reboxed(stored_mu, store.write(m, mu, p, key_mu)))
+      new_mu.append(_reboxed(stored_mu, store.write(
+          m, mu, key_mu, grad=g32, decay=b2, second_moment=False), store))
     new_state = MLorcLionState(
         count=optax.safe_increment(state.count),
         key=state.key,
-        mu=_join_moment(outer, new_mu, True),
+        mu=_join_moment(outer, new_mu, True, store),
     )
     return jax.tree_util.tree_unflatten(treedef, out), new_state
 
@@ -486,6 +504,8 @@ def scale_by_mlorc_adam(
     compress: Sequence[str] = ('mu', 'nu'),
     low_rank_mask: masking.MaskSpec = None,
     dimension_numbers: masking.DimensionSpec = None,
+    compressor: str | compressors.MomentCompressor = 'rsvd',
+    atan2: bool = False,
 ) -> optax.GradientTransformation:
   """Rescales updates by Adam with low-rank compressed moments (MLorc).
 
@@ -510,6 +530,15 @@ def scale_by_mlorc_adam(
   exactly Adam's first step. Leaves that are not compressed get
   ``optax.scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov)``
   through ``optax.masked``, so they are never skipped or frozen.
+
+  ``compressor`` replaces how the factors are read and refreshed (the lines
+  with ``RSVD`` and ``fix`` above): ``'rsvd'`` is the paper's, ``'warm'``
+  sketches with the previous factors, ``'lorapre'`` keeps ``B A`` factors
+  refreshed by least squares (see :mod:`mlorc_optax._src.compressors` and
+  ``docs/compressors.md``). With ``atan2=True`` the last line becomes
+  Adam-atan2's ``u = a * atan2(m_hat, b * sqrt(v_hat))`` (``a = 1.27``,
+  ``b = 1``; see :func:`mlorc_optax.scale_by_adam_atan2`) on every leaf, and
+  ``eps`` and ``eps_root`` are not used.
 
   .. warning::
     Which leaves are compressed is decided by ``low_rank_mask`` (default: see
@@ -542,10 +571,17 @@ def scale_by_mlorc_adam(
       are rows and columns, leading axes batch), a
       :class:`MatrixDimensionNumbers` for all leaves, or a pytree / callable
       giving one per leaf.
+    compressor: how the compressed moments are stored and refreshed (static):
+      a name, ``'rsvd'`` (default, the paper's), ``'warm'`` or ``'lorapre'``,
+      or a :class:`MomentCompressor` object (then set its own
+      ``oversample`` / ``power_iters``; the transform's must stay 0).
+    atan2: use Adam-atan2's update, without ``eps`` (static).
 
   Returns:
     An ``optax.GradientTransformation``; its state is
-    ``(MLorcAdamState, optax.MaskedState(ScaleByAdamState))``.
+    ``(MLorcAdamState, optax.MaskedState(ScaleByAdamState))``; with
+    ``compressor='lorapre'`` the moments of ``MLorcAdamState`` are
+    :class:`LoRAPreFactors` ``(b, a)`` trees instead of ``(u, s, v)``.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax
@@ -560,30 +596,36 @@ def scale_by_mlorc_adam(
 
   References:
     Shen et al., *MLorc: Momentum Low-rank Compression for Memory Efficient
-    Large Language Model Adaptation*, https://arxiv.org/abs/2506.01897.
+    Large Language Model Adaptation*, https://arxiv.org/abs/2506.01897;
+    Everett et al., *Scaling Exponents Across Parameterizations and
+    Optimizers* (Adam-atan2), https://arxiv.org/abs/2407.05872.
   """
   checks.check_beta('b1', b1)
   checks.check_beta('b2', b2)
   checks.check_nonnegative('eps', eps)
   checks.check_nonnegative('eps_root', eps_root)
   compress = _validate_compress(compress)
+  atan2 = checks.check_bool('atan2', atan2)
   store = _LowRankMoments(
       rank=rank,
       oversample=oversample,
       power_iters=power_iters,
+      compressor=compressor,
       factor_dtype=factor_dtype,
       low_rank_mask=low_rank_mask,
       dimension_numbers=dimension_numbers,
   )
+  if atan2:
+    dense = extras.scale_by_adam_atan2(b1, b2, mu_dtype, nesterov=nesterov)
+  else:
+    dense = optax.scale_by_adam(b1, b2, eps, eps_root, mu_dtype,
+                                nesterov=nesterov)
   return optax.chain(
       _scale_by_low_rank_adam(
-          b1, b2, eps, eps_root, nesterov, compress, store, _key_data(seed)
+          b1, b2, eps, eps_root, nesterov, atan2, compress, store,
+          _key_data(seed)
       ),
-      optax.masked(
-          optax.scale_by_adam(b1, b2, eps, eps_root, mu_dtype,
-                              nesterov=nesterov),
-          store.dense_mask,
-      ),
+      optax.masked(dense, store.dense_mask),
   )
 
 
@@ -599,6 +641,7 @@ def scale_by_mlorc_lion(
     factor_dtype: jax.typing.DTypeLike = jnp.float32,
     low_rank_mask: masking.MaskSpec = None,
     dimension_numbers: masking.DimensionSpec = None,
+    compressor: str | compressors.MomentCompressor = 'rsvd',
 ) -> optax.GradientTransformation:
   """Rescales updates by Lion with a low-rank compressed momentum (MLorc).
 
@@ -613,7 +656,8 @@ def scale_by_mlorc_lion(
     u = \\mathrm{sign}(c),\\quad (U, S, V) = \\mathrm{RSVD}(m, r).
 
   Leaves that are not compressed get ``optax.scale_by_lion(b1, b2, mu_dtype)``
-  through ``optax.masked``.
+  through ``optax.masked``. ``compressor`` replaces the RSVD as in
+  :func:`scale_by_mlorc_adam` (LoRA-Pre's momentum then decays with ``b2``).
 
   Args:
     b1: rate combining the momentum and the current gradient.
@@ -628,6 +672,8 @@ def scale_by_mlorc_lion(
       :func:`scale_by_mlorc_adam`).
     dimension_numbers: how leaves are viewed as matrices (see
       :func:`scale_by_mlorc_adam`).
+    compressor: ``'rsvd'`` (default), ``'warm'``, ``'lorapre'`` or a
+      :class:`MomentCompressor` (static; see :func:`scale_by_mlorc_adam`).
 
   Returns:
     An ``optax.GradientTransformation``; its state is
@@ -653,6 +699,7 @@ def scale_by_mlorc_lion(
       rank=rank,
       oversample=oversample,
       power_iters=power_iters,
+      compressor=compressor,
       factor_dtype=factor_dtype,
       low_rank_mask=low_rank_mask,
       dimension_numbers=dimension_numbers,
