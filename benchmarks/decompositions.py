@@ -65,7 +65,9 @@ def gram_svd(b: jax.Array):
   return u, s, v
 
 
-def run(batch: int, ranks: Sequence[int], calls: int) -> list[dict[str, Any]]:
+def run(batch: int, ranks: Sequence[int], calls: int,
+        json_path: str | None = None) -> list[dict[str, Any]]:
+  """Times every shape and rank; rewrites ``json_path`` after each."""
   results = []
   key = jax.random.key(0)
   for m, n in SHAPES:
@@ -96,8 +98,15 @@ def run(batch: int, ranks: Sequence[int], calls: int) -> list[dict[str, Any]]:
           jnp.linalg.norm((u * s[..., None, :]) @ _mT(v) - b)
           / jnp.linalg.norm(b))
       entry['copy_ms'] = row['copy_ms']
+      entry.update(device=jax.local_devices()[0].device_kind,
+                   jax_version=jax.__version__)
       results.append(entry)
       print(json.dumps(entry), flush=True)
+      if json_path:  # after every entry: a cut-off run keeps data
+        os.makedirs(os.path.dirname(os.path.abspath(json_path)),
+                    exist_ok=True)
+        with open(json_path, 'w') as f:
+          json.dump(results, f, indent=2)
   return results
 
 
@@ -112,15 +121,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
   parser.add_argument('--calls', type=int, default=10, help='Timed calls.')
   parser.add_argument('--json', default=None, help='Write results here.')
   args = parser.parse_args(argv)
-  results = run(args.batch, args.ranks, args.calls)
-  for r in results:
-    r.update(device=jax.local_devices()[0].device_kind,
-             jax_version=jax.__version__)
-  if args.json:
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, 'w') as f:
-      json.dump(results, f, indent=2)
-  return results
+  return run(args.batch, args.ranks, args.calls, args.json)
 
 
 if __name__ == '__main__':

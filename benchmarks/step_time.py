@@ -357,11 +357,19 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
           else:
             r = measure(case, dtype, optimizer, rank, args.calls, args.warmup)
           results.append(r)
+          if args.json:  # after every configuration: a cut-off run keeps data
+            _dump(results, args.json)
           if not args.quiet:
             print(f'{case} {dtype} {optimizer} r={rank}: {r["status"]} '
                   + (f'{r["step_s"] * 1e3:.2f} ms' if r['status'] == 'ok'
                      else str(r['error'])[:200]), flush=True)
   return _write(results, args)
+
+
+def _dump(results: list[dict[str, Any]], path: str) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, 'w') as f:
+    json.dump(results, f, indent=2)
 
 
 def _write(results: list[dict[str, Any]], args: Any) -> list[dict[str, Any]]:
@@ -371,9 +379,7 @@ def _write(results: list[dict[str, Any]], args: Any) -> list[dict[str, Any]]:
   if not args.quiet:
     print(table)
   if args.json:
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, 'w') as f:
-      json.dump(results, f, indent=2)
+    _dump(results, args.json)
   if args.table:
     with open(args.table, 'w') as f:
       f.write(table + '\n')
