@@ -52,7 +52,7 @@ from mlorc_optax._src import rsvd
 
 
 def nonnegative_second_moment(v: jax.Array) -> jax.Array:
-  """The paper's fix (eq. 2) of a reconstructed second moment, per matrix.
+  """The paper's fix (equation 2) of a reconstructed second moment, per matrix.
 
   A low-rank reconstruction of a non-negative matrix can have negative
   entries. Zeroing them (ReLU) would make ``1 / sqrt(v)`` explode, so each
@@ -71,6 +71,19 @@ def nonnegative_second_moment(v: jax.Array) -> jax.Array:
 
   Returns:
     ``v`` with every negative entry replaced by its matrix's ``zeta`` (> 0).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from mlorc_optax import nonnegative_second_moment
+    >>> v = jnp.array([[4.0, -1.0], [-3.0, 2.0]])
+    >>> nonnegative_second_moment(v)  # zeta = (1 + 3) / 2
+    Array([[4., 2.],
+           [2., 2.]], dtype=float32)
+
+  References:
+    Shen et al., *MLorc: Momentum Low-rank Compression for Memory Efficient
+    Large Language Model Adaptation*, https://arxiv.org/abs/2506.01897,
+    equation (2).
   """
   negative = v < 0
   count = jnp.sum(negative, axis=(-2, -1), keepdims=True)
@@ -87,6 +100,17 @@ class FactorSpec(NamedTuple):
     placement: ``'rows'`` (sharded like the parameter's rows), ``'cols'``
       (like its columns) or ``'batch'`` (batch axes only); see
       :mod:`mlorc_optax._src.sharding`.
+
+  Examples:
+    The factors of the paper's compressor for 6 stacked ``512 x 2048``
+    matrices at rank 4:
+
+    >>> import mlorc_optax
+    >>> specs = mlorc_optax.RSVDCompressor().specs((6,), 512, 2048, 4)
+    >>> specs.u
+    FactorSpec(shape=(6, 512, 4), placement='rows')
+    >>> specs.s
+    FactorSpec(shape=(6, 4), placement='batch')
   """
 
   shape: tuple[int, ...]
@@ -104,6 +128,20 @@ class LoRAPreFactors(NamedTuple):
   Attributes:
     b: ``B``, shape ``[..., m, k]``.
     a: ``A^T``, shape ``[..., n, k]``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import mlorc_optax
+    >>> f = mlorc_optax.LoRAPreFactors(b=jnp.array([[1.0], [2.0]]),
+    ...                                a=jnp.array([[3.0], [0.0], [1.0]]))
+    >>> mlorc_optax.LoRAPreCompressor().read(  # b @ a.T
+    ...     f, second_moment=False, decay=0.9, count=1)
+    Array([[3., 0., 1.],
+           [6., 0., 2.]], dtype=float32)
+
+  References:
+    Wang et al., *Taming Momentum: Rethinking Optimizer States Through
+    Low-Rank Approximation* (LoRA-Pre), https://arxiv.org/abs/2602.24283.
   """
 
   b: jax.Array

@@ -105,7 +105,23 @@ def orthograd(*, rescale: bool = True) -> optax.GradientTransformation:
 
 
 class GramsState(NamedTuple):
-  """State of :func:`grams`: the wrapped transformation's state."""
+  """State of :func:`grams`: the wrapped transformation's state.
+
+  Attributes:
+    inner_state: the state of the transformation that :func:`grams` wraps.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax
+    >>> import mlorc_optax
+    >>> tx = mlorc_optax.grams(optax.scale_by_adam())
+    >>> state = tx.init(jnp.zeros(3))
+    >>> type(state.inner_state).__name__
+    'ScaleByAdamState'
+
+  References:
+    Cao, Li, Liu, Wang & Wang, *Grams: Gradient Descent with Adaptive
+    Momentum Scaling*, https://arxiv.org/abs/2412.17107.
+  """
 
   inner_state: optax.OptState
 

@@ -28,10 +28,11 @@ import numpy as np
 from mlorc_optax._src import rsvd
 from mlorc_optax._src.checks import check_int
 
-#: Last path components that the default mask never compresses: biases and
-#: norm scales (including ``nnx.scan``-stacked ones of shape ``(L, d)``, which
-#: look like matrices) and token embeddings (compressing them is opt-in, as
-#: LLaMA-Factory and flora-opt advise).
+#: Last path components that the default mask never compresses.
+#:
+#: Biases and norm scales (including ``nnx.scan``-stacked ones of shape
+#: ``(L, d)``, which look like matrices) and token embeddings (compressing them
+#: is opt-in, as LLaMA-Factory and flora-opt advise).
 DEFAULT_EXCLUDED_NAMES: tuple[str, ...] = ('bias', 'scale', 'embedding')
 
 
@@ -42,15 +43,36 @@ class MatrixDimensionNumbers:
   Every axis in neither group is a batch axis: each batch slice is its own
   matrix with its own low-rank factors. Axes may be negative.
 
-  Examples: the default ``MatrixDimensionNumbers()`` views ``[..., m, n]`` as
-  matrices ``m x n`` with leading batch axes (scanned layers ``[L, m, n]``); a
-  convolution kernel ``HWIO`` is ``MatrixDimensionNumbers((0, 1, 2), (3,))``
-  (rows ``H*W*I``, columns ``O``); a ``DenseGeneral`` query kernel ``(embed,
-  heads, head_dim)`` is ``MatrixDimensionNumbers((0,), (1, 2))``.
+  For instance, the default ``MatrixDimensionNumbers()`` views
+  ``[..., m, n]`` as matrices ``m x n`` with leading batch axes (scanned
+  layers ``[L, m, n]``); a convolution kernel ``HWIO`` is
+  ``MatrixDimensionNumbers((0, 1, 2), (3,))`` (rows ``H*W*I``, columns
+  ``O``); a ``DenseGeneral`` query kernel ``(embed, heads, head_dim)`` is
+  ``MatrixDimensionNumbers((0,), (1, 2))``, or
+  ``MatrixDimensionNumbers((-3,), (-2, -1))`` to also view stacked kernels
+  ``(layers, embed, heads, head_dim)``.
 
   Attributes:
     row_axes: axes flattened (in order) into the rows.
     col_axes: axes flattened (in order) into the columns.
+
+  Examples:
+    :meth:`view` gives the matrix view of a shape, which
+    :meth:`MatrixView.describe` writes as ``batch x [rows x cols]``:
+
+    >>> from mlorc_optax import MatrixDimensionNumbers
+    >>> MatrixDimensionNumbers().view((6, 512, 2048)).describe()  # scanned
+    '6x[512x2048]'
+    >>> hwio = MatrixDimensionNumbers((0, 1, 2), (3,))  # a 3x3 convolution
+    >>> hwio.view((3, 3, 16, 64)).describe()
+    '[144x64]'
+    >>> query = MatrixDimensionNumbers((-3,), (-2, -1))  # DenseGeneral
+    >>> query.view((512, 8, 64)).describe()
+    '[512x512]'
+    >>> query.view((6, 512, 8, 64)).describe()
+    '6x[512x512]'
+    >>> print(MatrixDimensionNumbers().view((32,)))  # a vector: no view
+    None
   """
 
   row_axes: tuple[int, ...] = (-2,)
@@ -99,7 +121,32 @@ def _positive_axis(axis: int, ndim: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class MatrixView:
-  """A leaf seen as a batch of matrices ``[*batch_shape, rows, cols]``."""
+  """A leaf seen as a batch of matrices ``[*batch_shape, rows, cols]``.
+
+  Made by :meth:`MatrixDimensionNumbers.view`; every axis of the leaf is in
+  exactly one of the three groups.
+
+  Attributes:
+    shape: the leaf's shape.
+    batch_axes: the leaf's axes that index the matrices (may be empty).
+    row_axes: the leaf's axes flattened, major to minor, into the rows.
+    col_axes: the leaf's axes flattened, major to minor, into the columns.
+
+  Examples:
+    A ``DenseGeneral`` kernel ``(embed, heads, head_dim)`` as one ``4 x 6``
+    matrix, and back:
+
+    >>> import jax.numpy as jnp
+    >>> from mlorc_optax import MatrixDimensionNumbers
+    >>> view = MatrixDimensionNumbers((0,), (1, 2)).view((4, 2, 3))
+    >>> view.batch_shape, view.rows, view.cols, view.describe()
+    ((), 4, 6, '[4x6]')
+    >>> x = jnp.arange(24.0).reshape(4, 2, 3)
+    >>> view.to_matrix(x)[0]  # the first row: x[0] flattened
+    Array([0., 1., 2., 3., 4., 5.], dtype=float32)
+    >>> bool((view.from_matrix(view.to_matrix(x)) == x).all())
+    True
+  """
 
   shape: tuple[int, ...]
   batch_axes: tuple[int, ...]
@@ -108,14 +155,17 @@ class MatrixView:
 
   @property
   def batch_shape(self) -> tuple[int, ...]:
+    """The sizes of the batch axes, one matrix per index into them."""
     return tuple(self.shape[a] for a in self.batch_axes)
 
   @property
   def rows(self) -> int:
+    """The number of rows ``m`` of each matrix (product of the row axes)."""
     return math.prod(self.shape[a] for a in self.row_axes)
 
   @property
   def cols(self) -> int:
+    """The number of columns ``n`` of each matrix (product of the col axes)."""
     return math.prod(self.shape[a] for a in self.col_axes)
 
   @property
@@ -134,6 +184,7 @@ class MatrixView:
     return jnp.transpose(y, np.argsort(perm))
 
   def describe(self) -> str:
+    """The view as ``'6x[512x2048]'``: batch sizes, then ``[rows x cols]``."""
     batch = ''.join(f'{d}x' for d in self.batch_shape)
     return f'{batch}[{self.rows}x{self.cols}]'
 
@@ -149,6 +200,15 @@ class LeafPlan:
     view: the matrix view if the leaf is compressed, else None.
     rank: rank ``k = min(rank, rows, cols)`` of its factors (0 if dense).
     reason: why the leaf is or is not compressed.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from mlorc_optax import compression_plan
+    >>> plan = compression_plan({'w': jnp.zeros((64, 32))}, rank=4)['w']
+    >>> plan.path, plan.compressed, plan.rank, plan.reason
+    ('w', True, 4, 'default mask')
+    >>> plan.moment_size(), plan.size  # per moment: factors vs dense
+    (388, 2048)
   """
 
   path: str
@@ -160,10 +220,12 @@ class LeafPlan:
 
   @property
   def compressed(self) -> bool:
+    """Whether the MLorc transforms compress the leaf (it has a ``view``)."""
     return self.view is not None
 
   @property
   def size(self) -> int:
+    """The leaf's number of entries (the numbers of a dense moment)."""
     return math.prod(self.shape)
 
   def moment_size(self) -> int:
@@ -428,6 +490,16 @@ def format_plan(plan: Any, *, moments: int = 2) -> str:
 
   Returns:
     The table as a string, one row per leaf and a total row.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from mlorc_optax import compression_plan, format_plan
+    >>> params = {'w': jnp.zeros((64, 32)), 'b': jnp.zeros(32)}
+    >>> table = format_plan(compression_plan(params, rank=4))
+    >>> print(table.splitlines()[3])
+    | w | (64, 32) | float32 | yes | [64x32] | 4 | 776 | 4,096 | default mask |
+    >>> print(table.splitlines()[-1])  # Adam: two moments per leaf
+    | total | | | | | | 840 | 4,160 | 20.19% of dense |
   """
   plans = [
       p for p in jax.tree_util.tree_leaves(plan)

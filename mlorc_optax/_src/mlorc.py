@@ -64,6 +64,22 @@ class MLorcAdamState(NamedTuple):
       dense matrices. Leaves handled by the base Adam hold
       ``optax.MaskedNode()``.
     nu: second moment, same layout.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import mlorc_optax
+    >>> params = {'w': jnp.zeros((64, 32)), 'b': jnp.zeros(32)}
+    >>> state = mlorc_optax.scale_by_mlorc_adam(rank=4).init(params)
+    >>> core = state[0]  # MLorcAdamState; state[1] is the base Adam's state
+    >>> core.mu.u['w'].shape, core.mu.s['w'].shape, core.mu.v['w'].shape
+    ((64, 4), (4,), (32, 4))
+    >>> core.nu.u['b']  # not compressed: the base Adam updates it
+    MaskedNode()
+
+  References:
+    Shen et al., *MLorc: Momentum Low-rank Compression for Memory Efficient
+    Large Language Model Adaptation*, https://arxiv.org/abs/2506.01897,
+    Algorithm 1.
   """
 
   count: jax.Array
@@ -82,6 +98,20 @@ class MLorcLionState(NamedTuple):
       with the structure of the params (:class:`LoRAPreFactors` ``(b, a)``
       with ``compressor='lorapre'``; ``optax.MaskedNode()`` for leaves
       handled by the base Lion).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import mlorc_optax
+    >>> params = {'w': jnp.zeros((64, 32)), 'b': jnp.zeros(32)}
+    >>> state = mlorc_optax.scale_by_mlorc_lion(rank=4).init(params)
+    >>> core = state[0]  # MLorcLionState; state[1] is the base Lion's state
+    >>> core.count, core.key.dtype
+    (Array(0, dtype=int32), dtype('uint32'))
+    >>> core.mu.v['w'].shape  # the (32, 4) right factor, not a 64 x 32 moment
+    (32, 4)
+
+  References:
+    Shen et al., https://arxiv.org/abs/2506.01897, Algorithm 2.
   """
 
   count: jax.Array

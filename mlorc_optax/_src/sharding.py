@@ -53,12 +53,59 @@ def factor_partition_specs(
 ) -> tuple[PartitionSpec, PartitionSpec, PartitionSpec, PartitionSpec]:
   """PartitionSpecs ``(u, s, v, dense)`` of a compressed leaf's moments.
 
+  The factors follow the parameter's own placement. For a leaf whose matrix
+  view is ``[*batch, rows, cols]`` and factors of rank ``k``:
+
+  * ``u`` ``[*batch, rows, k]`` is sharded like the rows: each batch axis
+    keeps the parameter's spec of that axis, the row dimension gets the mesh
+    axes of the parameter's row axes, and the rank axis ``k`` is replicated;
+  * ``v`` ``[*batch, cols, k]`` likewise, with the column axes;
+  * ``s`` ``[*batch, k]`` keeps the batch specs only;
+  * a moment kept dense by ``compress``, ``[*batch, rows, cols]``, is sharded
+    like the parameter's view.
+
+  Where several parameter axes are flattened into the rows (or columns),
+  their mesh axes are concatenated in the same major-to-minor order, which is
+  the sharding of the reshaped array. Other compressors' factors use the
+  spec of their :class:`~mlorc_optax.FactorSpec` placement: ``'rows'`` that
+  of ``u``, ``'cols'`` that of ``v`` and ``'batch'`` that of ``s`` (so
+  LoRA-Pre's ``b`` and ``a`` are placed like ``u`` and ``v``).
+
   Args:
     plan: the leaf's plan (from :func:`mlorc_optax.compression_plan`).
     param_spec: the parameter's ``PartitionSpec``.
 
   Returns:
     Specs for the ``u``, ``s`` and ``v`` factors and for a moment kept dense.
+
+  Raises:
+    ValueError: if the leaf is not compressed (``plan.view`` is None).
+
+  Examples:
+    Six stacked ``512 x 2048`` matrices, rows on ``'data'`` and columns on
+    ``'model'`` (no devices are needed: the specs are only names):
+
+    >>> import jax, jax.numpy as jnp
+    >>> from jax.sharding import PartitionSpec as P
+    >>> import mlorc_optax
+    >>> leaf = jax.ShapeDtypeStruct((6, 512, 2048), jnp.float32)
+    >>> plan = mlorc_optax.compression_plan({'w': leaf}, rank=4)['w']
+    >>> u, s, v, dense = mlorc_optax.factor_partition_specs(
+    ...     plan, P(None, 'data', 'model'))
+    >>> u, s, v
+    (P(None, 'data', None), P(None, None), P(None, 'model', None))
+    >>> dense
+    P(None, 'data', 'model')
+
+    A ``DenseGeneral`` kernel ``(embed, heads, head_dim)`` whose flattened
+    columns are sharded over two mesh axes:
+
+    >>> leaf = jax.ShapeDtypeStruct((512, 8, 64), jnp.float32)
+    >>> dims = mlorc_optax.MatrixDimensionNumbers((0,), (1, 2))
+    >>> plan = mlorc_optax.compression_plan(
+    ...     {'q': leaf}, rank=4, dimension_numbers=dims)['q']
+    >>> mlorc_optax.factor_partition_specs(plan, P('data', 'model', 'seq'))[2]
+    P(('model', 'seq'), None)
   """
   view = plan.view
   if view is None:
@@ -96,10 +143,11 @@ def state_shardings(state: Any, mesh: jax.sharding.Mesh | None = None) -> Any:
   """The ``NamedSharding`` of every array in an optimizer state.
 
   ``tx.init(params)`` on params sharded with ``NamedSharding`` already places
-  the factors by the rule above; counters, keys and other small arrays are
-  created on the default device. This returns the state's shardings for
-  ``jax.jit``'s ``in_shardings`` / ``out_shardings``: each array's own
-  ``NamedSharding``, and a replicated one on the same mesh for the rest.
+  the factors by the rule of :func:`factor_partition_specs`; counters, keys
+  and other small arrays are created on the default device. This returns the
+  state's shardings for ``jax.jit``'s ``in_shardings`` / ``out_shardings``:
+  each array's own ``NamedSharding``, and a replicated one on the same mesh
+  for the rest.
 
   Args:
     state: an optimizer state (arrays).
@@ -108,6 +156,10 @@ def state_shardings(state: Any, mesh: jax.sharding.Mesh | None = None) -> Any:
 
   Returns:
     A pytree of ``NamedSharding`` with the structure of ``state``.
+
+  Raises:
+    ValueError: if ``mesh`` is None and no array of ``state`` has a
+      ``NamedSharding``.
 
   Examples:
     >>> import jax, jax.numpy as jnp, numpy as np
