@@ -6,7 +6,9 @@ orthonormal basis ``Q`` of ``Y`` (QR of a tall, thin matrix), ``B = Q^T M``
 (``[l, n]``) and the SVD of the short, wide ``B``. This times each piece on the
 device with the library's way (``jnp.linalg.qr`` / ``jnp.linalg.svd``) next
 to a matmul-only alternative (CholeskyQR2; the SVD of ``B`` from the
-eigendecomposition of the ``l x l`` Gram matrix ``B B^T``), and the two
+eigendecomposition of the ``l x l`` Gram matrix ``B B^T``) and to what
+``mlorc_optax`` now does (a QR of ``B^T``, then the SVD of the ``l x l``
+factor), and the two
 streaming products next to a plain copy of ``M`` (the bandwidth floor), all
 in one process.
 
@@ -28,6 +30,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from mlorc_optax._src import rsvd as rsvd_lib
 
 SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))
 
@@ -90,6 +94,8 @@ def run(batch: int, ranks: Sequence[int], calls: int,
       entry['svd_ms'] = 1e3 * _time(
           lambda b: jnp.linalg.svd(b, full_matrices=False), b, calls=calls)
       entry['gram_svd_ms'] = 1e3 * _time(gram_svd, b, calls=calls)
+      entry['qr_then_small_svd_ms'] = 1e3 * _time(
+          rsvd_lib._short_wide_svd, b, calls=calls)  # what the library uses
       q2 = cholesky_qr2(y)
       entry['cholesky_qr2_orthogonality'] = float(jnp.max(jnp.abs(
           _mT(q2) @ q2 - jnp.eye(r))))
