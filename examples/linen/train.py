@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import statistics
 import time
 from collections.abc import Iterator, Sequence
@@ -33,7 +32,6 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax.training import train_state
@@ -265,22 +263,17 @@ def run(
         data, batch, seq_len, cfg.vocab_size, seed=seed
     )
   step_fn = make_train_step(shardings, token_sharding)
-  times, losses = [], []
-  for i in range(steps):
-    tokens = jnp.asarray(next(batches))
-    t0 = time.perf_counter()
-    state, loss = step_fn(state, tokens)
-    loss = float(jax.block_until_ready(loss))
-    dt = time.perf_counter() - t0
-    if i >= warmup:
-      times.append(dt)
-    losses.append(loss)
-    if not math.isfinite(loss):
-      raise FloatingPointError(f'[{optimizer}] loss is {loss} at step {i}.')
-    if log_every and (i % log_every == 0 or i == steps - 1):
-      log(f'[{optimizer}] step {i:5d}  loss {loss:.4f}  {dt * 1e3:9.1f} ms')
+  state, losses, times = llama_train.timed_steps(
+      step_fn,
+      state,
+      batches,
+      steps,
+      warmup=warmup,
+      log=log,
+      log_every=log_every,
+      label=f'[{optimizer}]',
+  )
   if steps:
-    times = times or [dt]
     step_time = statistics.median(times)
     result.update(
         losses=losses,

@@ -360,6 +360,55 @@ def time_update_step(
   return statistics.median(times), state
 
 
+def timed_steps(
+    step_fn: Any,
+    state: Any,
+    batches: Iterator[np.ndarray],
+    steps: int,
+    *,
+    warmup: int,
+    place: Any = jnp.asarray,
+    log: Any = None,
+    log_every: int = 0,
+    label: str = '',
+) -> tuple[Any, list[float], list[float]]:
+  """Runs ``steps`` training steps, timing each to ``block_until_ready``.
+
+  Args:
+    step_fn: ``(state, tokens) -> (state, loss)`` (``state`` donated).
+    state: the initial state.
+    batches: an iterator of token arrays.
+    steps: steps to run.
+    warmup: the first steps, not timed.
+    place: puts a host batch on the device(s).
+    log: a print function for progress (None: quiet).
+    log_every: log the loss every this many steps (0: never).
+    label: prefix of the log lines.
+
+  Returns:
+    ``(state, losses, times)``: the final state, every step's loss and the
+    seconds of the timed steps (the last step's if all were warm-up).
+
+  Raises:
+    FloatingPointError: on a non-finite loss.
+  """
+  times, losses, dt = [], [], 0.0
+  for i in range(steps):
+    tokens = place(next(batches))
+    t0 = time.perf_counter()
+    state, loss = step_fn(state, tokens)
+    loss = float(jax.block_until_ready(loss))
+    dt = time.perf_counter() - t0
+    if i >= warmup:
+      times.append(dt)
+    losses.append(loss)
+    if not math.isfinite(loss):
+      raise FloatingPointError(f'{label} loss is {loss} at step {i}.'.strip())
+    if log and log_every and (i % log_every == 0 or i == steps - 1):
+      log(f'{label} step {i:5d}  loss {loss:.4f}  {dt * 1e3:8.1f} ms')
+  return state, losses, (times or [dt])
+
+
 def optimizer_state_bytes(state: nnx.State) -> int:
   """Bytes of the optimizer state (``opt_state``, without the step count)."""
   optimizer = state[1]
@@ -629,27 +678,22 @@ def run(
         after_init.get('bytes_in_use') if after_init else None
     )
 
-    times, losses = [], []
-    for i in range(steps):
-      tokens = next(batches)
-      tokens = (
-          jnp.asarray(tokens)
-          if tokens_sharding is None
-          else jax.device_put(np.asarray(tokens), tokens_sharding)
-      )
-      t0 = time.perf_counter()
-      state, loss = compiled(state, tokens)
-      loss = float(jax.block_until_ready(loss))
-      dt = time.perf_counter() - t0
-      if i >= warmup:
-        times.append(dt)
-      losses.append(loss)
-      if not math.isfinite(loss):
-        raise FloatingPointError(f'loss is {loss} at step {i}.')
-      if log_every and (i % log_every == 0 or i == steps - 1):
-        log(f'[{optimizer}] step {i:5d}  loss {loss:.4f}  {dt * 1e3:8.1f} ms')
-    if not times:  # fewer steps than warmup: time what we have
-      times = [dt]
+    place = (
+        jnp.asarray
+        if tokens_sharding is None
+        else lambda t: jax.device_put(np.asarray(t), tokens_sharding)
+    )
+    state, losses, times = timed_steps(
+        compiled,
+        state,
+        batches,
+        steps,
+        warmup=warmup,
+        place=place,
+        log=log,
+        log_every=log_every,
+        label=f'[{optimizer}]',
+    )
     step_time = statistics.median(times)
     result.update(
         status='ok',
