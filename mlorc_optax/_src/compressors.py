@@ -514,7 +514,7 @@ class LoRAPreCompressor(MomentCompressor):
   def read(self, factors, *, second_moment, decay, count):
     b = jnp.asarray(factors.b, jnp.float32)
     a = jnp.asarray(factors.a, jnp.float32)
-    x = b @ _mT(a)
+    x = rsvd.matmul(b, _mT(a))
     if not second_moment:
       return x
     if not self.bias_matched:
@@ -535,11 +535,11 @@ class LoRAPreCompressor(MomentCompressor):
     """
     c_t, c_x = _max_abs(t), _max_abs(x)
     t, x = t / c_t, x / c_x
-    gram = _mT(x) @ x  # [..., k, k]
+    gram = rsvd.matmul(_mT(x), x)  # [..., k, k]  pylint: disable=protected-access
     k = gram.shape[-1]
     trace = jnp.trace(gram, axis1=-2, axis2=-1)[..., None, None]
     lam = jnp.where(trace > 0, self.damping * trace / k, 1.0)
-    rhs = t @ x  # [..., p, k]
+    rhs = rsvd.matmul(t, x)  # [..., p, k]  pylint: disable=protected-access
     y = _mT(jnp.linalg.solve(gram + lam * jnp.eye(k), _mT(rhs)))
     return y * (c_t / c_x)
 

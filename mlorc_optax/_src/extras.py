@@ -83,7 +83,9 @@ def orthograd(*, rescale: bool = True) -> optax.GradientTransformation:
       return g
     g32 = jnp.ravel(g).astype(jnp.float32)
     w32 = jnp.ravel(w).astype(jnp.float32)
-    proj = jnp.dot(w32, g32) / (jnp.dot(w32, w32) + 1e-30)
+    hi = jax.lax.Precision.HIGHEST
+    proj = jnp.dot(w32, g32, precision=hi) / (
+        jnp.dot(w32, w32, precision=hi) + 1e-30)
     perp = g32 - proj * w32
     if rescale:
       perp = perp * (jnp.linalg.norm(g32) / (jnp.linalg.norm(perp) + 1e-30))
