@@ -35,6 +35,7 @@ def mlorc_adamw(
     dimension_numbers: masking.DimensionSpec = None,
     compressor: str | compressors.MomentCompressor = 'rsvd',
     atan2: bool = False,
+    implementation: str | None = None,
 ) -> optax.GradientTransformation:
   """AdamW whose moments are stored as low-rank factors (MLorc-AdamW).
 
@@ -105,6 +106,9 @@ def mlorc_adamw(
       a :class:`mlorc_optax.MomentCompressor`; see ``docs/compressors.md``.
     atan2: Adam-atan2's ``eps``-free update
       (:func:`mlorc_optax.scale_by_adam_atan2`) on every leaf.
+    implementation: ``None`` (automatic: the fused two-pass Pallas step on a
+      single NVIDIA GPU, the reference step elsewhere), ``'reference'``,
+      ``'pallas'`` or ``'xla'``; see :func:`mlorc_optax.scale_by_mlorc_adam`.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -150,6 +154,7 @@ def mlorc_adamw(
           dimension_numbers=dimension_numbers,
           compressor=compressor,
           atan2=atan2,
+          implementation=implementation,
       ),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),

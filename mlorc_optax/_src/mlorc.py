@@ -41,8 +41,10 @@ import optax
 from mlorc_optax._src import checks
 from mlorc_optax._src import compressors
 from mlorc_optax._src import extras
+from mlorc_optax._src import fused
 from mlorc_optax._src import logical
 from mlorc_optax._src import masking
+from mlorc_optax._src import rsvd
 from mlorc_optax._src import sharding
 
 _MOMENTS = ('mu', 'nu')
@@ -381,14 +383,86 @@ def _validate_compress(compress: Sequence[str]) -> tuple[str, ...]:
   return compress
 
 
+def _two_pass_inputs(
+    g: jax.Array,
+    mu: rsvd.LowRankFactors,
+    nu: rsvd.LowRankFactors,
+    keys: tuple[jax.Array, jax.Array],
+    plan: masking.LeafPlan,
+    store: _LowRankMoments,
+    use_kernel: bool,
+) -> fused.LeafInputs | None:
+  """One leaf's arguments for :func:`fused.adam_step`, batch axes flattened.
+
+  Same sketches (same keys, same ``compressor.sketch``) as the reference
+  path, so both compute the same randomized SVDs up to float32 rounding.
+  None where the compressor's sketch is the identity (a subclass may return
+  None for it): that leaf takes the reference step.
+  """
+  view = plan.view
+  batch = tuple(view.batch_shape)
+  width = rsvd.sketch_width(view.rows, view.cols, plan.rank,
+                            store.compressor.oversample)
+  omegas = [
+      store.compressor.sketch(f, k, batch, view.cols, width)
+      for f, k in zip((mu, nu), keys)
+  ]
+  if any(o is None for o in omegas):
+    return None
+  flat = lambda x: jnp.reshape(x, (-1, *x.shape[len(batch):]))
+  return fused.LeafInputs(
+      g=flat(view.to_matrix(g)),
+      mu=rsvd.LowRankFactors(*map(flat, mu)),
+      nu=rsvd.LowRankFactors(*map(flat, nu)),
+      omega_m=flat(omegas[0]),
+      omega_v=flat(omegas[1]),
+      use_kernel=use_kernel,
+  )
+
+
+def _two_pass_outputs(
+    result: tuple[jax.Array, rsvd.LowRankFactors, rsvd.LowRankFactors],
+    g: jax.Array,
+    plan: masking.LeafPlan,
+    store: _LowRankMoments,
+) -> tuple[jax.Array, rsvd.LowRankFactors, rsvd.LowRankFactors]:
+  """Inverse of :func:`_two_pass_inputs` for the update and new factors."""
+  batch = tuple(plan.view.batch_shape)
+  unflat = lambda x: jnp.reshape(x, (*batch, *x.shape[1:]))
+  direction, mu, nu = result
+  cast = lambda f: rsvd.LowRankFactors(
+      *(unflat(x).astype(store.factor_dtype) for x in f))
+  return (plan.view.from_matrix(unflat(direction)).astype(g.dtype), cast(mu),
+          cast(nu))
+
+
+def _adam_coefficients(b1, b2, eps, eps_root, nesterov, count_inc):
+  """:class:`fused.AdamCoefficients` of the step that makes ``count_inc``."""
+  bias = lambda decay, t: 1.0 / (1.0 - jnp.asarray(decay, jnp.float32) ** t)
+  if nesterov:
+    k_m = b1 * bias(b1, optax.safe_increment(count_inc))
+    k_g = (1.0 - b1) * bias(b1, count_inc)
+  else:
+    k_m, k_g = bias(b1, count_inc), 0.0
+  return fused.AdamCoefficients(
+      b1=b1, b2=b2, k_m=k_m, k_g=k_g, c_v=bias(b2, count_inc), eps=eps,
+      eps_root=eps_root)
+
+
 def _scale_by_low_rank_adam(
     b1, b2, eps, eps_root, nesterov, atan2, compress, store: _LowRankMoments,
-    key,
+    key, implementation: str | None = None,
 ) -> optax.GradientTransformation:
   """Algorithm 1 (without lr and weight decay) on the compressed leaves only.
 
   Leaves that are not compressed pass through unchanged with an empty state.
+  ``implementation`` (checked by :func:`fused.check_implementation`) picks the
+  reference step or the two-pass step per leaf
+  (:func:`fused.leaf_implementation`).
   """
+  blocker = fused.two_pass_blocker(
+      compressor=store.compressor, compress=compress, atan2=atan2
+  )
 
   def init_fn(params):
     plans, treedef = store.plan(params)
@@ -417,6 +491,7 @@ def _scale_by_low_rank_adam(
     stored_nus = _split_moment(outer, state.nu, 'nu' in compress, 'nu', store)
     count_inc = optax.safe_increment(state.count)
     out, new_mu, new_nu = [], [], []
+    two_pass, two_pass_inputs = [], []
     index = 0
     for g, stored_mu, stored_nu, p in zip(grads, stored_mus, stored_nus,
                                           plans):
@@ -430,6 +505,25 @@ def _scale_by_low_rank_adam(
         continue
       key_mu, key_nu = _leaf_keys(state.key, state.count, index)
       index += 1
+      impl = fused.leaf_implementation(
+          implementation,
+          blocker=blocker,
+          rows=p.view.rows,
+          cols=p.view.cols,
+          sketched=blocker is None and rsvd.sketch_width(
+              p.view.rows, p.view.cols, p.rank, store.compressor.oversample
+          ) < p.view.cols,
+      )
+      leaf_inputs = None if impl == 'reference' else _two_pass_inputs(
+          g, mu, nu, (key_mu, key_nu), p, store, impl == 'pallas')
+      if leaf_inputs is not None:
+        # Filled in below, once all two-pass leaves are known.
+        two_pass.append((len(out), g, p, stored_mu, stored_nu))
+        two_pass_inputs.append(leaf_inputs)
+        out.append(None)
+        new_mu.append(None)
+        new_nu.append(None)
+        continue
       g32 = p.view.to_matrix(g).astype(jnp.float32)
       m_prev = store.read(mu, second_moment=False, decay=b1,
                           count=state.count)
@@ -453,6 +547,17 @@ def _scale_by_low_rank_adam(
           m, mu, key_mu, grad=g32, decay=b1, second_moment=False), store))
       new_nu.append(_reboxed(stored_nu, store.write(
           v, nu, key_nu, grad=g32, decay=b2, second_moment=True), store))
+    if two_pass:
+      results = fused.adam_step(
+          two_pass_inputs,
+          _adam_coefficients(b1, b2, eps, eps_root, nesterov, count_inc),
+      )
+      for (slot, g, p, stored_mu, stored_nu), result in zip(two_pass,
+                                                             results):
+        direction, mu_f, nu_f = _two_pass_outputs(result, g, p, store)
+        out[slot] = direction
+        new_mu[slot] = _reboxed(stored_mu, mu_f, store)
+        new_nu[slot] = _reboxed(stored_nu, nu_f, store)
     new_state = MLorcAdamState(
         count=count_inc,
         key=state.key,
@@ -536,6 +641,7 @@ def scale_by_mlorc_adam(
     dimension_numbers: masking.DimensionSpec = None,
     compressor: str | compressors.MomentCompressor = 'rsvd',
     atan2: bool = False,
+    implementation: str | None = None,
 ) -> optax.GradientTransformation:
   """Rescales updates by Adam with low-rank compressed moments (MLorc).
 
@@ -606,6 +712,17 @@ def scale_by_mlorc_adam(
       or a :class:`MomentCompressor` object (then set its own
       ``oversample`` / ``power_iters``; the transform's must stay 0).
     atan2: use Adam-atan2's update, without ``eps`` (static).
+    implementation: how the step is computed (static): None (default:
+      automatic), ``'reference'`` (the algorithm as written: dense moments,
+      Householder QR and SVD), ``'pallas'`` (two streaming passes over the
+      gradient in Pallas kernels, the moments rebuilt block by block and never
+      stored; Gram-based small factorizations) or ``'xla'`` (the same two
+      passes in ``jax.numpy``). All compute the same update and the same
+      randomized SVD (same sketches) up to float32 rounding. Automatic picks
+      ``'pallas'`` on a single NVIDIA GPU where the settings allow it
+      (``compressor`` ``'rsvd'`` or ``'warm'`` without power iterations, both
+      moments compressed, no ``atan2``) and ``'reference'`` otherwise; see
+      :mod:`mlorc_optax._src.fused` and ``docs/mlorc.md``.
 
   Returns:
     An ``optax.GradientTransformation``; its state is
@@ -650,10 +767,16 @@ def scale_by_mlorc_adam(
   else:
     dense = optax.scale_by_adam(b1, b2, eps, eps_root, mu_dtype,
                                 nesterov=nesterov)
+  implementation = fused.check_implementation(
+      implementation,
+      blocker=fused.two_pass_blocker(
+          compressor=store.compressor, compress=compress, atan2=atan2
+      ),
+  )
   return optax.chain(
       _scale_by_low_rank_adam(
           b1, b2, eps, eps_root, nesterov, atan2, compress, store,
-          _key_data(seed)
+          _key_data(seed), implementation
       ),
       optax.masked(dense, store.dense_mask),
   )
