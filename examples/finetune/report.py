@@ -2,7 +2,9 @@
 
 ``python -m examples.finetune.report RESULTS.json [--out DIR]`` re-renders
 ``results.md`` and ``results.png`` from a saved (e.g. committed) JSON file, so
-the outputs can be regenerated without training. Only the ``runs`` list (and
+the outputs can be regenerated without training; with ``--merge PART...`` it
+first assembles ``RESULTS.json`` from runs of separate processes
+(:func:`merge`). Only the ``runs`` list (and
 optionally ``config``/``device``) is needed: the per-method summary is
 recomputed from it.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -329,12 +332,60 @@ def write_outputs(
   return paths
 
 
+def merge(parts: Sequence[Path], base: Path) -> dict[str, Any]:
+  """One results dict from runs of the harness in separate processes.
+
+  Every part must come from the same settings on the same device and
+  versions (one method per process, say, on a machine with a time limit per
+  command); methods, tuning, chosen rates and runs are concatenated in the
+  order given, and ``config.assembled_from`` lists the parts (paths relative
+  to ``base``) with the methods each contributed.
+
+  Raises:
+    ValueError: parts that differ in anything but their methods, or that
+      repeat a method.
+  """
+  loaded = [json.loads(p.read_text()) for p in parts]
+  first = loaded[0]
+  ignore = {'methods', 'lr_grid', 'lr', 'out'}
+  settings = lambda r: {k: v for k, v in r['config'].items() if k not in ignore}
+  merged = {k: v for k, v in first.items() if k not in ('summary',)}
+  merged['config'] = dict(first['config'], methods=[], lr_grid=[])
+  merged['tuning'], merged['chosen_lr'], merged['runs'] = {}, {}, []
+  sources = {}
+  for path, r in zip(parts, loaded):
+    for key in ('versions', 'device'):
+      if r.get(key) != first.get(key):
+        raise ValueError(f'{path}: {key} differs from {parts[0]}.')
+    if settings(r) != settings(first):
+      raise ValueError(f'{path}: settings differ from {parts[0]}.')
+    repeated = set(r['config']['methods']) & set(merged['config']['methods'])
+    if repeated:
+      raise ValueError(f'{path}: methods {sorted(repeated)} appear twice.')
+    merged['config']['methods'] += r['config']['methods']
+    merged['config']['lr_grid'] += r['config'].get('lr_grid') or []
+    merged['tuning'].update(r.get('tuning', {}))
+    merged['chosen_lr'].update(r.get('chosen_lr', {}))
+    merged['runs'] += r['runs']
+    sources[os.path.relpath(path, base)] = ', '.join(r['config']['methods'])
+  merged['config']['assembled_from'] = sources
+  merged['total_wall_time_s'] = sum(r.get('total_wall_time_s') or 0.0
+                                    for r in loaded)
+  merged['summary'] = summarize(merged['runs'])
+  return merged
+
+
 def main(argv: Sequence[str] | None = None) -> None:
   parser = argparse.ArgumentParser(
       description=__doc__.split('\n\n')[0],
       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
   )
-  parser.add_argument('results', type=Path, help='a results.json file')
+  parser.add_argument('results', type=Path,
+                      help='a results.json file (written with --merge)')
+  parser.add_argument(
+      '--merge', type=Path, nargs='+', default=None, metavar='PART',
+      help='first write RESULTS from these results of separate processes '
+      '(same settings, different methods)')
   parser.add_argument(
       '--out',
       type=Path,
@@ -345,6 +396,10 @@ def main(argv: Sequence[str] | None = None) -> None:
       '--no-figure', action='store_true', help='skip results.png'
   )
   args = parser.parse_args(argv)
+  if args.merge:
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(
+        merge(args.merge, args.results.parent), indent=1) + '\n')
   results = json.loads(args.results.read_text())
   results['summary'] = summarize(results['runs'])
   out = args.out or args.results.parent

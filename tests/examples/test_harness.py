@@ -7,6 +7,7 @@ vocabulary 100) and synthetic token data: no downloads.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -443,3 +444,28 @@ def test_report_figure(tmp_path):
   pytest.importorskip('matplotlib')  # In the examples extra, not in test.
   path = report.plot({'runs': _fake_runs()}, tmp_path / 'fig.png')
   assert path.stat().st_size > 10_000
+
+
+def test_report_merges_runs_of_separate_processes(tmp_path):
+  """The committed H100 compressor parts merge back into one results file."""
+  parts_dir = (Path(__file__).parents[2] / 'examples' / 'finetune' /
+               'results' / 'h100_compressors' / 'parts')
+  parts = [parts_dir / 'adamw.json', parts_dir / 'mlorc_adamw_r4.json']
+  merged = report.merge(parts, parts_dir.parent)
+  assert merged['config']['methods'] == ['adamw', 'mlorc_adamw_r4']
+  assert set(merged['summary']) == {'adamw', 'mlorc_adamw_r4'}
+  assert len(merged['runs']) == 6  # 2 methods x 3 seeds
+  assert merged['config']['assembled_from'] == {
+      'parts/adamw.json': 'adamw', 'parts/mlorc_adamw_r4.json':
+      'mlorc_adamw_r4'}
+  # The committed file is exactly what --merge writes from all seven parts.
+  committed = json.loads((parts_dir.parent / 'results.json').read_text())
+  again = report.merge(sorted(parts_dir.glob('*.json')), parts_dir.parent)
+  assert json.loads(json.dumps(again)) == committed
+  with pytest.raises(ValueError, match='appear twice'):
+    report.merge(parts + parts[:1], parts_dir.parent)
+  other = json.loads(parts[1].read_text())
+  other['config']['batch_size'] = 8
+  (tmp_path / 'other.json').write_text(json.dumps(other))
+  with pytest.raises(ValueError, match='settings differ'):
+    report.merge([parts[0], tmp_path / 'other.json'], tmp_path)
