@@ -59,3 +59,17 @@ def test_matmul_only_factorizations_match_the_library_ones():
   assert jnp.allclose(jnp.sort(s, axis=-1)[..., ::-1], s_ref, rtol=1e-4)
   recon = (u * s[..., None, :]) @ v.mT
   assert float(jnp.linalg.norm(recon - b) / jnp.linalg.norm(b)) < 1e-5
+
+
+def test_fused_passes_tool_times_every_piece_on_a_tiny_stack(tmp_path):
+  from benchmarks import fused_passes
+
+  out = tmp_path / 'p.jsonl'
+  rows = fused_passes.main(['--shape', '1', '32', '64', '--calls', '1',
+                            '--json', str(out)])
+  assert [r['kernel'] for r in rows] == [
+      'copy', 'read', 'apply', 'small', 'leaf_step', 'sketch', 'project']
+  for r in rows:
+    assert 'error' not in r, r
+    assert r['ms'] > 0
+  assert len(out.read_text().splitlines()) == len(rows)
