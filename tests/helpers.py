@@ -44,3 +44,21 @@ def factors(moment, *path):
       tree = tree[key]
     return tree
   return mlorc_optax.LowRankFactors(get(moment.u), get(moment.s), get(moment.v))
+
+
+def run_steps(tx, grads, params=None):
+  """Jitted ``tx.update`` over a list of gradient trees from zero params.
+
+  Returns the list of updates and the final state; ``params`` (default:
+  zeros like the gradients) are passed to every update (needed by
+  ``mlorc_adamw``'s weight decay).
+  """
+  if params is None:
+    params = jax.tree.map(jnp.zeros_like, grads[0])
+  state = tx.init(params)
+  step = jax.jit(tx.update)
+  outs = []
+  for g in grads:
+    u, state = step(g, state, params)
+    outs.append(u)
+  return outs, state

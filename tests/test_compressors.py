@@ -11,6 +11,7 @@ from mlorc_optax._src import compressors as comp_lib
 
 import numpy_reference as ref
 from helpers import all_matrices
+from helpers import run_steps
 
 NAMES = ('rsvd', 'warm', 'lorapre')
 B1, B2, EPS = 0.9, 0.999, 1e-8
@@ -32,17 +33,6 @@ def noisy_low_rank(shapes, steps, seed=0, rank=2, noise=0.1):
       g[name] = left @ right + noise * jax.random.normal(k, shape)
     out.append(g)
   return out
-
-
-def run_core(tx, grads):
-  params = jax.tree.map(jnp.zeros_like, grads[0])
-  state = tx.init(params)
-  step = jax.jit(tx.update)
-  outs = []
-  for g in grads:
-    u, state = step(g, state)
-    outs.append(u)
-  return outs, state
 
 
 def leaf(factors_tree, name):
@@ -185,7 +175,7 @@ def test_warm_start_is_exact_at_full_rank():
   grads = noisy_low_rank(shapes, 6, noise=1.0)
   tx = mlorc_optax.scale_by_mlorc_adam(B1, B2, EPS, rank=9, compressor='warm',
                                        low_rank_mask=True)
-  _, state = run_core(tx, grads)
+  _, state = run_steps(tx, grads)
   c = mlorc_optax.WarmStartCompressor()
   for k in shapes:
     np.testing.assert_allclose(read(c, state[0].mu, k, False, 6),
@@ -204,7 +194,7 @@ def test_lorapre_is_an_exact_ema_at_square_full_rank():
   c = mlorc_optax.LoRAPreCompressor(damping=0.0)
   tx = mlorc_optax.scale_by_mlorc_adam(B1, B2, EPS, rank=n, compressor=c,
                                        low_rank_mask=True)
-  _, state = run_core(tx, grads)
+  _, state = run_steps(tx, grads)
   first = read(c, state[0].mu, 'w', False, 8)
   np.testing.assert_allclose(first, ema(grads, 'w', B1), atol=1e-4)
   f = leaf(state[0].nu, 'w')

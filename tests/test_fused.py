@@ -30,6 +30,7 @@ from mlorc_optax._src import fused
 from mlorc_optax._src import rsvd
 
 import numpy_reference as ref
+from helpers import run_steps
 
 B1, B2, EPS = 0.9, 0.999, 1e-8
 
@@ -185,17 +186,6 @@ def test_leaf_step_is_algorithm_1_with_the_same_sketch():
                                                          gram.shape), atol=1e-4)
 
 
-def run(tx, grads):
-  params = jax.tree.map(jnp.zeros_like, grads[0])
-  state = tx.init(params)
-  step = jax.jit(tx.update)
-  outs = []
-  for g in grads:
-    u, state = step(g, state, params)
-    outs.append(u)
-  return outs, state
-
-
 def grads_for(shapes, steps, dtype=jnp.float32, seed=0):
   """Gradients with a fixed decaying spectrum (0.6**i) plus fresh noise.
 
@@ -228,7 +218,7 @@ def test_two_pass_matches_dense_numpy_algorithm_1(implementation):
   tx = mlorc_optax.scale_by_mlorc_adam(
       B1, B2, 1e-2, rank=rank, seed=seed, low_rank_mask=True,
       implementation=implementation)
-  outs, state = run(tx, grads)
+  outs, state = run_steps(tx, grads)
   reference = ref.MLorcAdamW(shapes, jax.random.PRNGKey(seed), rank, B1, B2,
                              1e-2)
   for t, (g, ours) in enumerate(zip(grads, outs)):
@@ -262,7 +252,7 @@ def test_pallas_step_equals_reference_step(settings):
     tx = mlorc_optax.scale_by_mlorc_adam(
         eps=1e-2, implementation=impl, low_rank_mask=lambda p: {
             k: v.ndim >= 2 for k, v in p.items()}, **settings)
-    results[impl] = run(tx, grads)
+    results[impl] = run_steps(tx, grads)
   for t, (ours, theirs) in enumerate(zip(results['pallas'][0],
                                          results['reference'][0])):
     for k in shapes:
@@ -290,7 +280,7 @@ def test_bfloat16_params_keep_their_dtype_and_match():
   grads = grads_for(shapes, 4, dtype=jnp.bfloat16, seed=2)
   outs = {}
   for impl in ('reference', 'pallas'):
-    outs[impl], _ = run(mlorc_optax.mlorc_adamw(
+    outs[impl], _ = run_steps(mlorc_optax.mlorc_adamw(
         1.0, eps=1e-2, weight_decay=0.0, implementation=impl), grads)
   for ours, theirs in zip(outs['pallas'], outs['reference']):
     assert ours['w'].dtype == jnp.bfloat16
@@ -389,7 +379,7 @@ def test_a_compressor_whose_sketch_is_the_identity_takes_the_reference():
   grads = grads_for({'w': (64, 128)}, 2)
   outs = {}
   for impl in ('reference', 'pallas'):
-    outs[impl], _ = run(mlorc_optax.scale_by_mlorc_adam(
+    outs[impl], _ = run_steps(mlorc_optax.scale_by_mlorc_adam(
         compressor=TruncatedSVD(), implementation=impl), grads)
   for ours, theirs in zip(outs['pallas'], outs['reference']):
     np.testing.assert_array_equal(ours['w'], theirs['w'])
