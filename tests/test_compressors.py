@@ -146,6 +146,20 @@ def test_state_size(name, per_moment):
     size = sum(np.prod(leaf[k].shape) for moment in (core.mu, core.nu)
                for leaf in moment)
     assert size == int(np.prod(batch)) * 2 * per_moment(m, n, rank), k
+  # The plan's sizes (and its tables' totals) are the state's.
+  plan = mlorc_optax.compression_plan(params, rank)
+  for k in shapes:
+    size = sum(np.prod(leaf[k].shape) for leaf in core.mu)
+    assert plan[k].moment_size(name) == size, k
+    assert plan[k].moment_size(tx_compressor(name)) == size, k
+  total = sum(x.size for x in jax.tree.leaves((core.mu, core.nu)))
+  table = mlorc_optax.format_plan(plan, compressor=name)
+  assert table.splitlines()[-1].startswith(f'| total | | | | | | {total:,} |')
+
+
+def tx_compressor(name):
+  """The compressor object a name stands for."""
+  return mlorc_optax.COMPRESSORS[name]()
 
 
 @pytest.mark.parametrize('name', ('warm', 'lorapre'))  # rsvd: test_mlorc.

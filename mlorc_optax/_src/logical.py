@@ -450,6 +450,7 @@ def format_logical_plan(
     *,
     moments: int = 2,
     factor_dtype: Any = np.float32,
+    compressor: Any = 'rsvd',
 ) -> str:
   """A markdown table of a plan in logical names, with state bytes.
 
@@ -468,6 +469,8 @@ def format_logical_plan(
       the boxed params); None prints no names.
     moments: moments per leaf (2 for Adam, 1 for Lion).
     factor_dtype: the transform's ``factor_dtype``.
+    compressor: the transform's ``compressor=`` (how many numbers a
+      compressed moment keeps).
 
   Returns:
     The table as a string.
@@ -510,7 +513,7 @@ state bytes | why |
     if p.view is None:
       state, view = dense, '-'
     else:
-      state = moments * p.moment_size() * factor_size
+      state = moments * p.moment_size(compressor) * factor_size
       view = _describe_view(p.view, names)
     total += state
     dense_total += dense

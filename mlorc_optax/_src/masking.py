@@ -228,12 +228,29 @@ class LeafPlan:
     """The leaf's number of entries (the numbers of a dense moment)."""
     return math.prod(self.shape)
 
-  def moment_size(self) -> int:
-    """Numbers stored per moment: ``B((m + n)k + k)`` compressed, else ``size``."""
+  def moment_size(self, compressor: Any = 'rsvd') -> int:
+    """Numbers stored per moment: the compressor's factors, else ``size``.
+
+    Args:
+      compressor: a name or :class:`mlorc_optax.MomentCompressor`, as the
+        transforms' ``compressor=``: ``'rsvd'`` and ``'warm'`` store
+        ``B((m + n)k + k)`` numbers, ``'lorapre'`` ``B(m + n)k``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from mlorc_optax import compression_plan
+      >>> plan = compression_plan({'w': jnp.zeros((64, 32))}, rank=4)['w']
+      >>> plan.moment_size(), plan.moment_size('lorapre')
+      (388, 384)
+    """
     if self.view is None:
       return self.size
+    from mlorc_optax._src import compressors  # pylint: disable=g-import-not-at-top
+    compressor = compressors.resolve_compressor(
+        compressor, oversample=0, power_iters=0)
     v = self.view
-    return math.prod(v.batch_shape) * ((v.rows + v.cols) * self.rank + self.rank)
+    specs = compressor.specs(v.batch_shape, v.rows, v.cols, self.rank)
+    return sum(math.prod(spec.shape) for spec in specs)
 
 
 # A mask is a bool, a pytree of bools matched to the params by path (a prefix
@@ -481,12 +498,16 @@ def compression_plan(
   return jax.tree_util.tree_unflatten(treedef, plans)
 
 
-def format_plan(plan: Any, *, moments: int = 2) -> str:
+def format_plan(
+    plan: Any, *, moments: int = 2, compressor: Any = 'rsvd'
+) -> str:
   """A markdown table of a :func:`compression_plan`, with state sizes.
 
   Args:
     plan: the output of :func:`compression_plan`.
     moments: moments per leaf (2 for Adam, 1 for Lion), for the state columns.
+    compressor: the transforms' ``compressor=`` (how many numbers a
+      compressed moment keeps; :meth:`LeafPlan.moment_size`).
 
   Returns:
     The table as a string, one row per leaf and a total row.
@@ -512,7 +533,7 @@ def format_plan(plan: Any, *, moments: int = 2) -> str:
   ]
   total = dense_total = 0
   for p in plans:
-    state = moments * p.moment_size()
+    state = moments * p.moment_size(compressor)
     dense = moments * p.size
     total += state
     dense_total += dense
