@@ -86,14 +86,37 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
 from mlorc_optax._src import rsvd
 
 _F32 = jnp.float32
 # Smallest tile side the Triton dot accepts; factor and sketch widths are
 # padded up to a power of two at least this wide.
 _MIN_TILE = 16
+
+# Tuning of the GPU kernels, the best of the sweep of
+# ``benchmarks/fused_passes.py --sweep`` on an H100 (tiles 32-128, 2-8 warps,
+# 2-3 stages; ``benchmarks/README.md``). Module globals, read when a kernel
+# is traced.
 BLOCK_ROWS = 64
 BLOCK_COLS = 64
+NUM_WARPS = 4
+NUM_STAGES = 3
+# Precision of the kernels' dots on a GPU: of the reconstructions
+# ``U S V^T`` (which the update uses) and of the accumulated sketch and
+# projection products. ``'tf32x3'``: three TF32 tensor-core products per
+# dot, float32-level accuracy; ``'tf32'``: one (10-bit mantissa inputs, 1e-3
+# relative error in the new factors, about 20% less step time than
+# ``'tf32x3'``); ``'ieee'``: scalar float32 FMAs (slowest).
+RECONSTRUCT_PRECISION = 'tf32x3'
+ACCUMULATE_PRECISION = 'tf32'
+_PRECISIONS = {
+    'tf32x3': jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
+    'tf32': jax.lax.DotAlgorithmPreset.TF32_TF32_F32,
+    'ieee': jax.lax.DotAlgorithmPreset.F32_F32_F32,
+}
 
 
 class SketchPassOutputs(NamedTuple):
@@ -240,9 +263,9 @@ def _sketch_kernel(
     go_ref, xo_ref, no_ref, cnt_ref, nsum_ref,
     *, bm, bn, col_blocks, bound, precisions,
 ):
-  b = pl_program_id(0)
-  i = pl_program_id(1)
-  part = pl_program_id(2)
+  b = pl.program_id(0)
+  i = pl.program_id(1)
+  part = pl.program_id(2)
   rows = _ds(i * bm, bm)
   a = av_ref[b, rows, :]
   one_b2 = coef_ref[b, 1]
@@ -371,9 +394,9 @@ def _project_kernel(
     d_ref, bm_ref, bv_ref,
     *, bm, bn, row_blocks, bound, precisions,
 ):
-  b = pl_program_id(0)
-  j = pl_program_id(1)
-  part = pl_program_id(2)
+  b = pl.program_id(0)
+  j = pl.program_id(1)
+  part = pl.program_id(2)
   cols = _ds(j * bn, bn)
   one_b1, one_b2, zeta, k_m, k_g, c_v, eps_root, eps = (
       coef_ref[b, k] for k in range(8)
@@ -745,7 +768,7 @@ def leaf_implementation(
 
 
 # ----------------------------------------------------------------------------
-# Pallas plumbing (imported lazily: Pallas is only needed for the kernels).
+# Pallas plumbing.
 
 
 def on_gpu() -> bool:
@@ -759,20 +782,6 @@ def on_gpu() -> bool:
   return 'nvidia' in jax.devices()[0].device_kind.lower()
 
 
-#: Precision of the kernels' dots on a GPU: of the reconstructions
-#: ``U S V^T`` (which the update uses) and of the accumulated sketch and
-#: projection products. ``'tf32x3'``: three TF32 tensor-core products per
-#: dot, float32-level accuracy; ``'tf32'``: one (10-bit mantissa inputs);
-#: ``'ieee'``: scalar float32 FMAs.
-RECONSTRUCT_PRECISION = 'tf32x3'
-ACCUMULATE_PRECISION = 'tf32'
-_PRECISIONS = {
-    'tf32x3': jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
-    'tf32': jax.lax.DotAlgorithmPreset.TF32_TF32_F32,
-    'ieee': jax.lax.DotAlgorithmPreset.F32_F32_F32,
-}
-
-
 def _mode(interpret: bool | None) -> tuple[bool, tuple[Any, Any]]:
   if interpret is None:
     interpret = not on_gpu()
@@ -783,23 +792,11 @@ def _mode(interpret: bool | None) -> tuple[bool, tuple[Any, Any]]:
                  _PRECISIONS[ACCUMULATE_PRECISION])
 
 
-def pl_program_id(axis: int):
-  from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
-  return pl.program_id(axis)
-
-
 def _ds(start, size):
-  from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
   return pl.ds(pl.multiple_of(start, size), size)
 
 
-NUM_WARPS = 4
-NUM_STAGES = 3
-
-
 def _pallas_call(kernel, *, out_shape, grid, interpret):
-  from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
-  from jax.experimental.pallas import triton as plt  # pylint: disable=g-import-not-at-top
   # Triton's compiler parameters select the Triton lowering (not Mosaic GPU).
   params = None if interpret else plt.CompilerParams(
       num_warps=NUM_WARPS, num_stages=NUM_STAGES)
