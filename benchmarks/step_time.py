@@ -108,6 +108,19 @@ def make_optimizer(name: str, rank: int | None):
   raise ValueError(f'optimizer must be one of {OPTIMIZERS}, got {name!r}.')
 
 
+def implementation_of(optimizer: str) -> str:
+  """Which step an ``mlorc_adamw*`` name runs here (for the JSON record).
+
+  The name's suffix, or for plain ``mlorc_adamw`` what ``implementation=None``
+  picks on this machine for a matrix the kernels can tile.
+  """
+  if optimizer in MLORC_ADAMW_IMPLEMENTATIONS:
+    return optimizer.rsplit('_', 1)[1]
+  from mlorc_optax._src import fused  # pylint: disable=g-import-not-at-top
+  return fused.leaf_implementation(None, blocker=None, rows=4096, cols=4096,
+                                   sketched=True)
+
+
 def make_tree(case: str, dtype: str, seed: int, as_list: bool) -> Any:
   """Random arrays of ``case`` (stacked, or a list of matrices if as_list)."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -153,6 +166,8 @@ def measure(case: str, dtype: str, optimizer: str, rank: int | None,
       params=param_count(case), backend=jax.default_backend(),
       device=jax.local_devices()[0].device_kind, jax_version=jax.__version__,
       optax_version=optax.__version__, status='error', error=None)
+  if optimizer.startswith('mlorc_adamw'):
+    result['implementation'] = implementation_of(optimizer)
   try:
     tx = make_optimizer(optimizer, rank)
     as_list = optimizer == 'galore'

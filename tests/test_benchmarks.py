@@ -35,6 +35,8 @@ def test_step_time_tool_measures_every_optimizer_on_a_tiny_tree(tmp_path):
   assert by_name['mlorc_adamw']['opt_state_bytes'] < 0.2 * by_name['adamw'][
       'opt_state_bytes']
   assert 'svd_step_s' in by_name['galore']
+  # What implementation=None picked is recorded (the reference on a CPU).
+  assert by_name['mlorc_adamw']['implementation'] == 'reference'
   assert json.loads(out.read_text())[0]['optimizer'] == 'adamw'
   rendered = step_time.main(['--render', str(out), '--quiet'])
   assert len(rendered) == len(results)
