@@ -383,3 +383,20 @@ def test_a_compressor_whose_sketch_is_the_identity_takes_the_reference():
         compressor=TruncatedSVD(), implementation=impl), grads)
   for ours, theirs in zip(outs['pallas'], outs['reference']):
     np.testing.assert_array_equal(ours['w'], theirs['w'])
+
+
+def test_injected_hyperparameters_reach_the_kernels():
+  """b1 and b2 traced by optax.inject_hyperparams, as in test_compat."""
+  static = ('rank', 'oversample', 'power_iters', 'low_rank_mask',
+            'dimension_numbers', 'compress', 'factor_dtype', 'seed',
+            'implementation')
+  grads = grads_for({'w': (64, 128)}, 3, seed=4)
+  outs = {}
+  for impl in ('reference', 'pallas'):
+    tx = optax.inject_hyperparams(mlorc_optax.mlorc_adamw,
+                                  static_args=static)(
+        learning_rate=1.0, b1=0.85, b2=0.99, eps=1e-2, weight_decay=0.0,
+        implementation=impl)
+    outs[impl], _ = run_steps(tx, grads)
+  for t, (ours, theirs) in enumerate(zip(outs['pallas'], outs['reference'])):
+    assert_close_but_for_the_fix(ours['w'], theirs['w'], 5e-4, f'step {t}')
