@@ -14,7 +14,8 @@ LLaMA-7B-shaped matrices, with fixed random gradients:
 
 Optimizers: ``adamw``, ``lion``, ``adafactor`` (optax), ``mlorc_adamw`` and
 ``mlorc_lion`` at each ``--ranks`` rank (``mlorc_adamw_reference``,
-``_xla`` and ``_pallas`` force one implementation of the step), and ``optax.contrib.galore`` (same
+``_xla`` and ``_pallas`` force one implementation of the step;
+``mlorc_lion_xla`` and ``mlorc_lion_pallas`` Lion's two-pass step), and ``optax.contrib.galore`` (same
 ranks, AdamW inside) amortised over its projection gap: ``(t_svd + (gap - 1)
 t_step) / gap``, with ``t_svd`` the step that recomputes the projectors (one warm call timed). GaLore
 cannot treat a leading axis as a batch, so it gets the same matrices as a list
@@ -73,10 +74,13 @@ CASES: dict[str, tuple[int, tuple[tuple[str, tuple[int, int]], ...]]] = {
 #: force one (``implementation=`` of :func:`mlorc_optax.mlorc_adamw`).
 MLORC_ADAMW_IMPLEMENTATIONS = ('mlorc_adamw_reference', 'mlorc_adamw_xla',
                                'mlorc_adamw_pallas')
+#: ``mlorc_lion`` takes the reference step unless told otherwise.
+MLORC_LION_IMPLEMENTATIONS = ('mlorc_lion_xla', 'mlorc_lion_pallas')
 OPTIMIZERS = ('adamw', 'lion', 'adafactor', 'mlorc_adamw', 'mlorc_lion',
-              'galore', *MLORC_ADAMW_IMPLEMENTATIONS)
+              'galore', *MLORC_ADAMW_IMPLEMENTATIONS,
+              *MLORC_LION_IMPLEMENTATIONS)
 LOW_RANK = ('mlorc_adamw', 'mlorc_lion', 'galore',
-            *MLORC_ADAMW_IMPLEMENTATIONS)
+            *MLORC_ADAMW_IMPLEMENTATIONS, *MLORC_LION_IMPLEMENTATIONS)
 GALORE_GAP = 200
 
 
@@ -103,19 +107,24 @@ def make_optimizer(name: str, rank: int | None):
         lr, rank=rank, implementation=name.rsplit('_', 1)[1])
   if name == 'mlorc_lion':
     return mlorc_optax.mlorc_lion(lr, rank=rank)
+  if name in MLORC_LION_IMPLEMENTATIONS:
+    return mlorc_optax.mlorc_lion(
+        lr, rank=rank, implementation=name.rsplit('_', 1)[1])
   if name == 'galore':
     return optax.contrib.galore(lr, rank=rank, update_proj_gap=GALORE_GAP)
   raise ValueError(f'optimizer must be one of {OPTIMIZERS}, got {name!r}.')
 
 
 def implementation_of(optimizer: str) -> str:
-  """Which step an ``mlorc_adamw*`` name runs here (for the JSON record).
+  """Which step an ``mlorc_*`` name runs here (for the JSON record).
 
   The name's suffix, or for plain ``mlorc_adamw`` what ``implementation=None``
   picks on this machine for a matrix the kernels can tile.
   """
-  if optimizer in MLORC_ADAMW_IMPLEMENTATIONS:
+  if optimizer in MLORC_ADAMW_IMPLEMENTATIONS + MLORC_LION_IMPLEMENTATIONS:
     return optimizer.rsplit('_', 1)[1]
+  if optimizer == 'mlorc_lion':
+    return 'reference'
   from mlorc_optax._src import fused  # pylint: disable=g-import-not-at-top
   return fused.leaf_implementation(None, blocker=None, rows=4096, cols=4096,
                                    sketched=True)
@@ -166,7 +175,7 @@ def measure(case: str, dtype: str, optimizer: str, rank: int | None,
       params=param_count(case), backend=jax.default_backend(),
       device=jax.local_devices()[0].device_kind, jax_version=jax.__version__,
       optax_version=optax.__version__, status='error', error=None)
-  if optimizer.startswith('mlorc_adamw'):
+  if optimizer.startswith('mlorc_'):
     result['implementation'] = implementation_of(optimizer)
   try:
     tx = make_optimizer(optimizer, rank)

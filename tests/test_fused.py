@@ -400,3 +400,72 @@ def test_injected_hyperparameters_reach_the_kernels():
     outs[impl], _ = run_steps(tx, grads)
   for t, (ours, theirs) in enumerate(zip(outs['pallas'], outs['reference'])):
     assert_close_but_for_the_fix(ours['w'], theirs['w'], 5e-4, f'step {t}')
+
+
+# MLorc-Lion's two passes.
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize('batch,m,n,rank', SHAPES[1:3])
+def test_lion_kernels_equal_their_references(batch, m, n, rank, dtype):
+  g, a, v, _, _, (om, _), (q, _) = pass_inputs(batch, m, n, rank, dtype)
+  coef = jnp.tile(jnp.array([[0.9, 0.1]], jnp.float32), (batch, 1))
+  assert_close(fused.lion_sketch_pass(g, om),
+               fused.lion_sketch_pass_reference(g, om), 1e-5)
+  d, qg = fused.lion_project_pass(g, a, v, q, coef)
+  d_ref, qg_ref = fused.lion_project_pass_reference(g, a, v, q, coef)
+  assert d.dtype == dtype
+  assert np.mean(np.asarray(d, np.float32) != np.asarray(d_ref)) <= 1e-3
+  assert_close(qg, qg_ref, 1e-5)
+
+
+@pytest.mark.parametrize('implementation', ['pallas', 'xla'])
+def test_lion_two_pass_matches_dense_numpy_algorithm_2(implementation):
+  shapes = {'a': (32, 48), 'b': (2, 16, 64)}
+  rank, seed = 3, 7
+  grads = grads_for(shapes, 6, seed=1)
+  tx = mlorc_optax.scale_by_mlorc_lion(0.9, 0.99, rank=rank, seed=seed,
+                                       low_rank_mask=True,
+                                       implementation=implementation)
+  outs, state = run_steps(tx, grads)
+  reference = ref.MLorcLion(shapes, jax.random.PRNGKey(seed), rank, 0.9, 0.99)
+  for t, (g, ours) in enumerate(zip(grads, outs)):
+    theirs = reference.step(g)
+    for k in shapes:  # signs; an entry with c ~ 0 may flip
+      assert np.mean(np.asarray(ours[k]) != theirs[k]) <= 1e-2, (t, k)
+  for k in shapes:
+    f = state[0].mu
+    assert_close(rsvd.reconstruct(rsvd.LowRankFactors(f.u[k], f.s[k],
+                                                      f.v[k])),
+                 ref.reconstruct(*reference.factors[k]), 1e-4)
+
+
+@pytest.mark.parametrize('compressor', ['rsvd', 'warm'])
+def test_lion_pallas_step_equals_reference_step(compressor):
+  shapes = {'w': (3, 64, 128), 'odd': (20, 30), 'bias': (30,)}
+  grads = grads_for(shapes, 4, seed=2)
+  results = {}
+  for impl in ('reference', 'pallas'):
+    tx = mlorc_optax.mlorc_lion(1.0, weight_decay=0.0, compressor=compressor,
+                                implementation=impl)
+    results[impl] = run_steps(tx, grads)
+  for ours, theirs in zip(results['pallas'][0], results['reference'][0]):
+    for k in shapes:
+      assert np.mean(np.asarray(ours[k]) != np.asarray(theirs[k])) <= 1e-3
+  for ours, theirs in zip(jax.tree.leaves(results['pallas'][1]),
+                          jax.tree.leaves(results['reference'][1])):
+    assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
+
+
+def test_lion_default_is_the_reference_step_everywhere():
+  """Lion's two passes are opt-in until they are timed on a GPU."""
+  params = {'w': jnp.zeros((64, 128))}
+  jaxprs = {}
+  for impl in (None, 'pallas'):
+    tx = mlorc_optax.scale_by_mlorc_lion(implementation=impl)
+    jaxprs[impl] = str(jax.make_jaxpr(tx.update)(params, tx.init(params)))
+  assert 'pallas_call' not in jaxprs[None]
+  assert 'pallas_call' in jaxprs['pallas']
+  with pytest.raises(ValueError, match='implementation.*randomized SVD'):
+    mlorc_optax.mlorc_lion(1e-4, compressor='lorapre',
+                           implementation='pallas')

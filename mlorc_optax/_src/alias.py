@@ -177,6 +177,7 @@ def mlorc_lion(
     low_rank_mask: masking.MaskSpec = None,
     dimension_numbers: masking.DimensionSpec = None,
     compressor: str | compressors.MomentCompressor = 'rsvd',
+    implementation: str | None = None,
 ) -> optax.GradientTransformation:
   """Lion whose momentum is stored as low-rank factors (MLorc-Lion).
 
@@ -223,6 +224,8 @@ def mlorc_lion(
     compressor: ``'rsvd'`` (default), ``'warm'``, ``'lorapre'`` or a
       :class:`mlorc_optax.MomentCompressor` (static; see
       :func:`mlorc_adamw`).
+    implementation: ``None`` / ``'reference'`` (default), ``'pallas'`` or
+      ``'xla'``; see :func:`mlorc_optax.scale_by_mlorc_lion`.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -254,6 +257,7 @@ def mlorc_lion(
           low_rank_mask=low_rank_mask,
           dimension_numbers=dimension_numbers,
           compressor=compressor,
+          implementation=implementation,
       ),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),

@@ -689,6 +689,207 @@ def adam_leaf_step(
 
 
 # ----------------------------------------------------------------------------
+# MLorc-Lion: one compressed moment, the same two passes.
+
+
+def lion_sketch_pass_reference(g: jax.Array, omega: jax.Array) -> jax.Array:
+  """Lion's pass 1 in ``jax.numpy``: ``clip(g) @ omega``, ``[B, m, L]``.
+
+  Lion's new momentum ``m = b2 U S V^T + (1 - b2) g`` is linear in ``g``, so
+  its sketch needs only ``g @ omega`` (the factors' part is a small product).
+  """
+  rows, cols = g.shape[-2:]
+  bound = _saturation(rows, cols)
+  g = jnp.clip(g.astype(_F32), -bound, bound)
+  return jnp.einsum('bij,bjl->bil', g, omega, precision=_HI)
+
+
+def _lion_sketch_kernel(g_ref, om_ref, go_ref, *, bm, bn, col_blocks, bound,
+                        precisions):
+  b, i, part = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  rows = _ds(i * bm, bm)
+  acc_dot = functools.partial(jnp.dot, precision=precisions[1])
+
+  def body(j, acc):
+    cols = _ds(j * bn, bn)
+    g = jnp.clip(g_ref[b, rows, cols].astype(_F32), -bound, bound)
+    return acc + acc_dot(g, om_ref[b, cols, :])
+
+  acc = jax.lax.fori_loop(part * col_blocks, (part + 1) * col_blocks, body,
+                          jnp.zeros((bm, om_ref.shape[-1]), _F32))
+  go_ref[part, b, rows, :] = acc
+
+
+def lion_sketch_pass(
+    g: jax.Array, omega: jax.Array, *, interpret: bool | None = None
+) -> jax.Array:
+  """:func:`lion_sketch_pass_reference` as a Pallas kernel (as
+  :func:`sketch_pass`)."""
+  batch, rows, cols = g.shape
+  bm, bn = tile(rows, BLOCK_ROWS), tile(cols, BLOCK_COLS)
+  interpret, precisions = _mode(interpret)
+  parts = splits(batch * (rows // bm), cols // bn)
+  kernel = functools.partial(
+      _lion_sketch_kernel, bm=bm, bn=bn, col_blocks=cols // bn // parts,
+      bound=_saturation(rows, cols), precisions=precisions)
+  out = _pallas_call(
+      kernel,
+      out_shape=jax.ShapeDtypeStruct((parts, batch, rows, omega.shape[-1]),
+                                     _F32),
+      grid=(batch, rows // bm, parts),
+      interpret=interpret,
+  )(g, omega)
+  return jnp.sum(out, axis=0)
+
+
+def lion_project_pass_reference(
+    g: jax.Array, a: jax.Array, v: jax.Array, q: jax.Array, coef: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  """Lion's pass 2 in ``jax.numpy``.
+
+  Args:
+    g: gradients ``[B, m, n]``.
+    a: ``U S`` ``[B, m, R]`` (previous factors, unscaled).
+    v: ``V`` ``[B, n, R]``.
+    q: ``[B, m, L]`` orthonormal basis for the new momentum.
+    coef: ``[B, 2]``: ``b1``, ``1 - b1``.
+
+  Returns:
+    ``(sign(b1 a v^T + (1 - b1) g)`` in ``g``'s dtype, ``q^T clip(g)``
+    ``[B, L, n])``.
+  """
+  rows, cols = g.shape[-2:]
+  bound = _saturation(rows, cols)
+  g = g.astype(_F32) if g.dtype != _F32 else g
+  rec = jnp.einsum('bik,bjk->bij', a, v, precision=_HI)
+  c = coef[:, 0, None, None] * rec + coef[:, 1, None, None] * g
+  qg = jnp.einsum('bil,bij->blj', q, jnp.clip(g, -bound, bound),
+                  precision=_HI)
+  return jnp.sign(c), qg
+
+
+def _lion_project_kernel(coef_ref, g_ref, a_ref, v_ref, q_ref, d_ref, qg_ref,
+                         *, bm, bn, row_blocks, bound, precisions):
+  b, j, part = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  cols = _ds(j * bn, bn)
+  b1, one_b1 = coef_ref[b, 0], coef_ref[b, 1]
+  v_t = v_ref[b, cols, :].T
+  rec_dot = functools.partial(jnp.dot, precision=precisions[0])
+  acc_dot = functools.partial(jnp.dot, precision=precisions[1])
+
+  def body(i, acc):
+    rows = _ds(i * bm, bm)
+    g = g_ref[b, rows, cols].astype(_F32)
+    c = b1 * rec_dot(a_ref[b, rows, :], v_t) + one_b1 * g
+    d_ref[b, rows, cols] = jnp.sign(c).astype(d_ref.dtype)
+    return acc + acc_dot(q_ref[b, rows, :].T, jnp.clip(g, -bound, bound))
+
+  acc = jax.lax.fori_loop(part * row_blocks, (part + 1) * row_blocks, body,
+                          jnp.zeros((q_ref.shape[-1], bn), _F32))
+  qg_ref[part, b, :, cols] = acc
+
+
+def lion_project_pass(
+    g: jax.Array, a: jax.Array, v: jax.Array, q: jax.Array, coef: jax.Array,
+    *, interpret: bool | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """:func:`lion_project_pass_reference` as a Pallas kernel (as
+  :func:`project_pass`)."""
+  batch, rows, cols = g.shape
+  bm, bn = tile(rows, BLOCK_ROWS), tile(cols, BLOCK_COLS)
+  interpret, precisions = _mode(interpret)
+  parts = splits(batch * (cols // bn), rows // bm)
+  kernel = functools.partial(
+      _lion_project_kernel, bm=bm, bn=bn, row_blocks=rows // bm // parts,
+      bound=_saturation(rows, cols), precisions=precisions)
+  direction, qg = _pallas_call(
+      kernel,
+      out_shape=(jax.ShapeDtypeStruct(g.shape, g.dtype),
+                 jax.ShapeDtypeStruct((parts, batch, q.shape[-1], cols),
+                                      _F32)),
+      grid=(batch, cols // bn, parts),
+      interpret=interpret,
+  )(coef, g, a, v, q)
+  return direction, jnp.sum(qg, axis=0)
+
+
+class LionLeafInputs(NamedTuple):
+  """One batch of matrices for :func:`lion_step`.
+
+  Attributes:
+    g: gradients ``[B, m, n]`` (the update comes back in this dtype).
+    mu: previous momentum factors ``(u [B, m, k], s [B, k], v [B, n, k])``.
+    omega: this step's sketch ``[B, n, l]`` (``k <= l``).
+    use_kernel: the Pallas passes (else the ``jax.numpy`` references).
+  """
+
+  g: jax.Array
+  mu: rsvd.LowRankFactors
+  omega: jax.Array
+  use_kernel: bool
+
+
+def lion_step(
+    leaves: Sequence[LionLeafInputs],
+    b1: Any,
+    b2: Any,
+    *,
+    interpret: bool | None = None,
+) -> list[tuple[jax.Array, rsvd.LowRankFactors]]:
+  """One MLorc-Lion step (paper Algorithm 2) of several leaves in two passes.
+
+  With ``m~ = U S V^T`` the previous momentum: the update is
+  ``sign(b1 m~ + (1 - b1) g)`` and the new momentum ``m = b2 m~ + (1 - b2) g``
+  is compressed by the randomized SVD with sketch ``omega``. Both ``m Omega``
+  and ``Q^T m`` are linear in ``g``: pass 1 streams ``g Omega``, pass 2
+  writes the update (rebuilding ``m~`` tile by tile) and accumulates
+  ``Q^T g``; the factors' parts are small products. ``Q`` and the small SVDs
+  as in :func:`adam_step`.
+
+  Returns:
+    Per leaf ``(update [B, m, n], new factors)``.
+  """
+  f32 = lambda x: jnp.asarray(x, _F32)
+  b1_, b2_, one_b1, one_b2 = f32(b1), f32(b2), f32(1 - b1), f32(1 - b2)
+  firsts, ys = [], []
+  for leaf in leaves:
+    l = leaf.omega.shape[-1]
+    l_pad = _pow2_at_least(l, _MIN_TILE)
+    r_pad = _pow2_at_least(leaf.mu.s.shape[-1], _MIN_TILE)
+    u, s_, v = map(f32, leaf.mu)
+    a = _pad_cols(u * s_[:, None, :], r_pad)
+    v = _pad_cols(v, r_pad)
+    om = _pad_cols(f32(leaf.omega), l_pad)
+    if leaf.use_kernel:
+      g_omega = lion_sketch_pass(leaf.g, om, interpret=interpret)
+    else:
+      g_omega = lion_sketch_pass_reference(leaf.g, om)
+    prev = jnp.einsum('bmk,bnk,bnl->bml', a, v, om, precision=_HI)
+    ys.append((b2_ * prev + one_b2 * g_omega)[..., :l])
+    firsts.append((a, v, l_pad))
+  qs = orthonormal_bases(ys)
+  outs, bs = [], []
+  for leaf, q, (a, v, l_pad) in zip(leaves, qs, firsts):
+    batch = leaf.g.shape[0]
+    coef = jnp.stack([jnp.broadcast_to(x, (batch,)) for x in (b1_, one_b1)],
+                     -1)
+    q_pad = _pad_cols(q, l_pad)
+    if leaf.use_kernel:
+      d, qg = lion_project_pass(leaf.g, a, v, q_pad, coef,
+                                interpret=interpret)
+    else:
+      d, qg = lion_project_pass_reference(leaf.g, a, v, q_pad, coef)
+    l = leaf.omega.shape[-1]
+    qa = jnp.einsum('bml,bmk->blk', q, a, precision=_HI)
+    bs.append(b2_ * jnp.einsum('blk,bnk->bln', qa, v, precision=_HI)
+              + one_b2 * qg[:, :l])
+    outs.append(d.astype(leaf.g.dtype))
+  factors = svds_of_projections(qs, bs, [leaf.mu.s.shape[-1]
+                                         for leaf in leaves])
+  return list(zip(outs, factors))
+
+
+# ----------------------------------------------------------------------------
 # Which implementation runs.
 
 IMPLEMENTATIONS = ('reference', 'xla', 'pallas')

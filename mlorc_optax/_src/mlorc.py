@@ -569,10 +569,39 @@ def _scale_by_low_rank_adam(
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+def _lion_two_pass_inputs(
+    g: jax.Array,
+    mu: rsvd.LowRankFactors,
+    key: jax.Array,
+    plan: masking.LeafPlan,
+    store: _LowRankMoments,
+    use_kernel: bool,
+) -> fused.LionLeafInputs | None:
+  """:func:`_two_pass_inputs` for Lion's single moment."""
+  view = plan.view
+  batch = tuple(view.batch_shape)
+  width = rsvd.sketch_width(view.rows, view.cols, plan.rank,
+                            store.compressor.oversample)
+  omega = store.compressor.sketch(mu, key, batch, view.cols, width)
+  if omega is None:
+    return None
+  flat = lambda x: jnp.reshape(x, (-1, *x.shape[len(batch):]))
+  return fused.LionLeafInputs(
+      g=flat(view.to_matrix(g)), mu=rsvd.LowRankFactors(*map(flat, mu)),
+      omega=flat(omega), use_kernel=use_kernel)
+
+
 def _scale_by_low_rank_lion(
-    b1, b2, store: _LowRankMoments, key
+    b1, b2, store: _LowRankMoments, key, implementation: str | None = None
 ) -> optax.GradientTransformation:
-  """Algorithm 2 (without lr and weight decay) on the compressed leaves only."""
+  """Algorithm 2 (without lr and weight decay) on the compressed leaves only.
+
+  ``implementation``: None or ``'reference'`` for the reference step,
+  ``'pallas'`` / ``'xla'`` for :func:`fused.lion_step` (per leaf as
+  :func:`fused.leaf_implementation`).
+  """
+  blocker = fused.two_pass_blocker(
+      compressor=store.compressor, compress=_MOMENTS, atan2=False)
 
   def init_fn(params):
     plans, treedef = store.plan(params)
@@ -595,6 +624,7 @@ def _scale_by_low_rank_lion(
     outer, _ = _boxed_layout(updates)
     stored_mus = _split_moment(outer, state.mu, True, 'mu', store)
     out, new_mu = [], []
+    two_pass, two_pass_inputs = [], []
     index = 0
     for g, stored_mu, p in zip(grads, stored_mus, plans):
       mu = _unboxed(stored_mu, store)
@@ -605,6 +635,19 @@ def _scale_by_low_rank_lion(
         continue
       key_mu, _ = _leaf_keys(state.key, state.count, index)
       index += 1
+      impl = 'reference' if implementation is None else (
+          fused.leaf_implementation(
+              implementation, blocker=blocker, rows=p.view.rows,
+              cols=p.view.cols, sketched=True))
+      leaf_inputs = None if impl == 'reference' else _lion_two_pass_inputs(
+          g, mu, key_mu, p, store, impl == 'pallas')
+      if leaf_inputs is not None:
+        # Filled in below, once all two-pass leaves are known.
+        two_pass.append((len(out), g, p, stored_mu))
+        two_pass_inputs.append(leaf_inputs)
+        out.append(None)
+        new_mu.append(None)
+        continue
       g32 = p.view.to_matrix(g).astype(jnp.float32)
       m_prev = store.read(mu, second_moment=False, decay=b2,
                           count=state.count)
@@ -613,6 +656,16 @@ def _scale_by_low_rank_lion(
       out.append(p.view.from_matrix(jnp.sign(c)).astype(g.dtype))
       new_mu.append(_reboxed(stored_mu, store.write(
           m, mu, key_mu, grad=g32, decay=b2, second_moment=False), store))
+    if two_pass:
+      results = fused.lion_step(two_pass_inputs, b1, b2)
+      for (slot, g, p, stored_mu), (direction, mu_f) in zip(two_pass,
+                                                              results):
+        batch = tuple(p.view.batch_shape)
+        unflat = lambda x, batch=batch: jnp.reshape(
+            x, (*batch, *x.shape[1:]))
+        out[slot] = p.view.from_matrix(unflat(direction)).astype(g.dtype)
+        new_mu[slot] = _reboxed(stored_mu, rsvd.LowRankFactors(*(
+            unflat(x).astype(store.factor_dtype) for x in mu_f)), store)
     new_state = MLorcLionState(
         count=optax.safe_increment(state.count),
         key=state.key,
@@ -795,6 +848,7 @@ def scale_by_mlorc_lion(
     low_rank_mask: masking.MaskSpec = None,
     dimension_numbers: masking.DimensionSpec = None,
     compressor: str | compressors.MomentCompressor = 'rsvd',
+    implementation: str | None = None,
 ) -> optax.GradientTransformation:
   """Rescales updates by Lion with a low-rank compressed momentum (MLorc).
 
@@ -827,6 +881,12 @@ def scale_by_mlorc_lion(
       :func:`scale_by_mlorc_adam`).
     compressor: ``'rsvd'`` (default), ``'warm'``, ``'lorapre'`` or a
       :class:`MomentCompressor` (static; see :func:`scale_by_mlorc_adam`).
+    implementation: ``None`` or ``'reference'`` (default: the algorithm as
+      written), or the two-pass step of :func:`scale_by_mlorc_adam`'s
+      ``implementation``, ``'pallas'`` or ``'xla'`` (static). Lion's two
+      passes need only ``g Omega`` and ``Q^T g`` besides the update, since
+      its momentum is linear in ``g``. Unlike Adam's, ``None`` does not pick
+      them automatically: they have not been timed on a GPU yet.
 
   Returns:
     An ``optax.GradientTransformation``; its state is
@@ -858,6 +918,14 @@ def scale_by_mlorc_lion(
       dimension_numbers=dimension_numbers,
   )
   return optax.chain(
-      _scale_by_low_rank_lion(b1, b2, store, _key_data(seed)),
+      _scale_by_low_rank_lion(
+          b1, b2, store, _key_data(seed),
+          fused.check_implementation(
+              implementation,
+              blocker=fused.two_pass_blocker(
+                  compressor=store.compressor, compress=_MOMENTS,
+                  atan2=False),
+          ),
+      ),
       optax.masked(optax.scale_by_lion(b1, b2, mu_dtype), store.dense_mask),
   )
