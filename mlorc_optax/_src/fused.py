@@ -261,7 +261,7 @@ def sketch_pass_reference(
 def _sketch_kernel(
     coef_ref, g_ref, av_ref, vv_ref, om_ref, ov_ref,
     go_ref, xo_ref, no_ref, cnt_ref, nsum_ref,
-    *, bm, bn, col_blocks, bound, precisions,
+    *, bm, bn, loop_blocks, bound, precisions,
 ):
   b = pl.program_id(0)
   i = pl.program_id(1)
@@ -291,7 +291,7 @@ def _sketch_kernel(
   zl = jnp.zeros((bm, width), _F32)
   zr = jnp.zeros((bm,), _F32)
   acc_g, acc_x, acc_n, cnt, nsum = jax.lax.fori_loop(
-      part * col_blocks, (part + 1) * col_blocks, body, (zl, zl, zl, zr, zr)
+      part * loop_blocks, (part + 1) * loop_blocks, body, (zl, zl, zl, zr, zr)
   )
   go_ref[part, b, rows, :] = acc_g
   xo_ref[part, b, rows, :] = acc_x
@@ -316,23 +316,17 @@ def sketch_pass(
   by a power-of-two tile ``>= 16`` (:func:`kernel_supports`). ``interpret``
   (default: not on a GPU) runs the kernel in Pallas' interpreter.
   """
-  batch, rows, cols = g.shape
+  batch, rows, _ = g.shape
   width = omega_m.shape[-1]
-  bm, bn = tile(rows, BLOCK_ROWS), tile(cols, BLOCK_COLS)
-  interpret, precisions = _mode(interpret)
-  parts = splits(batch * (rows // bm), cols // bn)
-  kernel = functools.partial(
-      _sketch_kernel, bm=bm, bn=bn, col_blocks=cols // bn // parts,
-      bound=_saturation(rows, cols), precisions=precisions,
-  )
-  sk = jax.ShapeDtypeStruct((parts, batch, rows, width), _F32)
-  row = jax.ShapeDtypeStruct((parts, batch, rows), _F32)
-  out = _pallas_call(
-      kernel,
-      out_shape=(sk, sk, sk, row, row),
-      grid=(batch, rows // bm, parts),
-      interpret=interpret,
-  )(coef, g, a_v, v_v, omega_m, omega_v)
+
+  def out_shape(parts):
+    sk = jax.ShapeDtypeStruct((parts, batch, rows, width), _F32)
+    row = jax.ShapeDtypeStruct((parts, batch, rows), _F32)
+    return (sk, sk, sk, row, row)
+
+  out = _launch(_sketch_kernel, g, over='rows', out_shape=out_shape,
+                args=(coef, g, a_v, v_v, omega_m, omega_v),
+                interpret=interpret)
   return SketchPassOutputs(*(jnp.sum(x, axis=0) for x in out))
 
 
@@ -392,7 +386,7 @@ def project_pass_reference(
 def _project_kernel(
     coef_ref, g_ref, am_ref, vm_ref, av_ref, vv_ref, qm_ref, qv_ref,
     d_ref, bm_ref, bv_ref,
-    *, bm, bn, row_blocks, bound, precisions,
+    *, bm, bn, loop_blocks, bound, precisions,
 ):
   b = pl.program_id(0)
   j = pl.program_id(1)
@@ -423,7 +417,7 @@ def _project_kernel(
 
   z = jnp.zeros((width, bn), _F32)
   acc_m, acc_v = jax.lax.fori_loop(
-      part * row_blocks, (part + 1) * row_blocks, body, (z, z))
+      part * loop_blocks, (part + 1) * loop_blocks, body, (z, z))
   bm_ref[part, b, :, cols] = acc_m
   bv_ref[part, b, :, cols] = acc_v
 
@@ -444,22 +438,16 @@ def project_pass(
 
   Constraints and ``interpret`` as for :func:`sketch_pass`.
   """
-  batch, rows, cols = g.shape
+  batch, _, cols = g.shape
   width = q_m.shape[-1]
-  bm, bn = tile(rows, BLOCK_ROWS), tile(cols, BLOCK_COLS)
-  interpret, precisions = _mode(interpret)
-  parts = splits(batch * (cols // bn), rows // bm)
-  kernel = functools.partial(
-      _project_kernel, bm=bm, bn=bn, row_blocks=rows // bm // parts,
-      bound=_saturation(rows, cols), precisions=precisions,
-  )
-  proj = jax.ShapeDtypeStruct((parts, batch, width, cols), _F32)
-  direction, b_m, b_v = _pallas_call(
-      kernel,
-      out_shape=(jax.ShapeDtypeStruct(g.shape, g.dtype), proj, proj),
-      grid=(batch, cols // bn, parts),
-      interpret=interpret,
-  )(coef, g, a_m, v_m, a_v, v_v, q_m, q_v)
+
+  def out_shape(parts):
+    proj = jax.ShapeDtypeStruct((parts, batch, width, cols), _F32)
+    return (jax.ShapeDtypeStruct(g.shape, g.dtype), proj, proj)
+
+  direction, b_m, b_v = _launch(
+      _project_kernel, g, over='cols', out_shape=out_shape,
+      args=(coef, g, a_m, v_m, a_v, v_v, q_m, q_v), interpret=interpret)
   return ProjectPassOutputs(direction, jnp.sum(b_m, axis=0),
                             jnp.sum(b_v, axis=0))
 
@@ -704,7 +692,7 @@ def lion_sketch_pass_reference(g: jax.Array, omega: jax.Array) -> jax.Array:
   return jnp.einsum('bij,bjl->bil', g, omega, precision=_HI)
 
 
-def _lion_sketch_kernel(g_ref, om_ref, go_ref, *, bm, bn, col_blocks, bound,
+def _lion_sketch_kernel(g_ref, om_ref, go_ref, *, bm, bn, loop_blocks, bound,
                         precisions):
   b, i, part = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   rows = _ds(i * bm, bm)
@@ -715,7 +703,7 @@ def _lion_sketch_kernel(g_ref, om_ref, go_ref, *, bm, bn, col_blocks, bound,
     g = jnp.clip(g_ref[b, rows, cols].astype(_F32), -bound, bound)
     return acc + acc_dot(g, om_ref[b, cols, :])
 
-  acc = jax.lax.fori_loop(part * col_blocks, (part + 1) * col_blocks, body,
+  acc = jax.lax.fori_loop(part * loop_blocks, (part + 1) * loop_blocks, body,
                           jnp.zeros((bm, om_ref.shape[-1]), _F32))
   go_ref[part, b, rows, :] = acc
 
@@ -725,20 +713,12 @@ def lion_sketch_pass(
 ) -> jax.Array:
   """:func:`lion_sketch_pass_reference` as a Pallas kernel (as
   :func:`sketch_pass`)."""
-  batch, rows, cols = g.shape
-  bm, bn = tile(rows, BLOCK_ROWS), tile(cols, BLOCK_COLS)
-  interpret, precisions = _mode(interpret)
-  parts = splits(batch * (rows // bm), cols // bn)
-  kernel = functools.partial(
-      _lion_sketch_kernel, bm=bm, bn=bn, col_blocks=cols // bn // parts,
-      bound=_saturation(rows, cols), precisions=precisions)
-  out = _pallas_call(
-      kernel,
-      out_shape=jax.ShapeDtypeStruct((parts, batch, rows, omega.shape[-1]),
-                                     _F32),
-      grid=(batch, rows // bm, parts),
-      interpret=interpret,
-  )(g, omega)
+  batch, rows, _ = g.shape
+  out = _launch(
+      _lion_sketch_kernel, g, over='rows',
+      out_shape=lambda parts: jax.ShapeDtypeStruct(
+          (parts, batch, rows, omega.shape[-1]), _F32),
+      args=(g, omega), interpret=interpret)
   return jnp.sum(out, axis=0)
 
 
@@ -769,7 +749,7 @@ def lion_project_pass_reference(
 
 
 def _lion_project_kernel(coef_ref, g_ref, a_ref, v_ref, q_ref, d_ref, qg_ref,
-                         *, bm, bn, row_blocks, bound, precisions):
+                         *, bm, bn, loop_blocks, bound, precisions):
   b, j, part = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   cols = _ds(j * bn, bn)
   b1, one_b1 = coef_ref[b, 0], coef_ref[b, 1]
@@ -784,7 +764,7 @@ def _lion_project_kernel(coef_ref, g_ref, a_ref, v_ref, q_ref, d_ref, qg_ref,
     d_ref[b, rows, cols] = jnp.sign(c).astype(d_ref.dtype)
     return acc + acc_dot(q_ref[b, rows, :].T, jnp.clip(g, -bound, bound))
 
-  acc = jax.lax.fori_loop(part * row_blocks, (part + 1) * row_blocks, body,
+  acc = jax.lax.fori_loop(part * loop_blocks, (part + 1) * loop_blocks, body,
                           jnp.zeros((q_ref.shape[-1], bn), _F32))
   qg_ref[part, b, :, cols] = acc
 
@@ -795,21 +775,15 @@ def lion_project_pass(
 ) -> tuple[jax.Array, jax.Array]:
   """:func:`lion_project_pass_reference` as a Pallas kernel (as
   :func:`project_pass`)."""
-  batch, rows, cols = g.shape
-  bm, bn = tile(rows, BLOCK_ROWS), tile(cols, BLOCK_COLS)
-  interpret, precisions = _mode(interpret)
-  parts = splits(batch * (cols // bn), rows // bm)
-  kernel = functools.partial(
-      _lion_project_kernel, bm=bm, bn=bn, row_blocks=rows // bm // parts,
-      bound=_saturation(rows, cols), precisions=precisions)
-  direction, qg = _pallas_call(
-      kernel,
-      out_shape=(jax.ShapeDtypeStruct(g.shape, g.dtype),
-                 jax.ShapeDtypeStruct((parts, batch, q.shape[-1], cols),
-                                      _F32)),
-      grid=(batch, cols // bn, parts),
-      interpret=interpret,
-  )(coef, g, a, v, q)
+  batch, _, cols = g.shape
+
+  def out_shape(parts):
+    return (jax.ShapeDtypeStruct(g.shape, g.dtype),
+            jax.ShapeDtypeStruct((parts, batch, q.shape[-1], cols), _F32))
+
+  direction, qg = _launch(_lion_project_kernel, g, over='cols',
+                          out_shape=out_shape, args=(coef, g, a, v, q),
+                          interpret=interpret)
   return direction, jnp.sum(qg, axis=0)
 
 
@@ -991,6 +965,29 @@ def _mode(interpret: bool | None) -> tuple[bool, tuple[Any, Any]]:
     return True, (hi, hi)
   return False, (_PRECISIONS[RECONSTRUCT_PRECISION],
                  _PRECISIONS[ACCUMULATE_PRECISION])
+
+
+def _launch(kernel, g, *, over, out_shape, args, interpret):
+  """Runs a pass's ``kernel`` over ``g [B, m, n]`` and returns its outputs.
+
+  One program per batch entry and block of rows (``over='rows'``, looping
+  over the column blocks) or of columns (``over='cols'``, looping over the
+  row blocks), the loop split into ``parts`` programs (:func:`splits`), each
+  writing its partial sums at index ``part`` of a leading axis of size
+  ``parts`` (``out_shape(parts)`` gives the output shapes). The kernel gets
+  ``bm``, ``bn``, ``loop_blocks`` (per part), ``bound`` and ``precisions``.
+  """
+  batch, rows, cols = g.shape
+  bm, bn = tile(rows, BLOCK_ROWS), tile(cols, BLOCK_COLS)
+  interpret, precisions = _mode(interpret)
+  blocks, loop = ((rows // bm, cols // bn) if over == 'rows'
+                  else (cols // bn, rows // bm))
+  parts = splits(batch * blocks, loop)
+  kernel = functools.partial(
+      kernel, bm=bm, bn=bn, loop_blocks=loop // parts,
+      bound=_saturation(rows, cols), precisions=precisions)
+  return _pallas_call(kernel, out_shape=out_shape(parts),
+                      grid=(batch, blocks, parts), interpret=interpret)(*args)
 
 
 def _ds(start, size):
