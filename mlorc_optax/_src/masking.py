@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mlorc_optax._src import compressors
 from mlorc_optax._src import rsvd
 from mlorc_optax._src.checks import check_int
 
@@ -245,7 +246,6 @@ class LeafPlan:
     """
     if self.view is None:
       return self.size
-    from mlorc_optax._src import compressors  # pylint: disable=g-import-not-at-top
     compressor = compressors.resolve_compressor(
         compressor, oversample=0, power_iters=0)
     v = self.view

@@ -383,21 +383,29 @@ def _validate_compress(compress: Sequence[str]) -> tuple[str, ...]:
   return compress
 
 
+def _sketched(plan: masking.LeafPlan, store: _LowRankMoments) -> bool:
+  """Whether the RSVD of a compressed leaf sketches (the sketch is not the
+  identity, which the two-pass step leaves to the reference)."""
+  view = plan.view
+  return rsvd.sketch_width(view.rows, view.cols, plan.rank,
+                           store.compressor.oversample) < view.cols
+
+
 def _two_pass_inputs(
     g: jax.Array,
-    mu: rsvd.LowRankFactors,
-    nu: rsvd.LowRankFactors,
-    keys: tuple[jax.Array, jax.Array],
+    moments: Sequence[rsvd.LowRankFactors],
+    keys: Sequence[jax.Array],
     plan: masking.LeafPlan,
     store: _LowRankMoments,
-    use_kernel: bool,
-) -> fused.LeafInputs | None:
-  """One leaf's arguments for :func:`fused.adam_step`, batch axes flattened.
+) -> tuple[jax.Array, list[rsvd.LowRankFactors], list[jax.Array]] | None:
+  """One leaf's gradient, factors and sketches for the two-pass step.
 
-  Same sketches (same keys, same ``compressor.sketch``) as the reference
-  path, so both compute the same randomized SVDs up to float32 rounding.
-  None where the compressor's sketch is the identity (a subclass may return
-  None for it): that leaf takes the reference step.
+  The gradient as ``[B, m, n]`` and each moment's factors and this step's
+  sketch with the batch axes flattened to one. Same sketches (same keys,
+  same ``compressor.sketch``) as the reference path, so both compute the
+  same randomized SVDs up to float32 rounding. None where a sketch is the
+  identity (a subclass may return None for it): that leaf takes the
+  reference step.
   """
   view = plan.view
   batch = tuple(view.batch_shape)
@@ -405,35 +413,31 @@ def _two_pass_inputs(
                             store.compressor.oversample)
   omegas = [
       store.compressor.sketch(f, k, batch, view.cols, width)
-      for f, k in zip((mu, nu), keys)
+      for f, k in zip(moments, keys)
   ]
   if any(o is None for o in omegas):
     return None
   flat = lambda x: jnp.reshape(x, (-1, *x.shape[len(batch):]))
-  return fused.LeafInputs(
-      g=flat(view.to_matrix(g)),
-      mu=rsvd.LowRankFactors(*map(flat, mu)),
-      nu=rsvd.LowRankFactors(*map(flat, nu)),
-      omega_m=flat(omegas[0]),
-      omega_v=flat(omegas[1]),
-      use_kernel=use_kernel,
-  )
+  return (flat(view.to_matrix(g)),
+          [rsvd.LowRankFactors(*map(flat, f)) for f in moments],
+          [flat(o) for o in omegas])
 
 
 def _two_pass_outputs(
-    result: tuple[jax.Array, rsvd.LowRankFactors, rsvd.LowRankFactors],
+    direction: jax.Array,
+    moments: Sequence[rsvd.LowRankFactors],
     g: jax.Array,
     plan: masking.LeafPlan,
     store: _LowRankMoments,
-) -> tuple[jax.Array, rsvd.LowRankFactors, rsvd.LowRankFactors]:
+) -> tuple[jax.Array, list[rsvd.LowRankFactors]]:
   """Inverse of :func:`_two_pass_inputs` for the update and new factors."""
   batch = tuple(plan.view.batch_shape)
   unflat = lambda x: jnp.reshape(x, (*batch, *x.shape[1:]))
-  direction, mu, nu = result
-  cast = lambda f: rsvd.LowRankFactors(
-      *(unflat(x).astype(store.factor_dtype) for x in f))
-  return (plan.view.from_matrix(unflat(direction)).astype(g.dtype), cast(mu),
-          cast(nu))
+  update = plan.view.from_matrix(unflat(direction)).astype(g.dtype)
+  return update, [
+      rsvd.LowRankFactors(*(unflat(x).astype(store.factor_dtype) for x in f))
+      for f in moments
+  ]
 
 
 def _adam_coefficients(b1, b2, eps, eps_root, nesterov, count_inc):
@@ -510,16 +514,16 @@ def _scale_by_low_rank_adam(
           blocker=blocker,
           rows=p.view.rows,
           cols=p.view.cols,
-          sketched=blocker is None and rsvd.sketch_width(
-              p.view.rows, p.view.cols, p.rank, store.compressor.oversample
-          ) < p.view.cols,
+          sketched=blocker is None and _sketched(p, store),
       )
-      leaf_inputs = None if impl == 'reference' else _two_pass_inputs(
-          g, mu, nu, (key_mu, key_nu), p, store, impl == 'pallas')
-      if leaf_inputs is not None:
+      inputs = None if impl == 'reference' else _two_pass_inputs(
+          g, (mu, nu), (key_mu, key_nu), p, store)
+      if inputs is not None:
         # Filled in below, once all two-pass leaves are known.
+        g_flat, (mu_flat, nu_flat), (omega_m, omega_v) = inputs
         two_pass.append((len(out), g, p, stored_mu, stored_nu))
-        two_pass_inputs.append(leaf_inputs)
+        two_pass_inputs.append(fused.LeafInputs(
+            g_flat, mu_flat, nu_flat, omega_m, omega_v, impl == 'pallas'))
         out.append(None)
         new_mu.append(None)
         new_nu.append(None)
@@ -552,9 +556,10 @@ def _scale_by_low_rank_adam(
           two_pass_inputs,
           _adam_coefficients(b1, b2, eps, eps_root, nesterov, count_inc),
       )
-      for (slot, g, p, stored_mu, stored_nu), result in zip(two_pass,
-                                                             results):
-        direction, mu_f, nu_f = _two_pass_outputs(result, g, p, store)
+      for (slot, g, p, stored_mu, stored_nu), (direction, *moments) in zip(
+          two_pass, results):
+        direction, (mu_f, nu_f) = _two_pass_outputs(direction, moments, g, p,
+                                                     store)
         out[slot] = direction
         new_mu[slot] = _reboxed(stored_mu, mu_f, store)
         new_nu[slot] = _reboxed(stored_nu, nu_f, store)
@@ -567,28 +572,6 @@ def _scale_by_low_rank_adam(
     return jax.tree_util.tree_unflatten(treedef, out), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
-
-
-def _lion_two_pass_inputs(
-    g: jax.Array,
-    mu: rsvd.LowRankFactors,
-    key: jax.Array,
-    plan: masking.LeafPlan,
-    store: _LowRankMoments,
-    use_kernel: bool,
-) -> fused.LionLeafInputs | None:
-  """:func:`_two_pass_inputs` for Lion's single moment."""
-  view = plan.view
-  batch = tuple(view.batch_shape)
-  width = rsvd.sketch_width(view.rows, view.cols, plan.rank,
-                            store.compressor.oversample)
-  omega = store.compressor.sketch(mu, key, batch, view.cols, width)
-  if omega is None:
-    return None
-  flat = lambda x: jnp.reshape(x, (-1, *x.shape[len(batch):]))
-  return fused.LionLeafInputs(
-      g=flat(view.to_matrix(g)), mu=rsvd.LowRankFactors(*map(flat, mu)),
-      omega=flat(omega), use_kernel=use_kernel)
 
 
 def _scale_by_low_rank_lion(
@@ -638,13 +621,15 @@ def _scale_by_low_rank_lion(
       impl = 'reference' if implementation is None else (
           fused.leaf_implementation(
               implementation, blocker=blocker, rows=p.view.rows,
-              cols=p.view.cols, sketched=True))
-      leaf_inputs = None if impl == 'reference' else _lion_two_pass_inputs(
-          g, mu, key_mu, p, store, impl == 'pallas')
-      if leaf_inputs is not None:
+              cols=p.view.cols, sketched=_sketched(p, store)))
+      inputs = None if impl == 'reference' else _two_pass_inputs(
+          g, (mu,), (key_mu,), p, store)
+      if inputs is not None:
         # Filled in below, once all two-pass leaves are known.
+        g_flat, (mu_flat,), (omega,) = inputs
         two_pass.append((len(out), g, p, stored_mu))
-        two_pass_inputs.append(leaf_inputs)
+        two_pass_inputs.append(fused.LionLeafInputs(
+            g_flat, mu_flat, omega, impl == 'pallas'))
         out.append(None)
         new_mu.append(None)
         continue
@@ -660,12 +645,9 @@ def _scale_by_low_rank_lion(
       results = fused.lion_step(two_pass_inputs, b1, b2)
       for (slot, g, p, stored_mu), (direction, mu_f) in zip(two_pass,
                                                               results):
-        batch = tuple(p.view.batch_shape)
-        unflat = lambda x, batch=batch: jnp.reshape(
-            x, (*batch, *x.shape[1:]))
-        out[slot] = p.view.from_matrix(unflat(direction)).astype(g.dtype)
-        new_mu[slot] = _reboxed(stored_mu, rsvd.LowRankFactors(*(
-            unflat(x).astype(store.factor_dtype) for x in mu_f)), store)
+        out[slot], (mu_f,) = _two_pass_outputs(direction, (mu_f,), g, p,
+                                               store)
+        new_mu[slot] = _reboxed(stored_mu, mu_f, store)
     new_state = MLorcLionState(
         count=optax.safe_increment(state.count),
         key=state.key,
