@@ -36,7 +36,8 @@ from mlorc_optax._src import rsvd as rsvd_lib
 SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))
 
 
-def _time(fn, *args, calls: int) -> float:
+def median_time(fn, *args, calls: int) -> float:
+  """Median seconds of ``calls`` warm calls of ``jit(fn)(*args)``."""
   compiled = jax.jit(fn).lower(*args).compile()
   jax.block_until_ready(compiled(*args))
   times = []
@@ -77,24 +78,24 @@ def run(batch: int, ranks: Sequence[int], calls: int,
   for m, n in SHAPES:
     big = jax.random.normal(key, (batch, m, n), jnp.float32)
     row = dict(m=m, n=n, batch=batch)
-    row['copy_ms'] = 1e3 * _time(lambda a: a * 1.0, big, calls=calls)
+    row['copy_ms'] = 1e3 * median_time(lambda a: a * 1.0, big, calls=calls)
     for r in ranks:
       omega = jax.random.normal(key, (n, r), jnp.float32)
       y = big @ omega
       q = jnp.linalg.qr(y)[0]
       b = _mT(q) @ big
       entry = dict(row, rank=r)
-      entry['sketch_ms'] = 1e3 * _time(lambda a, o: a @ o, big, omega,
+      entry['sketch_ms'] = 1e3 * median_time(lambda a, o: a @ o, big, omega,
                                        calls=calls)
-      entry['project_ms'] = 1e3 * _time(lambda q, a: _mT(q) @ a, q, big,
+      entry['project_ms'] = 1e3 * median_time(lambda q, a: _mT(q) @ a, q, big,
                                         calls=calls)
-      entry['qr_ms'] = 1e3 * _time(lambda y: jnp.linalg.qr(y)[0], y,
+      entry['qr_ms'] = 1e3 * median_time(lambda y: jnp.linalg.qr(y)[0], y,
                                    calls=calls)
-      entry['cholesky_qr2_ms'] = 1e3 * _time(cholesky_qr2, y, calls=calls)
-      entry['svd_ms'] = 1e3 * _time(
+      entry['cholesky_qr2_ms'] = 1e3 * median_time(cholesky_qr2, y, calls=calls)
+      entry['svd_ms'] = 1e3 * median_time(
           lambda b: jnp.linalg.svd(b, full_matrices=False), b, calls=calls)
-      entry['gram_svd_ms'] = 1e3 * _time(gram_svd, b, calls=calls)
-      entry['qr_then_small_svd_ms'] = 1e3 * _time(
+      entry['gram_svd_ms'] = 1e3 * median_time(gram_svd, b, calls=calls)
+      entry['qr_then_small_svd_ms'] = 1e3 * median_time(
           rsvd_lib._short_wide_svd, b, calls=calls)  # what the library uses
       q2 = cholesky_qr2(y)
       entry['cholesky_qr2_orthogonality'] = float(jnp.max(jnp.abs(

@@ -29,21 +29,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from collections.abc import Sequence
 from typing import Any
 
-
-def _time(fn, args, calls):
-  import jax  # pylint: disable=g-import-not-at-top
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(calls):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
+from benchmarks.decompositions import median_time
 
 
 def measure(batch: int, rows: int, cols: int, rank: int, dtype: str,
@@ -85,7 +74,7 @@ def measure(batch: int, rows: int, cols: int, rank: int, dtype: str,
 
   def record(name, fn, args, nbytes, **extra):
     try:
-      s = _time(jax.jit(fn), args, calls)
+      s = median_time(fn, *args, calls=calls)
       r = dict(base, kernel=name, ms=1e3 * s, **extra)
       if nbytes:
         r['gb_per_s'] = nbytes / s / 1e9
