@@ -1,4 +1,10 @@
-"""MLorc optimizers, drop-in replacements for optax.adamw and optax.lion."""
+"""The MLorc optimizers ``mlorc_adamw`` and ``mlorc_lion``: chains only.
+
+They chain :func:`mlorc_optax.scale_by_mlorc_adam` /
+:func:`mlorc_optax.scale_by_mlorc_lion` exactly as ``optax.adamw`` and
+``optax.lion`` chain ``scale_by_adam`` / ``scale_by_lion``, with the same
+arguments in the same order, so that they are drop-in replacements.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +16,22 @@ import jax.numpy as jnp
 import optax
 
 from mlorc_optax._src import compressors
-from mlorc_optax._src import masking
-from mlorc_optax._src import mlorc
+from mlorc_optax._src import plan
+from mlorc_optax._src import transform
+from mlorc_optax._src.kernels import launch
 
+#: The arguments of the MLorc factories that set shapes or select code, which
+#: ``optax.inject_hyperparams`` must not turn into traced hyperparameters:
+#: ``optax.inject_hyperparams(mlorc_optax.mlorc_adamw,
+#: static_args=mlorc_optax.STATIC_ARGS)(learning_rate=1e-3)``. It treats ints
+#: as numbers and callables (dtypes such as ``jnp.float32``, masks) as
+#: schedules; bools, strings, None and compressor or kernel-config objects
+#: stay static without it. ``mask`` and ``mu_dtype`` are listed for the same
+#: reasons as for ``optax.adamw``.
+STATIC_ARGS: tuple[str, ...] = (
+    'rank', 'oversample', 'power_iters', 'factor_dtype', 'low_rank_mask',
+    'dimension_numbers', 'mask', 'mu_dtype',
+)
 
 def mlorc_adamw(
     learning_rate: optax.ScalarOrSchedule,
@@ -31,12 +50,12 @@ def mlorc_adamw(
     seed: int | jax.Array = 0,
     factor_dtype: jax.typing.DTypeLike = jnp.float32,
     compress: Sequence[str] = ('mu', 'nu'),
-    low_rank_mask: masking.MaskSpec = None,
-    dimension_numbers: masking.DimensionSpec = None,
+    low_rank_mask: plan.MaskSpec = None,
+    dimension_numbers: plan.DimensionSpec = None,
     compressor: str | compressors.MomentCompressor = 'rsvd',
-    atan2: bool = False,
     implementation: str | None = None,
-) -> optax.GradientTransformation:
+    kernel_config: launch.KernelConfig | None = None,
+) -> optax.GradientTransformationExtraArgs:
   """AdamW whose moments are stored as low-rank factors (MLorc-AdamW).
 
   Paper Algorithm 1: the optimizer state of every compressed ``m x n`` matrix
@@ -101,14 +120,15 @@ def mlorc_adamw(
     dimension_numbers: how leaves are viewed as matrices (see
       :class:`mlorc_optax.MatrixDimensionNumbers`).
     compressor: how the moments are compressed (static): ``'rsvd'`` (the
-      paper's randomized SVD, default), ``'warm'`` (RSVD sketched with the
-      previous factors), ``'lorapre'`` (LoRA-Pre's least-squares factors) or
-      a :class:`mlorc_optax.MomentCompressor`; see ``docs/compressors.md``.
-    atan2: Adam-atan2's ``eps``-free update
-      (:func:`mlorc_optax.scale_by_adam_atan2`) on every leaf.
+      paper's randomized SVD, default) or a
+      :class:`mlorc_optax.compressors.MomentCompressor`, for example
+      :class:`mlorc_optax.contrib.WarmStartCompressor` (see
+      ``docs/compressors.md``).
     implementation: ``None`` (automatic: the fused two-pass Pallas step on a
       single NVIDIA GPU, the reference step elsewhere), ``'reference'``,
       ``'pallas'`` or ``'xla'``; see :func:`mlorc_optax.scale_by_mlorc_adam`.
+    kernel_config: the Pallas kernels' settings
+      (:class:`mlorc_optax.kernels.KernelConfig`; static).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -126,8 +146,7 @@ def mlorc_adamw(
     ...   params = optax.apply_updates(params, updates)
     >>> bool(loss(params) < 32.0 ** 2 * 16)
     True
-    >>> tx = mlorc_optax.mlorc_adamw(1e-2, rank=4, compressor='lorapre')
-    >>> tx.init(params)[0][0].mu.b['w'].shape  # LoRA-Pre's B; A^T in .a
+    >>> state[0].inner_state.mu['w'].u.shape  # factors, not a 32 x 16 moment
     (32, 4)
 
   References:
@@ -137,7 +156,7 @@ def mlorc_adamw(
     https://arxiv.org/abs/1711.05101.
   """
   return optax.chain(
-      mlorc.scale_by_mlorc_adam(
+      transform.scale_by_mlorc_adam(
           b1=b1,
           b2=b2,
           eps=eps,
@@ -153,8 +172,8 @@ def mlorc_adamw(
           low_rank_mask=low_rank_mask,
           dimension_numbers=dimension_numbers,
           compressor=compressor,
-          atan2=atan2,
           implementation=implementation,
+          kernel_config=kernel_config,
       ),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
@@ -174,11 +193,12 @@ def mlorc_lion(
     power_iters: int = 0,
     seed: int | jax.Array = 0,
     factor_dtype: jax.typing.DTypeLike = jnp.float32,
-    low_rank_mask: masking.MaskSpec = None,
-    dimension_numbers: masking.DimensionSpec = None,
+    low_rank_mask: plan.MaskSpec = None,
+    dimension_numbers: plan.DimensionSpec = None,
     compressor: str | compressors.MomentCompressor = 'rsvd',
     implementation: str | None = None,
-) -> optax.GradientTransformation:
+    kernel_config: launch.KernelConfig | None = None,
+) -> optax.GradientTransformationExtraArgs:
   """Lion whose momentum is stored as low-rank factors (MLorc-Lion).
 
   Paper Algorithm 2, built like ``optax.lion`` with the same arguments,
@@ -221,11 +241,12 @@ def mlorc_lion(
     factor_dtype: storage dtype of the factors.
     low_rank_mask: which leaves are compressed.
     dimension_numbers: how leaves are viewed as matrices.
-    compressor: ``'rsvd'`` (default), ``'warm'``, ``'lorapre'`` or a
-      :class:`mlorc_optax.MomentCompressor` (static; see
+    compressor: ``'rsvd'`` (default) or a
+      :class:`mlorc_optax.compressors.MomentCompressor` (static; see
       :func:`mlorc_adamw`).
-    implementation: ``None`` / ``'reference'`` (default), ``'pallas'`` or
+    implementation: ``None`` (automatic), ``'reference'``, ``'pallas'`` or
       ``'xla'``; see :func:`mlorc_optax.scale_by_mlorc_lion`.
+    kernel_config: the Pallas kernels' settings (static).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -245,7 +266,7 @@ def mlorc_lion(
     https://arxiv.org/abs/2302.06675.
   """
   return optax.chain(
-      mlorc.scale_by_mlorc_lion(
+      transform.scale_by_mlorc_lion(
           b1=b1,
           b2=b2,
           mu_dtype=mu_dtype,
@@ -258,6 +279,7 @@ def mlorc_lion(
           dimension_numbers=dimension_numbers,
           compressor=compressor,
           implementation=implementation,
+          kernel_config=kernel_config,
       ),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),

@@ -26,7 +26,8 @@ def check_int(name: str, value: Any, minimum: int) -> int:
     raise TypeError(
         f'{name} must be a Python int, got {value!r} of type '
         f'{type(value).__name__}. It sets array shapes, so it must be static: '
-        f'under optax.inject_hyperparams, list {name!r} in static_args.'
+        f'under optax.inject_hyperparams, pass '
+        f'static_args=mlorc_optax.STATIC_ARGS (it lists {name!r}).'
     ) from None
   if value < minimum:
     raise ValueError(f'{name} must be >= {minimum}, got {value}.')
@@ -67,7 +68,8 @@ def check_float_dtype(name: str, value: Any) -> np.dtype:
   if isinstance(value, jax.Array):
     raise TypeError(
         f'{name} must be a dtype, got an array. Under '
-        f'optax.inject_hyperparams, list {name!r} in static_args.'
+        f'optax.inject_hyperparams, pass static_args=mlorc_optax.STATIC_ARGS '
+        f'(it lists {name!r}).'
     )
   try:
     dtype = np.dtype(value)

@@ -31,7 +31,7 @@ import jax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
-from mlorc_optax._src import masking
+from mlorc_optax._src import plan as plan_lib
 
 
 def _axes_spec(spec: PartitionSpec, axes: tuple[int, ...], ndim: int) -> Any:
@@ -49,7 +49,7 @@ def _axes_spec(spec: PartitionSpec, axes: tuple[int, ...], ndim: int) -> Any:
 
 
 def factor_partition_specs(
-    plan: masking.LeafPlan, param_spec: PartitionSpec
+    plan: plan_lib.LeafPlan, param_spec: PartitionSpec
 ) -> tuple[PartitionSpec, PartitionSpec, PartitionSpec, PartitionSpec]:
   """PartitionSpecs ``(u, s, v, dense)`` of a compressed leaf's moments.
 
@@ -89,7 +89,8 @@ def factor_partition_specs(
     >>> from jax.sharding import PartitionSpec as P
     >>> import mlorc_optax
     >>> leaf = jax.ShapeDtypeStruct((6, 512, 2048), jnp.float32)
-    >>> plan = mlorc_optax.compression_plan({'w': leaf}, rank=4)['w']
+    >>> tx = mlorc_optax.mlorc_adamw(1e-3, rank=4)
+    >>> plan = mlorc_optax.compression_plan(tx, {'w': leaf})['w']
     >>> u, s, v, dense = mlorc_optax.factor_partition_specs(
     ...     plan, P(None, 'data', 'model'))
     >>> u, s, v
@@ -102,8 +103,8 @@ def factor_partition_specs(
 
     >>> leaf = jax.ShapeDtypeStruct((512, 8, 64), jnp.float32)
     >>> dims = mlorc_optax.MatrixDimensionNumbers((0,), (1, 2))
-    >>> plan = mlorc_optax.compression_plan(
-    ...     {'q': leaf}, rank=4, dimension_numbers=dims)['q']
+    >>> tx = mlorc_optax.mlorc_adamw(1e-3, rank=4, dimension_numbers=dims)
+    >>> plan = mlorc_optax.compression_plan(tx, {'q': leaf})['q']
     >>> mlorc_optax.factor_partition_specs(plan, P('data', 'model', 'seq'))[2]
     P(('model', 'seq'), None)
   """
@@ -123,7 +124,7 @@ def factor_partition_specs(
 
 
 def factor_shardings(
-    plan: masking.LeafPlan, sharding: Any
+    plan: plan_lib.LeafPlan, sharding: Any
 ) -> tuple[Any, Any, Any, Any] | None:
   """Shardings ``(u, s, v, dense)`` for a leaf sharded by ``sharding``.
 
@@ -170,9 +171,9 @@ def state_shardings(state: Any, mesh: jax.sharding.Mesh | None = None) -> Any:
     ...                         NamedSharding(mesh, P(None, 'model')))
     >>> state = mlorc_optax.mlorc_adamw(1e-3, rank=4).init(params)
     >>> shardings = mlorc_optax.state_shardings(state)
-    >>> shardings[0][0].mu.v['w'].spec == P('model', None)  # like the columns
+    >>> shardings[0].inner_state.mu['w'].v.spec == P('model', None)  # columns
     True
-    >>> shardings[0][0].count.spec == P()  # replicated
+    >>> shardings[0].inner_state.count.spec == P()  # replicated
     True
   """
   leaves, treedef = jax.tree_util.tree_flatten(state)

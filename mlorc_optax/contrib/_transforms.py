@@ -1,4 +1,4 @@
-"""Small gradient transformations to chain with the MLorc transforms.
+"""Transforms of ``mlorc-optim`` to chain with any optimizer (contrib).
 
 The unofficial PyTorch ``mlorc-optim`` builds these into each optimizer; in
 Optax they are separate transforms that compose with any optimizer:
@@ -8,8 +8,8 @@ Optax they are separate transforms that compose with any optimizer:
 * :func:`grams` (around the optimizer's scaling): keeps the magnitude of the
   optimizer's update and takes its sign from the gradient (Cao et al. 2024).
 * :func:`scale_by_adam_atan2`: Adam with ``atan2`` in place of ``eps``
-  (Everett et al. 2024); ``scale_by_mlorc_adam(atan2=True)`` uses the same
-  update for its compressed leaves.
+  (Everett et al. 2024); ``low_rank_moments(scale_by_adam_atan2())`` is
+  MLorc-Adam-atan2.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def orthograd(*, rescale: bool = True) -> optax.GradientTransformation:
   Examples:
     >>> import jax.numpy as jnp
     >>> import mlorc_optax
-    >>> tx = mlorc_optax.orthograd(rescale=False)
+    >>> tx = mlorc_optax.contrib.orthograd(rescale=False)
     >>> params = {'w': jnp.array([1.0, 0.0])}
     >>> grads = {'w': jnp.array([3.0, 4.0])}
     >>> updates, _ = tx.update(grads, tx.init(params), params)
@@ -115,7 +115,7 @@ class GramsState(NamedTuple):
   Examples:
     >>> import jax.numpy as jnp, optax
     >>> import mlorc_optax
-    >>> tx = mlorc_optax.grams(optax.scale_by_adam())
+    >>> tx = mlorc_optax.contrib.grams(optax.scale_by_adam())
     >>> state = tx.init(jnp.zeros(3))
     >>> type(state.inner_state).__name__
     'ScaleByAdamState'
@@ -160,7 +160,7 @@ def grams(
   Examples:
     >>> import jax.numpy as jnp, optax
     >>> import mlorc_optax
-    >>> tx = mlorc_optax.grams(optax.scale(-2.0))  # magnitude 2|g|
+    >>> tx = mlorc_optax.contrib.grams(optax.scale(-2.0))  # magnitude 2|g|
     >>> grads = jnp.array([1.0, -3.0, 0.0])
     >>> updates, _ = tx.update(grads, tx.init(grads))
     >>> updates  # sign of g, not of -2 g
@@ -224,8 +224,9 @@ def scale_by_adam_atan2(
   gradients: no ``eps`` to tune or to swamp tiny gradients. The defaults
   ``a = 1.27``, ``b = 1`` are those of the reference PyTorch
   implementation (``adam-atan2-pytorch``; ``a ~ 4 / pi`` makes a step with
-  ``m_hat = sqrt(v_hat)`` about Adam's size 1). The leaves
-  ``scale_by_mlorc_adam(atan2=True)`` does not compress get this transform.
+  ``m_hat = sqrt(v_hat)`` about Adam's size 1). Its state is
+  ``optax.ScaleByAdamState``, so ``mlorc_optax.low_rank_moments`` compresses
+  its moments like Adam's: MLorc-Adam-atan2.
 
   Args:
     b1: decay of the first moment.
@@ -241,7 +242,7 @@ def scale_by_adam_atan2(
   Examples:
     >>> import jax.numpy as jnp
     >>> import mlorc_optax
-    >>> tx = mlorc_optax.scale_by_adam_atan2()
+    >>> tx = mlorc_optax.contrib.scale_by_adam_atan2()
     >>> g = jnp.array([1e-3, -5.0, 0.0])
     >>> updates, _ = tx.update(g, tx.init(g))  # a * atan2(g, |g|) at step 1
     >>> updates  # about 1.27 * pi / 4 whatever the gradient's scale

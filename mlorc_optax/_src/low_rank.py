@@ -1,0 +1,520 @@
+"""MLorc around any optax optimizer: moments stored as low-rank factors.
+
+The MLorc paper's claim is that momentum low-rank compression applies to any
+momentum-based optimizer: reconstruct the moments, let the base optimizer
+update them from the full-size moments, recompress. :func:`low_rank_moments`
+is that claim as an optax transform. For an ``inner`` transform whose state
+holds params-shaped moment trees (``optax.scale_by_adam``'s ``mu`` and ``nu``,
+``optax.scale_by_lion``'s ``mu``, ADOPT's, AdEMAMix's ``m1``, ``m2``, ``nu``,
+D-Adaptation's ``exp_avg``, ``exp_avg_sq``, ``grad_sum``, ...), each step
+
+1. reads every compressed moment back from its factors in float32
+   (:meth:`~mlorc_optax.compressors.MomentCompressor.read`; non-negative
+   moments get the fix of paper equation 2),
+2. calls ``inner.update`` with those dense moments, so the inner optimizer
+   computes its update from the *uncompressed* new moments exactly as it
+   always does (bias correction, nesterov, ``eps_root``, ...),
+3. recompresses the new moments it returns
+   (:meth:`~mlorc_optax.compressors.MomentCompressor.update`; the paper's
+   randomized SVD by default).
+
+Leaves that are not compressed keep the inner optimizer's dense moments, and
+the wrapper never touches fields that are not moments (counters, learning
+rate estimates). Between steps the state holds, in place of each compressed
+leaf of a moment tree, the compressor's factors
+(``state.inner_state.mu['w']`` is a :class:`~mlorc_optax.LowRankFactors`).
+
+Everything decided about a leaf (compressed or not, its matrix view, which
+step computes it) is decided once in ``init`` and kept in the state as a
+:class:`~mlorc_optax._src.plan.LowRankPlan`. Leaves whose plan says
+``'pallas'`` or ``'xla'`` are computed by an accelerated implementation of
+the same step (``fast_step``, for Adam and Lion: :mod:`.fast_steps`) instead
+of steps 1-3, which never materialises their dense moments.
+
+Randomness: the state holds a raw ``uint32[2]`` PRNG key that never changes.
+At step ``t`` (the state's ``step`` before the update), the sketch of the
+moment field with index ``j`` (its position among the inner state's moment
+fields: 0 for ``mu``, 1 for ``nu``) of the ``i``-th compressed leaf in
+tree-flatten order is drawn from
+
+``fold_in(fold_in(fold_in(key, t), i), j)``
+
+as ``jax.random.normal(k, (*batch_shape, n, l), float32)`` with
+``l = min(rank + oversample, m, n)``. It depends on nothing else (never on
+the device), so replicas that share the state draw identical sketches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mlorc_optax._src import checks
+from mlorc_optax._src import compressors as compressors_lib
+from mlorc_optax._src import moment_fields
+from mlorc_optax._src import plan as plan_lib
+from mlorc_optax._src import rsvd
+from mlorc_optax._src import sharding
+from mlorc_optax._src import views
+from mlorc_optax._src.kernels import launch
+
+
+class MomentSpec(NamedTuple):
+  """How :func:`low_rank_moments` treats one moment field of a state.
+
+  Attributes:
+    nonnegative: the moment is non-negative (an EMA of ``g**2``): its
+      reconstruction gets the fix of paper equation 2.
+    decay: the moment's EMA decay, where known. Only compressors that model
+      the EMA itself need it (LoRA-Pre, :mod:`mlorc_optax.contrib`).
+
+  Examples:
+    >>> import mlorc_optax
+    >>> mlorc_optax.low_rank.DEFAULT_MOMENTS['nu']
+    MomentSpec(nonnegative=True, decay=None)
+  """
+
+  nonnegative: bool = False
+  decay: Any = None
+
+
+#: The moment fields of optax's own states that :func:`low_rank_moments`
+#: compresses by default: ``mu`` and ``nu`` (``scale_by_adam``, ``adamw``,
+#: ``scale_by_lion``, ``contrib.scale_by_adopt``, ``scale_by_amsgrad``, ...),
+#: ``m1``, ``m2`` (``contrib.scale_by_ademamix``), ``exp_avg``,
+#: ``exp_avg_sq``, ``grad_sum`` (``contrib.dadapt_adamw``, ``contrib.prodigy``)
+#: and ``trace`` (``optax.trace``: SGD with momentum).
+DEFAULT_MOMENTS: Mapping[str, MomentSpec] = {
+    'mu': MomentSpec(),
+    'nu': MomentSpec(nonnegative=True),
+    'm1': MomentSpec(),
+    'm2': MomentSpec(),
+    'exp_avg': MomentSpec(),
+    'exp_avg_sq': MomentSpec(nonnegative=True),
+    'grad_sum': MomentSpec(),
+    'trace': MomentSpec(),
+}
+
+
+class LowRankMomentsState(NamedTuple):
+  """State of :func:`low_rank_moments`.
+
+  Attributes:
+    step: int32 number of updates applied (the ``t`` of the sketch keys).
+    key: raw ``uint32[2]`` PRNG key from which every sketch is derived.
+    inner_state: the inner optimizer's state, in which every compressed leaf
+      of a moment tree holds the compressor's factors instead of the dense
+      moment (:class:`~mlorc_optax.LowRankFactors` ``(u, s, v)`` for the
+      randomized SVD).
+    plan: the :class:`~mlorc_optax._src.plan.LowRankPlan` made by ``init``:
+      static data of the state's tree structure, no arrays.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import mlorc_optax
+    >>> params = {'w': jnp.zeros((64, 32)), 'b': jnp.zeros(32)}
+    >>> state = mlorc_optax.scale_by_mlorc_adam(rank=4).init(params)
+    >>> state.inner_state.mu['w'].u.shape, state.inner_state.mu['w'].v.shape
+    ((64, 4), (32, 4))
+    >>> state.inner_state.nu['b'].shape  # not compressed: Adam's own moment
+    (32,)
+  """
+
+  step: jax.Array
+  key: jax.Array
+  inner_state: optax.OptState
+  plan: plan_lib.LowRankPlan
+
+
+# A fast step: computes the update and the new factors of its fields for the
+# leaves the plan gives it (see fast_steps.py). Anything with these members.
+FastStep = Any
+
+
+def key_data(seed: Any) -> jax.Array:
+  """A raw ``uint32[2]`` key from an int seed, a typed key or raw key data."""
+  if isinstance(seed, (jax.Array, np.ndarray)) and jnp.issubdtype(
+      seed.dtype, jax.dtypes.prng_key
+  ):
+    return jax.random.key_data(seed)
+  if isinstance(seed, jax.Array) and seed.shape == () and jnp.issubdtype(
+      seed.dtype, jnp.integer
+  ):  # possibly traced, e.g. a seed injected by optax.inject_hyperparams
+    return jax.random.PRNGKey(seed)
+  array = np.asarray(seed)
+  if array.dtype == np.uint32 and array.shape == (2,):
+    return jnp.asarray(array)
+  if array.shape == () and np.issubdtype(array.dtype, np.integer):
+    return jax.random.PRNGKey(seed)
+  raise TypeError(
+      f'seed must be an int, a jax.random key or raw uint32[2] key data, got '
+      f'{seed!r}.'
+  )
+
+
+def _moment_specs(moments: Any) -> dict[str, MomentSpec]:
+  """``moments=`` as a dict name -> MomentSpec; raises naming it."""
+  if moments is None:
+    return dict(DEFAULT_MOMENTS)
+  if isinstance(moments, str):
+    moments = (moments,)
+  if isinstance(moments, Mapping):
+    out = {}
+    for name, spec in moments.items():
+      if isinstance(spec, (bool, np.bool_)):
+        spec = MomentSpec(nonnegative=bool(spec))
+      if not isinstance(name, str) or not isinstance(spec, MomentSpec):
+        raise TypeError(
+            'moments must map field names to MomentSpec (or a bool: '
+            f'non-negative), got {name!r}: {spec!r}.'
+        )
+      out[name] = spec
+  else:
+    names = tuple(moments)
+    unknown = [n for n in names if n not in DEFAULT_MOMENTS]
+    if unknown:
+      raise ValueError(
+          f'moments names {unknown} that DEFAULT_MOMENTS does not know; give '
+          'a mapping name -> MomentSpec for them.'
+      )
+    out = {n: DEFAULT_MOMENTS[n] for n in names}
+  if not out:
+    raise ValueError('moments must name at least one moment field.')
+  return out
+
+
+# ----------------------------------------------------------------------------
+# The transform.
+
+
+def _leaf_keys(key: jax.Array, step: jax.Array, index: int) -> jax.Array:
+  return jax.random.fold_in(jax.random.fold_in(key, step), index)
+
+
+def _zero_factors(p: plan_lib.LeafPlan, leaf: Any, compressor, dtype) -> Any:
+  """Zero factors of a compressed leaf, placed like a sharded parameter."""
+  placed = None
+  if not isinstance(leaf, jax.core.Tracer):
+    placed = sharding.factor_shardings(p, getattr(leaf, 'sharding', None))
+  u_sh, s_sh, v_sh, _ = placed or (None,) * 4
+  where = {'rows': u_sh, 'batch': s_sh, 'cols': v_sh}
+  view = p.view
+  specs = compressor.specs(view.batch_shape, view.rows, view.cols, p.rank)
+  return compressor.factor_type(*(
+      jnp.zeros(spec.shape, dtype, device=where[spec.placement])
+      for spec in specs
+  ))
+
+
+def _sketches(compressor: compressors_lib.RSVDCompressor,
+              p: plan_lib.LeafPlan) -> bool:
+  """Whether the RSVD of a leaf sketches (the two-pass step needs a sketch).
+
+  The sketch is the identity (None) where ``rank + oversample >= cols``
+  (the RSVD is exact there) or where a compressor's ``sketch`` says so; its
+  shape is found abstractly, without drawing it.
+  """
+  v = p.view
+  width = rsvd.sketch_width(v.rows, v.cols, p.rank, compressor.oversample)
+  factors = compressor.factor_type(*(
+      jax.ShapeDtypeStruct(spec.shape, jnp.float32)
+      for spec in compressor.specs(v.batch_shape, v.rows, v.cols, p.rank)))
+  sketch = jax.eval_shape(
+      lambda f, k: compressor.sketch(f, k, v.batch_shape, v.cols, width),
+      factors, jax.ShapeDtypeStruct((2,), jnp.uint32))
+  return width < v.cols and sketch is not None
+
+
+def low_rank_moments(
+    inner: optax.GradientTransformation,
+    *,
+    rank: int = 4,
+    compressor: compressors_lib.MomentCompressor | None = None,
+    moments: Mapping[str, MomentSpec] | Sequence[str] | None = None,
+    seed: int | jax.Array = 0,
+    factor_dtype: jax.typing.DTypeLike = jnp.float32,
+    low_rank_mask: plan_lib.MaskSpec = None,
+    dimension_numbers: plan_lib.DimensionSpec = None,
+    implementation: str | None = None,
+    fast_step: FastStep | None = None,
+    kernel_config: launch.KernelConfig | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Stores ``inner``'s moments as low-rank factors between steps (MLorc).
+
+  For every compressed leaf, viewed as a batch of ``m x n`` matrices, and
+  every moment field ``M`` of ``inner``'s state, with factors ``F`` kept from
+  the previous step:
+
+  .. math::
+
+    \\tilde M = \\mathrm{read}(F),\\qquad
+    (u, M') = \\mathrm{inner}(g, \\tilde M),\\qquad
+    F' = \\mathrm{update}(F, M', g),
+
+  where ``read`` reconstructs the moment (for the randomized SVD,
+  ``U S V^T``, with negative entries of a non-negative moment replaced as in
+  paper equation 2) and ``update`` recompresses it (the randomized SVD of
+  paper Algorithm 3). The update ``u`` is computed by ``inner`` from the
+  *uncompressed* moments. The factors start at zero (every optax moment
+  starts at zero), so the first step is exactly ``inner``'s. At
+  ``rank >= min(m, n)`` for every compressed leaf it computes what
+  ``inner`` computes, up to float32 rounding of the decomposition.
+
+  ``inner`` receives the reconstructed moments and the gradients of
+  compressed leaves in float32, and their updates are returned in the
+  gradient's dtype. ``init``
+  calls ``inner.init(params)`` and replaces the dense moments of compressed
+  leaves by zero factors (under ``jit`` XLA never materialises them).
+
+  .. warning::
+    Only leaves chosen by ``low_rank_mask`` are compressed (default:
+    floating matrices whose last path name is not ``bias``, ``scale`` or
+    ``embedding`` and with ``min(rows, cols) > rank``), and only fields
+    named in ``moments`` whose tree has the structure of the params; every
+    other array of ``inner``'s state stays as ``inner`` keeps it (for
+    example ``contrib.prodigy``'s ``params0``, a copy of the parameters).
+    Inspect the decisions with :func:`mlorc_optax.compression_plan`.
+
+  Args:
+    inner: any ``optax.GradientTransformation`` whose state holds
+      params-shaped moment trees.
+    rank: rank ``r`` of the factors (static; >= 1).
+    compressor: how the moments are stored, read and refreshed (static); the
+      paper's :class:`~mlorc_optax.compressors.RSVDCompressor` by default.
+    moments: which state fields are moments to compress: a mapping from
+      field name to :class:`MomentSpec`, or a sequence of names known to
+      :data:`DEFAULT_MOMENTS` (the default, which knows optax's own
+      states). Moment fields of :data:`DEFAULT_MOMENTS` left out stay
+      dense (the paper's ablation, Table 7).
+    seed: int seed or ``jax.random`` key for the sketches.
+    factor_dtype: dtype in which the factors are stored (computation is
+      float32).
+    low_rank_mask: which leaves are compressed: None (the default rule), a
+      bool, a pytree of bools (matched to the params by path; prefix trees
+      allowed) or a callable ``params -> pytree of bools``.
+    dimension_numbers: how leaves are viewed as matrices: None (the last
+      two axes are rows and columns, leading axes batch), a
+      :class:`~mlorc_optax.MatrixDimensionNumbers` or a ``(row_axes,
+      col_axes)`` pair for all leaves, or a pytree / callable giving one (or
+      None: no matrix view) per leaf.
+    implementation: which step computes compressed leaves (static): None
+      (automatic), ``'reference'`` (steps above, as written), or
+      ``fast_step``'s two passes in Pallas kernels (``'pallas'``) or
+      ``jax.numpy`` (``'xla'``). See :func:`mlorc_optax.scale_by_mlorc_adam`.
+    fast_step: an accelerated implementation of ``inner``'s step for
+      compressed leaves (:mod:`mlorc_optax._src.fast_steps`; the MLorc-Adam
+      and -Lion transforms pass theirs), or None.
+    kernel_config: tiles, warps, stages and precisions of the Pallas
+      kernels (:class:`mlorc_optax.kernels.KernelConfig`; static).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with state
+    :class:`LowRankMomentsState`; extra arguments are passed on to
+    ``inner``.
+
+  Examples:
+    MLorc-ADOPT, with the factors of ADOPT's two moments:
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import mlorc_optax
+    >>> tx = mlorc_optax.low_rank_moments(optax.contrib.scale_by_adopt(),
+    ...                                   rank=2)
+    >>> params = {'w': jnp.ones((16, 8))}
+    >>> state = tx.init(params)
+    >>> type(state.inner_state).__name__, state.inner_state.nu['w'].u.shape
+    ('ScaleByAdamState', (16, 2))
+    >>> updates, state = tx.update(params, state)
+
+  References:
+    Shen et al., *MLorc: Momentum Low-rank Compression for Memory Efficient
+    Large Language Model Adaptation*, https://arxiv.org/abs/2506.01897,
+    Algorithms 1-3.
+  """
+  if not isinstance(inner, optax.GradientTransformation):
+    raise TypeError(
+        f'inner must be an optax.GradientTransformation, got {inner!r}.')
+  rank = checks.check_int('rank', rank, 1)
+  if compressor is None:
+    compressor = compressors_lib.RSVDCompressor()
+  if not isinstance(compressor, compressors_lib.MomentCompressor):
+    raise TypeError(
+        f'compressor must be a MomentCompressor, got {compressor!r}.')
+  specs = _moment_specs(moments)
+  factor_dtype = checks.check_float_dtype('factor_dtype', factor_dtype)
+  if isinstance(low_rank_mask, (bool, np.bool_)):
+    low_rank_mask = bool(low_rank_mask)
+  kernel_config = kernel_config or launch.KernelConfig()
+  fast_fields = None if fast_step is None else tuple(fast_step.fields)
+  blocker = plan_lib.two_pass_blocker(
+      fast_fields=fast_fields,
+      compressed_fields=tuple(n for n in (fast_fields or ()) if n in specs),
+      compressor=compressor)
+  implementation = plan_lib.check_implementation(
+      implementation, blocker=blocker)
+  key = key_data(seed)
+  known = set(specs) | set(DEFAULT_MOMENTS)
+  inner = optax.with_extra_args_support(inner)
+
+  def make_plan(params, inner_state) -> plan_lib.LowRankPlan:
+    paths, leaves, treedef = views.flatten_with_paths(params)
+    shapes = [tuple(np.shape(x)) for x in leaves]
+    fields = tuple(
+        plan_lib.MomentField(location, name, index, specs.get(
+            name, DEFAULT_MOMENTS.get(name, MomentSpec())).nonnegative,
+                             name in specs)
+        for index, (location, name) in enumerate(
+            moment_fields.find(inner_state, known, treedef, shapes)))
+    compressed = tuple(f.name for f in fields if f.compressed)
+    if not compressed:
+      raise ValueError(
+          f'low_rank_moments found none of the moment fields {sorted(specs)} '
+          'with the structure of the params in the inner state '
+          f'{type(inner_state).__name__}: pass moments= with its field names.'
+      )
+    blocker_now = plan_lib.two_pass_blocker(
+        fast_fields=fast_fields, compressed_fields=compressed,
+        compressor=compressor)
+    leaf_plans, _ = plan_lib.plan_leaves(
+        params, rank=rank, low_rank_mask=low_rank_mask,
+        dimension_numbers=dimension_numbers)
+    out = []
+    for p in leaf_plans:
+      if not p.compressed:
+        out.append(dataclasses.replace(p, dense_moments=len(fields)))
+        continue
+      v = p.view
+      sketched = compressors_lib.streamable(compressor) and _sketches(
+          compressor, p)
+      step, why = plan_lib.choose_step(
+          p, implementation=implementation, blocker=blocker_now,
+          sketched=sketched, kernel_config=kernel_config)
+      factor_size = sum(int(np.prod(s.shape)) for s in compressor.specs(
+          v.batch_shape, v.rows, v.cols, p.rank))
+      out.append(dataclasses.replace(
+          p, moments=compressed, dense_moments=len(fields) - len(compressed),
+          factor_size=factor_size, step=step, step_reason=why))
+    return plan_lib.LowRankPlan(
+        leaves=tuple(out), fields=fields, compressor=compressor,
+        interpret=not plan_lib.on_nvidia_gpu())
+
+  def init_fn(params):
+    inner_state = inner.init(params)
+    plan = make_plan(params, inner_state)
+    treedef = jax.tree_util.tree_structure(params)
+    param_leaves = treedef.flatten_up_to(params)
+    for field in plan.fields:
+      if not field.compressed:
+        continue
+      dense = treedef.flatten_up_to(moment_fields.get(inner_state, field))
+      stored = [
+          _zero_factors(p, leaf, compressor, factor_dtype)
+          if p.compressed else x
+          for p, leaf, x in zip(plan.leaves, param_leaves, dense)
+      ]
+      inner_state = moment_fields.replace(
+          inner_state, field, treedef.unflatten(stored))
+    return LowRankMomentsState(
+        step=jnp.zeros([], jnp.int32),
+        key=jnp.array(key),  # a fresh buffer: states may be donated
+        inner_state=inner_state,
+        plan=plan,
+    )
+
+  def update_fn(updates, state, params=None, **extra_args):
+    if not isinstance(state, LowRankMomentsState):
+      raise TypeError(
+          'low_rank_moments got a state that is not a LowRankMomentsState: '
+          f'{type(state).__name__}.')
+    plan = state.plan
+    paths, grads, treedef = views.flatten_with_paths(updates)
+    _check_matches(plan, paths, grads)
+    fast = [p.step in ('xla', 'pallas') for p in plan.leaves]
+    masked = lambda xs: treedef.unflatten(
+        [optax.MaskedNode() if f else x for f, x in zip(fast, xs)])
+    leaf_index, i = [], 0
+    for p in plan.leaves:
+      leaf_index.append(i if p.compressed else -1)
+      i += p.compressed
+    fields = [f for f in plan.fields if f.compressed]
+    stored = {
+        f.name: treedef.flatten_up_to(moment_fields.get(state.inner_state, f))
+        for f in fields}
+    dense_state = state.inner_state
+    for f in fields:
+      dense = [
+          p.view.from_matrix(plan.compressor.read(
+              x, nonnegative=f.nonnegative, decay=specs[f.name].decay,
+              count=state.step))
+          if p.step == 'reference' else x
+          for p, x in zip(plan.leaves, stored[f.name])
+      ]
+      dense_state = moment_fields.replace(dense_state, f, masked(dense))
+    inner_params = None if params is None else masked(
+        treedef.flatten_up_to(params))
+    # Compressed leaves are computed in float32, whatever the gradient's
+    # dtype, as their moments are (their updates are cast back below).
+    inner_grads = [g.astype(jnp.float32) if p.step == 'reference' else g
+                   for p, g in zip(plan.leaves, grads)]
+    out, new_inner = inner.update(
+        masked(inner_grads), dense_state, inner_params, **extra_args)
+    out = treedef.flatten_up_to(out)
+
+    keys = lambda k: _leaf_keys(state.key, state.step, leaf_index[k])
+    new = {f.name: treedef.flatten_up_to(moment_fields.get(new_inner, f))
+           for f in fields}
+    for k, p in enumerate(plan.leaves):
+      if p.step != 'reference':
+        continue
+      g32 = p.view.to_matrix(grads[k]).astype(jnp.float32)
+      out[k] = out[k].astype(grads[k].dtype)
+      for f in fields:
+        factors = plan.compressor.update(
+            stored[f.name][k],
+            moment=p.view.to_matrix(new[f.name][k]).astype(jnp.float32),
+            grad=g32, key=jax.random.fold_in(keys(k), f.index),
+            decay=specs[f.name].decay, nonnegative=f.nonnegative)
+        new[f.name][k] = type(factors)(
+            *(a.astype(factor_dtype) for a in factors))
+    if any(fast):
+      idx = [k for k, f in enumerate(fast) if f]
+      results = fast_step(
+          [(plan.leaves[k], grads[k],
+            [stored[f.name][k] for f in fields],
+            [jax.random.fold_in(keys(k), f.index) for f in fields])
+           for k in idx],
+          count=state.step, compressor=plan.compressor,
+          config=kernel_config, interpret=plan.interpret)
+      for k, (direction, factors) in zip(idx, results):
+        out[k] = direction
+        for f, x in zip(fields, factors):
+          new[f.name][k] = type(x)(*(a.astype(factor_dtype) for a in x))
+    for f in fields:
+      new_inner = moment_fields.replace(
+          new_inner, f, treedef.unflatten(new[f.name]))
+    new_state = LowRankMomentsState(
+        step=optax.safe_increment(state.step), key=state.key,
+        inner_state=new_inner, plan=plan)
+    return treedef.unflatten(out), new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _check_matches(plan: plan_lib.LowRankPlan, paths, grads) -> None:
+  """Raises if the updates are not the leaves the state was made for."""
+  if len(grads) != len(plan.leaves):
+    raise ValueError(
+        f'The updates have {len(grads)} leaves but the optimizer state was '
+        f'made for {len(plan.leaves)}: was it initialised with a different '
+        'parameter tree?')
+  for path, g, p in zip(paths, grads, plan.leaves):
+    if '/'.join(path) != p.path or tuple(np.shape(g)) != p.shape:
+      raise ValueError(
+          f'The update of {"/".join(path)!r} has shape {np.shape(g)}, but the '
+          f'optimizer state was made for {p.path!r} of shape {p.shape}: was '
+          'it initialised with different params?')

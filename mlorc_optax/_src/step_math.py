@@ -1,0 +1,227 @@
+"""The elementwise step math and small matrix helpers, written once.
+
+Everything here is plain ``jax.numpy`` on arrays (no pytrees, no optax), so
+the same function serves the ``jax.numpy`` specifications of the two-pass
+step and the bodies of its Pallas kernels (:mod:`mlorc_optax._src.kernels`),
+the randomized SVD (:mod:`mlorc_optax._src.rsvd`) and the compressors.
+
+The reference step does not use the Adam and Lion functions below: there
+``optax.scale_by_adam`` / ``optax.scale_by_lion`` compute the update from the
+reconstructed moments (:mod:`mlorc_optax._src.low_rank`). The two-pass step
+cannot call optax inside a kernel, so it computes the same update from the
+coefficients of :class:`AdamCoefficients`, derived from optax's own bias
+correction (:mod:`mlorc_optax._src.fast_steps`).
+
+References:
+  Shen et al., *MLorc: Momentum Low-rank Compression for Memory Efficient
+  Large Language Model Adaptation*, https://arxiv.org/abs/2506.01897,
+  Algorithms 1 and 2 and equation (2).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+#: Full float32 products: XLA's default on NVIDIA GPUs rounds float32 matmul
+#: inputs to TF32 (1e-3 relative error).
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def mT(x: jax.Array) -> jax.Array:  # pylint: disable=invalid-name
+  """The matrix transpose of a batch ``[..., m, n] -> [..., n, m]``."""
+  return jnp.swapaxes(x, -1, -2)
+
+
+def max_abs(x: jax.Array) -> jax.Array:
+  """Per-matrix largest magnitude ``[..., 1, 1]``; 1 where 0 or not finite.
+
+  Dividing a matrix by it before a factorization keeps products and Gram
+  matrices of matrices of any finite scale (1e-30 or 1e30) in range.
+  """
+  scale = jnp.max(jnp.abs(x), axis=(-2, -1), keepdims=True)
+  return jnp.where((scale > 0) & jnp.isfinite(scale), scale, 1.0)
+
+
+def overflow_bound(rows: int, cols: int) -> float:
+  """The magnitude above which moment entries are clipped before compression.
+
+  A float32 ``g**2`` overflows for ``|g| > 1.8e19``; an infinite moment would
+  give NaN factors and poison every later step (``optax.adamw`` merely keeps
+  an infinite moment and makes a ~0 update). Entries are clipped to
+  ``float32_max / (8 max(m, n))`` before they are sketched, projected or
+  decomposed, so that the sums of up to ``max(m, n)`` products with a
+  Gaussian sketch (``|Omega| <~ 6``) or an orthonormal basis (``|Q| <= 1``)
+  and the singular values (``<= sqrt(mn) max|x|``) stay finite. The update of
+  the step itself still sees the unclipped moment, as in ``optax.adam``.
+  """
+  return float(np.finfo(np.float32).max / (8.0 * max(rows, cols)))
+
+
+def gram(x: jax.Array) -> jax.Array:
+  """``x^T x`` per matrix, ``[..., l, l]`` for ``x [..., m, l]``."""
+  return jnp.einsum('...ik,...il->...kl', x, x, precision=HIGHEST)
+
+
+def clip_magnitude(x: jax.Array, bound: float) -> jax.Array:
+  """``x`` with every entry clipped to ``[-bound, bound]``.
+
+  With ``bound = overflow_bound(m, n)`` this is what a moment (or a
+  gradient) looks like to the compression: products of it with a sketch or
+  an orthonormal basis stay finite.
+  """
+  return jnp.clip(x, -bound, bound)
+
+
+# ----------------------------------------------------------------------------
+# Adam (paper Algorithm 1).
+
+
+class AdamCoefficients(NamedTuple):
+  """The scalars of one Adam step.
+
+  The update direction from the new moments ``m`` and ``v`` is
+
+  .. math::
+
+    d = \\frac{k_m\\, m + k_g\\, g}{\\sqrt{c_v\\, v + \\epsilon_{root}}
+    + \\epsilon} ,
+
+  with Adam's bias corrections ``k_m = 1 / (1 - b1^t)``, ``k_g = 0``,
+  ``c_v = 1 / (1 - b2^t)``, or Nadam's ``k_m = b1 / (1 - b1^(t+1))``,
+  ``k_g = (1 - b1) / (1 - b1^t)`` (same ``c_v``). The caller computes them
+  (from optax's own bias correction); nothing here does.
+
+  Each field is a float32 scalar or an array broadcastable against a tile
+  (the Pallas passes take one value per matrix, ``[B]``).
+
+  Attributes:
+    one_minus_b1: ``1 - b1``, computed before any cast to float32
+      (``1 - float32(0.999)`` is off by 5e-5 relative).
+    one_minus_b2: ``1 - b2``, likewise.
+    k_m: weight of the first moment.
+    k_g: weight of the gradient (Nadam's look-ahead; 0 for Adam).
+    c_v: bias correction of the second moment.
+    eps: added to ``sqrt(c_v v + eps_root)``.
+    eps_root: added to ``c_v v`` under the square root.
+  """
+
+  one_minus_b1: Any
+  one_minus_b2: Any
+  k_m: Any
+  k_g: Any
+  c_v: Any
+  eps: Any
+  eps_root: Any
+
+
+def adam_new_moments(
+    rec_m: jax.Array,
+    rec_v: jax.Array,
+    g: jax.Array,
+    zeta: Any,
+    c: AdamCoefficients,
+) -> tuple[jax.Array, jax.Array]:
+  """The new moments from the scaled reconstructions of the old ones.
+
+  .. math::
+
+    m = \\beta_1 \\tilde m + (1 - \\beta_1)\\, g, \\qquad
+    v = \\operatorname{fix}(\\beta_2 \\tilde v) + (1 - \\beta_2)\\, g^2 ,
+
+  where the fix of paper equation (2) replaces each negative entry of the
+  reconstruction by ``b2 zeta``, the mean magnitude of its negative entries.
+
+  Args:
+    rec_m: ``b1 U_m S_m V_m^T`` (the previous first moment's reconstruction,
+      already scaled by ``b1``), float32.
+    rec_v: ``b2 U_v S_v V_v^T``, float32.
+    g: the gradient, float32.
+    zeta: ``b2 * zeta`` (scalar or broadcastable).
+    c: the step's :class:`AdamCoefficients` (reads ``one_minus_b1`` and
+      ``one_minus_b2``).
+
+  Returns:
+    ``(m, v)``, float32, shaped like ``g``.
+  """
+  m = rec_m + c.one_minus_b1 * g
+  v = jnp.where(rec_v < 0, zeta, rec_v) + c.one_minus_b2 * (g * g)
+  return m, v
+
+
+def adam_direction(
+    m: jax.Array, v: jax.Array, g: jax.Array, c: AdamCoefficients
+) -> jax.Array:
+  """``(k_m m + k_g g) / (sqrt(c_v v + eps_root) + eps)`` (float32)."""
+  return (c.k_m * m + c.k_g * g) / (jnp.sqrt(c.c_v * v + c.eps_root) + c.eps)
+
+
+class AdamSketchTerms(NamedTuple):
+  """The elementwise terms pass 1 of the two-pass Adam step sketches.
+
+  With ``r = b2 U_v S_v V_v^T`` (the previous second moment's reconstruction,
+  scaled) and ``r_- = max(-r, 0)``, the fixed new second moment is
+  ``r + x + b2 zeta 1{r < 0}`` (up to the clipping of ``x``), linear in
+  ``zeta`` (see :mod:`mlorc_optax._src.two_pass`).
+
+  Attributes:
+    g: the gradient clipped at the overflow bound.
+    x: ``min((1 - b2) g**2, bound) + r_-``.
+    negative_part: ``r_-``.
+    negative: ``1{r < 0}`` as float32.
+  """
+
+  g: jax.Array
+  x: jax.Array
+  negative_part: jax.Array
+  negative: jax.Array
+
+
+def adam_sketch_terms(
+    g: jax.Array, rec_v: jax.Array, one_minus_b2: Any, bound: float
+) -> AdamSketchTerms:
+  """The :class:`AdamSketchTerms` of a float32 gradient ``g`` (or tile).
+
+  Args:
+    g: the gradient, float32.
+    rec_v: ``b2 U_v S_v V_v^T``, float32, shaped like ``g``.
+    one_minus_b2: ``1 - b2`` (scalar or broadcastable).
+    bound: :func:`overflow_bound` of the matrix.
+  """
+  g = clip_magnitude(g, bound)
+  negative_part = jnp.maximum(-rec_v, 0.0)
+  x = jnp.minimum(one_minus_b2 * (g * g), bound) + negative_part
+  negative = (rec_v < 0).astype(jnp.float32)
+  return AdamSketchTerms(g, x, negative_part, negative)
+
+
+def adam_projection_terms(
+    m: jax.Array, v: jax.Array, bound: float
+) -> tuple[jax.Array, jax.Array]:
+  """The new moments as pass 2 projects them: clipped at ``bound``.
+
+  ``v >= 0`` (the fix removed the negative entries), so it is clipped from
+  above only.
+  """
+  return clip_magnitude(m, bound), jnp.minimum(v, bound)
+
+
+# ----------------------------------------------------------------------------
+# Lion (paper Algorithm 2).
+
+
+def lion_direction(
+    rec: jax.Array, g: jax.Array, b1: Any, one_minus_b1: Any
+) -> jax.Array:
+  """Lion's update ``sign(b1 U S V^T + (1 - b1) g)`` (float32).
+
+  Args:
+    rec: ``U S V^T``, the previous momentum's reconstruction (unscaled).
+    g: the gradient, float32.
+    b1: Lion's interpolation coefficient of the update.
+    one_minus_b1: ``1 - b1``, computed before any cast.
+  """
+  return jnp.sign(b1 * rec + one_minus_b1 * g)
