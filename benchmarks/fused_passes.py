@@ -5,22 +5,22 @@ gate/up projections of LLaMA-7B) this times, on the default device:
 
 * ``copy`` (``y = 2 x``: read + write) and ``read`` (``sum(x)``): the
   memory bandwidth the kernels should reach, measured in the same run;
-* ``sketch``: pass 1 (:func:`mlorc_optax._src.fused.sketch_pass`), which
-  reads the gradient once;
-* ``project``: pass 2 (:func:`mlorc_optax._src.fused.project_pass`), which
+* ``sketch``: pass 1 (:func:`mlorc_optax.kernels.sketch_pass`), which reads
+  the gradient once;
+* ``project``: pass 2 (:func:`mlorc_optax.kernels.project_pass`), which
   reads the gradient and writes the update;
 * ``small``: the Gram-based factorizations between and after the passes;
-* ``leaf_step``: the whole :func:`mlorc_optax._src.fused.adam_step` of the
+* ``leaf_step``: the whole :func:`mlorc_optax.kernels.adam_step` of the
   stack;
 * ``apply``: what follows in ``mlorc_adamw`` (weight decay, learning rate and
   ``apply_updates``: read the update and the weights, write the weights);
 
 each as the median of ``--calls`` warm calls, with its achieved bandwidth
 (bytes it must move / time). ``--sweep`` also times the passes for other
-tile sizes, warp and stage counts and dot precisions (the module's
-``BLOCK_ROWS``, ``BLOCK_COLS``, ``NUM_WARPS``, ``NUM_STAGES``,
-``RECONSTRUCT_PRECISION``, ``ACCUMULATE_PRECISION`` and ``TARGET_PROGRAMS``).
-Writes JSON lines.
+tile sizes, warp and stage counts, dot precisions and program targets (the
+fields of :class:`mlorc_optax.kernels.KernelConfig`, recorded with each
+row). The kernels are compiled through Triton on a GPU and interpreted
+elsewhere (CI times nothing). Writes JSON lines.
 
   python -m benchmarks.fused_passes --dtype float32 --ranks 4 32 --sweep
 """
@@ -28,6 +28,8 @@ Writes JSON lines.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -35,38 +37,65 @@ from typing import Any
 from benchmarks.decompositions import median_time
 
 
+def sweep_configs(sweep: bool) -> list[Any]:
+  """The :class:`~mlorc_optax.kernels.KernelConfig` values the passes run with.
+
+  The default alone, or with ``sweep`` also other tiles, warps and stages,
+  dot precisions and program targets, one setting group at a time.
+  """
+  from mlorc_optax import kernels  # pylint: disable=g-import-not-at-top
+
+  default = kernels.KernelConfig()
+  configs = [default]
+  if sweep:
+    replace = functools.partial(dataclasses.replace, default)
+    configs += [replace(block_rows=bm, block_cols=bn, num_warps=w,
+                        num_stages=st) for bm, bn, w, st in (
+        (32, 64, 4, 2), (64, 32, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2),
+        (128, 64, 8, 2), (32, 32, 4, 2))]
+    configs += [replace(reconstruct_precision=rp, accumulate_precision=ap)
+                for rp, ap in (('tf32x3', 'tf32x3'), ('tf32', 'tf32'))]
+    configs += [replace(target_programs=t) for t in (1, 1024, 4096, 8192)]
+  return configs
+
+
 def measure(batch: int, rows: int, cols: int, rank: int, dtype: str,
             calls: int, sweep: bool) -> list[dict[str, Any]]:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from mlorc_optax._src import fused  # pylint: disable=g-import-not-at-top
-  from mlorc_optax._src import rsvd  # pylint: disable=g-import-not-at-top
+  import mlorc_optax  # pylint: disable=g-import-not-at-top
+  from mlorc_optax import kernels  # pylint: disable=g-import-not-at-top
 
+  # The benchmark's choice, not the library's: Triton on a GPU.
+  interpret = jax.default_backend() != 'gpu'
   dt = jnp.dtype(dtype)
   keys = jax.random.split(jax.random.key(0), 8)
   g = jax.random.normal(keys[0], (batch, rows, cols), dt)
   w = jax.random.normal(keys[1], (batch, rows, cols), dt)
-  pad = fused._pow2_at_least(rank, 16)  # pylint: disable=protected-access
+  # Factor and sketch widths as the step pads them: a power of two >= 16.
+  pad = max(16, 1 << (rank - 1).bit_length())
   f32 = jnp.float32
   a = jax.random.normal(keys[2], (batch, rows, pad), f32)
   v = jax.random.normal(keys[3], (batch, cols, pad), f32)
   om = jax.random.normal(keys[4], (batch, cols, pad), f32)
   q = jnp.linalg.qr(jax.random.normal(keys[5], (batch, rows, pad)))[0]
-  coef = jnp.tile(jnp.array([[0.1, 0.001, 0.01, 1.0, 0.0, 1.0, 0.0, 1e-8]],
-                            f32), (batch, 1))
-  factors = rsvd.LowRankFactors(
+  # Pass 2's scalars (b2 * zeta = 0.01) and the step's (Adam at t = 1).
+  coefficients = kernels.AdamCoefficients(
+      one_minus_b1=0.1, one_minus_b2=0.001, k_m=1.0, k_g=0.0, c_v=1.0,
+      eps=1e-8, eps_root=0.0)
+  zeta = 0.01
+  factors = mlorc_optax.LowRankFactors(
       u=q[..., :rank], s=jnp.ones((batch, rank)), v=jnp.linalg.qr(v)[0][
           ..., :rank])
-  coefficients = fused.AdamCoefficients(0.9, 0.999, 10.0, 0.0, 1000.0, 1e-8,
-                                        0.0)
+  step_coefficients = coefficients._replace(k_m=10.0, c_v=1000.0)
   size = batch * rows * cols
   item = dt.itemsize
   y = jax.random.normal(keys[6], (batch, rows, rank), f32)
   b = jax.random.normal(keys[7], (batch, rank, cols), f32)
 
   def small(y, b):
-    qs = fused.orthonormal_bases([y, y])
-    return fused.svds_of_projections(qs, [b, b], [rank, rank])
+    qs = kernels.orthonormal_bases([y, y])
+    return kernels.svds_of_projections(qs, [b, b], [rank, rank])
 
   base = dict(batch=batch, rows=rows, cols=cols, rank=rank, dtype=dtype,
               device=jax.devices()[0].device_kind, jax_version=jax.__version__)
@@ -89,31 +118,25 @@ def measure(batch: int, rows: int, cols: int, rank: int, dtype: str,
   record('apply', lambda p, d: p - 1e-4 * (d + 1e-4 * p), (w, g),
          3 * size * item)
   record('small', small, (y, b), 0)
-  record('leaf_step', lambda g, f: fused.adam_step(
-      [fused.LeafInputs(g, f, f, om[..., :rank], om[..., :rank], True)],
-      coefficients), (g, factors), 3 * size * item)
-  settings = ('BLOCK_ROWS', 'BLOCK_COLS', 'NUM_WARPS', 'NUM_STAGES',
-              'RECONSTRUCT_PRECISION', 'ACCUMULATE_PRECISION',
-              'TARGET_PROGRAMS')
-  default = tuple(getattr(fused, k) for k in settings)
-  configs = [default]
-  if sweep:
-    configs += [(bm, bn, w, st, *default[4:]) for bm, bn, w, st in (
-        (32, 64, 4, 2), (64, 32, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2),
-        (128, 64, 8, 2), (32, 32, 4, 2))]
-    configs += [(*default[:4], rp, ap, default[6]) for rp, ap in (
-        ('tf32x3', 'tf32x3'), ('tf32', 'tf32'))]
-    configs += [(*default[:6], t) for t in (1, 1024, 4096, 8192)]
-  for config in configs:
-    for k, x in zip(settings, config):
-      setattr(fused, k, x)
-    tiles = {k.lower(): x for k, x in zip(settings, config)}
-    record('sketch', lambda g: fused.sketch_pass(g, a, v, om, om, coef),
-           (g,), size * item, **tiles)
-    record('project', lambda g: fused.project_pass(
-        g, a, v, a, v, q, q, coef), (g,), 2 * size * item, **tiles)
-  for k, x in zip(settings, default):
-    setattr(fused, k, x)
+  record('leaf_step', lambda g, f: kernels.adam_step(
+      [kernels.AdamLeafInputs(g, f, f, om[..., :rank], om[..., :rank], True)],
+      step_coefficients, config=kernels.KernelConfig(), interpret=interpret),
+         (g, factors), 3 * size * item)
+
+  def sketch(g, config):
+    return kernels.sketch_pass(g, a, v, om, om, coefficients.one_minus_b2,
+                               config=config, interpret=interpret)
+
+  def project(g, config):
+    return kernels.project_pass(g, a, v, a, v, q, q, coefficients, zeta,
+                                config=config, interpret=interpret)
+
+  for config in sweep_configs(sweep):
+    fields = dataclasses.asdict(config)
+    record('sketch', functools.partial(sketch, config=config), (g,),
+           size * item, **fields)
+    record('project', functools.partial(project, config=config), (g,),
+           2 * size * item, **fields)
   return rows_out
 
 

@@ -1,0 +1,316 @@
+"""The grid, the tiles and the static settings of the Pallas passes.
+
+Every pass is one :func:`launch`: one grid program per matrix of the batch
+and block of rows (or of columns), looping over the other axis inside the
+kernel so that its accumulations never race, that loop split into several
+programs when the grid alone would leave the GPU idle (:func:`splits`). The
+settings are a frozen :class:`KernelConfig`, passed as a static argument:
+there is no module-level state to set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from mlorc_optax._src import step_math
+
+#: Smallest tile side the Triton dot accepts; factor and sketch widths are
+#: padded up to a power of two at least this wide.
+MIN_TILE = 16
+
+#: The dot algorithms a :class:`KernelConfig` precision names.
+PRECISIONS = {
+    'tf32x3': jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
+    'tf32': jax.lax.DotAlgorithmPreset.TF32_TF32_F32,
+    'ieee': jax.lax.DotAlgorithmPreset.F32_F32_F32,
+}
+
+
+def _is_pow2(x: Any) -> bool:
+  return (isinstance(x, int) and not isinstance(x, bool) and x > 0
+          and x & (x - 1) == 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+  """How the Pallas passes are tiled and compiled (hashable, static).
+
+  The defaults are the best of the sweep of ``benchmarks/fused_passes.py
+  --sweep`` on an H100 (tiles 32-128, 2-8 warps, 2-3 stages;
+  ``benchmarks/README.md``). In interpret mode only the tiles and
+  ``target_programs`` matter: every dot is float32 (``HIGHEST``).
+
+  Attributes:
+    block_rows: largest tile height (a power of two ``>= 16``); a matrix gets
+      the largest power of two ``<= block_rows`` dividing its rows
+      (:func:`tile`).
+    block_cols: largest tile width, likewise for the columns.
+    num_warps: Triton warps per program (a power of two).
+    num_stages: Triton software-pipelining stages (``>= 1``).
+    reconstruct_precision: precision of the reconstructions ``U S V^T``
+      (which the update uses): ``'tf32x3'``, three TF32 tensor-core products
+      per dot, float32-level accuracy; ``'tf32'``, one (10-bit mantissa
+      inputs); ``'ieee'``, scalar float32 FMAs (slowest).
+    accumulate_precision: precision of the accumulated sketch and projection
+      products, the same choices. ``'tf32'`` is within 3e-3 of the float32
+      products, and the two passes ran 19% faster with it than with
+      ``'tf32x3'`` in the H100 sweep.
+    target_programs: grid programs a pass aims for (an H100 has 132 SMs,
+      each running up to 16 programs of 4 warps); a pass whose grid is
+      smaller splits its inner loop into more programs and sums their partial
+      results (:func:`splits`).
+  """
+
+  block_rows: int = 64
+  block_cols: int = 64
+  num_warps: int = 4
+  num_stages: int = 3
+  reconstruct_precision: str = 'tf32x3'
+  accumulate_precision: str = 'tf32'
+  target_programs: int = 2048
+
+  def __post_init__(self):
+    for name in ('block_rows', 'block_cols'):
+      value = getattr(self, name)
+      if not _is_pow2(value) or value < MIN_TILE:
+        raise ValueError(
+            f'KernelConfig.{name} must be a power of two >= {MIN_TILE}, got '
+            f'{value!r}.')
+    if not _is_pow2(self.num_warps):
+      raise ValueError('KernelConfig.num_warps must be a power of two, got '
+                       f'{self.num_warps!r}.')
+    for name in ('num_stages', 'target_programs'):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f'KernelConfig.{name} must be an int >= 1, got '
+                         f'{value!r}.')
+    for name in ('reconstruct_precision', 'accumulate_precision'):
+      value = getattr(self, name)
+      if value not in PRECISIONS:
+        raise ValueError(f'KernelConfig.{name} must be one of '
+                         f'{tuple(PRECISIONS)}, got {value!r}.')
+
+
+def tile(dim: int, target: int) -> int | None:
+  """Largest power of two ``<= target`` and ``>= 16`` dividing ``dim``.
+
+  None when there is none: the kernels then cannot tile that axis.
+  """
+  t = target
+  while t >= MIN_TILE:
+    if dim % t == 0:
+      return t
+    t //= 2
+  return None
+
+
+def splits(programs: int, loop: int, target_programs: int) -> int:
+  """How many parts the inner loop of ``loop`` blocks is split into.
+
+  The largest power of two ``<= target_programs / programs`` that divides
+  ``loop`` (at least 1), so that ``programs * splits`` programs keep the GPU
+  busy; each part's partial sums are added afterwards.
+  """
+  want = max(1, target_programs // max(programs, 1))
+  k = 1
+  while 2 * k <= want and loop % (2 * k) == 0:
+    k *= 2
+  return k
+
+
+def supports(rows: int, cols: int, config: KernelConfig) -> bool:
+  """Whether the Pallas passes can tile an ``rows x cols`` matrix."""
+  return (tile(rows, config.block_rows) is not None
+          and tile(cols, config.block_cols) is not None)
+
+
+def pow2_at_least(x: int, lo: int = MIN_TILE) -> int:
+  """The smallest power of two ``>= max(x, lo)`` (``lo`` a power of two)."""
+  return max(lo, 1 << (max(x, 1) - 1).bit_length())
+
+
+def pad_cols(x: jax.Array, width: int) -> jax.Array:
+  """``x [..., k]`` padded with zero columns to ``[..., width]``."""
+  return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])])
+
+
+def block(index: Any, size: int) -> Any:
+  """The ``index``-th block of ``size`` entries of an axis, as a ref slice."""
+  return pl.ds(pl.multiple_of(index * size, size), size)
+
+
+def program() -> tuple[Any, Any, Any]:
+  """Inside a kernel: ``(matrix, block, part)``, its place in the grid."""
+  return pl.program_id(0), pl.program_id(1), pl.program_id(2)
+
+
+def dot_precisions(config: KernelConfig, interpret: bool) -> tuple[Any, Any]:
+  """``(reconstruct, accumulate)`` dot precisions of a kernel.
+
+  ``HIGHEST`` for both in interpret mode (the CPU has no TF32), else the
+  config's presets.
+  """
+  if interpret:
+    return step_math.HIGHEST, step_math.HIGHEST
+  return (PRECISIONS[config.reconstruct_precision],
+          PRECISIONS[config.accumulate_precision])
+
+
+def launch(
+    kernel: Callable[..., None],
+    g: jax.Array,
+    *,
+    over: str,
+    out_shape: Callable[[int], Any],
+    args: tuple[Any, ...],
+    config: KernelConfig,
+    interpret: bool,
+    name: str,
+) -> Any:
+  """Runs a pass's ``kernel`` over ``g [B, m, n]`` and returns its outputs.
+
+  One program per batch entry and block of rows (``over='rows'``, looping
+  over the column blocks) or of columns (``over='cols'``, looping over the
+  row blocks), the loop split into ``parts`` programs (:func:`splits`), each
+  writing its partial sums at index ``part`` of a leading axis of size
+  ``parts``.
+
+  Args:
+    kernel: the kernel body; it gets the refs of ``args`` and of the outputs,
+      and the keywords ``bm``, ``bn`` (tile sides), ``loop_blocks`` (blocks
+      per part), ``bound`` (:func:`step_math.overflow_bound`), ``rec_dot``
+      and ``acc_dot`` (``jnp.dot`` at the precisions of the reconstructions
+      and of the accumulated products, :func:`dot_precisions`); its grid
+      position is :func:`program`.
+    g: the gradients, which set the grid.
+    over: ``'rows'`` or ``'cols'``, the axis the grid covers.
+    out_shape: ``parts ->`` the outputs' ``jax.ShapeDtypeStruct`` tree.
+    args: the kernel's inputs (a pytree each; its refs keep the structure).
+    config: the static :class:`KernelConfig`.
+    interpret: run in Pallas' interpreter (no GPU needed).
+    name: the ``pallas_call``'s name, as profiles and HLO show it.
+
+  Returns:
+    The outputs, as ``out_shape`` describes them.
+  """
+  if over not in ('rows', 'cols'):
+    raise ValueError(f"over must be 'rows' or 'cols', got {over!r}.")
+  batch, rows, cols = g.shape
+  bm, bn = tile(rows, config.block_rows), tile(cols, config.block_cols)
+  if bm is None or bn is None:
+    raise ValueError(
+        f'{name}: a {rows} x {cols} matrix cannot be tiled with block_rows='
+        f'{config.block_rows}, block_cols={config.block_cols} (see supports).')
+  blocks, loop = ((rows // bm, cols // bn) if over == 'rows'
+                  else (cols // bn, rows // bm))
+  parts = splits(batch * blocks, loop, config.target_programs)
+  reconstruct, accumulate = dot_precisions(config, interpret)
+  body = functools.partial(
+      kernel, bm=bm, bn=bn, loop_blocks=loop // parts,
+      bound=step_math.overflow_bound(rows, cols),
+      rec_dot=functools.partial(jnp.dot, precision=reconstruct),
+      acc_dot=functools.partial(jnp.dot, precision=accumulate))
+  # Triton's compiler parameters select the Triton lowering (not Mosaic GPU).
+  params = None if interpret else plt.CompilerParams(
+      num_warps=config.num_warps, num_stages=config.num_stages)
+  return pl.pallas_call(
+      body, out_shape=out_shape(parts), grid=(batch, blocks, parts),
+      interpret=interpret, compiler_params=params, name=name,
+  )(*args)
+
+
+# ----------------------------------------------------------------------------
+# Checks of a pass's operands.
+
+
+def check_operands(
+    where: str,
+    arrays: dict[str, tuple[Any, str]],
+    scalars: dict[str, Any],
+    config: KernelConfig | None,
+) -> tuple[Any, ...]:
+  """Checks a pass's operands; returns its scalars as one value per matrix.
+
+  Args:
+    where: the pass, for the messages.
+    arrays: argument name ``-> (array, 'B m n')``: each array must have one
+      axis per letter, and a letter must have the same size wherever it
+      appears.
+    scalars: argument name ``->`` a scalar, a ``[B]`` array, or a NamedTuple
+      of those (per-matrix coefficients).
+    config: None for a reference pass (any sizes); for a kernel, the factor
+      and sketch widths (axes ``'R'`` and ``'L'``) must be powers of two
+      ``>= 16`` (the Triton dot's smallest tile) and the axes ``'m'`` and
+      ``'n'`` tileable with ``config`` (:func:`supports`).
+
+  Returns:
+    The values of ``scalars``, in order, as float32 ``[B]`` arrays (NamedTuples
+    field by field).
+
+  Raises:
+    ValueError: naming the first argument that breaks a rule.
+  """
+  dims: dict[str, tuple[int, str]] = {}
+  for arg, (x, pattern) in arrays.items():
+    axes, shape = pattern.split(), tuple(jnp.shape(x))
+    if len(shape) != len(axes):
+      raise ValueError(f'{where}: {arg} must have shape [{", ".join(axes)}], '
+                       f'got {shape}.')
+    for axis, size in zip(axes, shape):
+      seen, first = dims.setdefault(axis, (size, arg))
+      if seen != size:
+        raise ValueError(
+            f'{where}: {arg} has {axis} = {size} (shape {shape}), but {first} '
+            f'has {axis} = {seen}.')
+  if config is not None:
+    _check_kernel_sizes(where, dims, config)
+  batch = dims['B'][0]
+  return tuple(_per_matrix(where, name, x, batch)
+               for name, x in scalars.items())
+
+
+def _check_kernel_sizes(
+    where: str, dims: dict[str, tuple[int, str]], config: KernelConfig
+) -> None:
+  for axis in ('R', 'L'):
+    size, arg = dims.get(axis, (MIN_TILE, ''))
+    if not _is_pow2(size) or size < MIN_TILE:
+      raise ValueError(
+          f'{where}: {arg} must have a power of two >= {MIN_TILE} as {axis}, '
+          f'got {size}; pad it with zero columns (pad_cols, pow2_at_least).')
+  for axis, target in (('m', config.block_rows), ('n', config.block_cols)):
+    size, arg = dims[axis]
+    if tile(size, target) is None:
+      raise ValueError(
+          f'{where}: {arg} has {axis} = {size}, which no power of two between '
+          f'{MIN_TILE} and {target} divides; use the reference pass '
+          f'(supports() says which matrices the kernels take).')
+
+
+def _per_matrix(where: str, name: str, value: Any, batch: int) -> Any:
+  """``value`` as float32 ``[batch]`` (a NamedTuple field by field)."""
+  if isinstance(value, tuple) and hasattr(value, '_fields'):
+    return type(value)(*(_per_matrix(where, f'{name}.{field}', x, batch)
+                         for field, x in zip(value._fields, value)))
+  x = jnp.asarray(value, jnp.float32)
+  if x.shape not in ((), (batch,)):
+    raise ValueError(f'{where}: {name} must be a scalar or [B] = [{batch}], '
+                     f'got shape {x.shape}.')
+  return jnp.broadcast_to(x, (batch,))
+
+
+def expand_per_matrix(x: Any) -> Any:
+  """``[B]`` values (an array or a NamedTuple of them) as ``[B, 1, 1]``.
+
+  So that a reference pass's per-matrix scalars broadcast against its
+  ``[B, m, n]`` arrays as the kernels' scalars do against a tile.
+  """
+  return jax.tree.map(lambda y: y[:, None, None], x)

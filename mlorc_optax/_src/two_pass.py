@@ -1,0 +1,326 @@
+"""Two-pass MLorc steps: the dense moments are never materialised.
+
+The reference step (:mod:`mlorc_optax._src.low_rank`) builds the dense
+moments ``m`` and ``v`` of a matrix, sketches them, projects them and
+computes the update from them: several passes over ``m x n`` float32
+temporaries, plus a Householder QR and an SVD (small, but slow on GPUs).
+This module computes the same step in two streaming passes over the
+gradient, with every dense moment rebuilt on the fly from its factors, block
+by block (:mod:`mlorc_optax._src.kernels`):
+
+**Pass 1 (sketch).** For the first moment the sketch is linear,
+
+.. math::
+
+  Y_m = m\\,\\Omega_m = \\beta_1 (U_m S_m)(V_m^\\top \\Omega_m)
+  + (1 - \\beta_1)\\, g\\,\\Omega_m ,
+
+so only ``g Omega_m`` streams. The second moment's fix (paper equation 2)
+replaces each negative entry of ``r = b2 U_v S_v V_v^T`` by ``b2 zeta``, the
+mean magnitude of the negative entries, which is known only after the pass;
+but with ``r_- = max(-r, 0)`` the fixed reconstruction is
+``r + r_- + b2 zeta 1{r < 0}``, linear in ``zeta``:
+
+.. math::
+
+  Y_v = v\\,\\Omega_v = (U_v S_v)(V_v^\\top \\Omega_v)\\,\\beta_2
+  + \\big((1 - \\beta_2)\\, g^2 + r_-\\big)\\,\\Omega_v
+  + \\beta_2 \\zeta\\, \\mathbf 1_{\\{r < 0\\}} \\Omega_v ,
+
+so pass 1 accumulates three products, ``g Omega_m``,
+``((1 - b2) g^2 + r_-) Omega_v`` and ``1{r < 0} Omega_v``, and the count and
+sum of the negative entries.
+
+**Between the passes**, ``Q_m`` and ``Q_v``, orthonormal bases of the ranges
+of ``Y_m`` and ``Y_v`` (``l`` columns), come from the ``l x l`` Gram matrix
+``Y^T Y = E Lambda E^T`` as ``Q = Y E Lambda^{-1/2}``, twice (the second time
+on ``Q`` itself, which makes it orthonormal to float32 rounding, as
+CholeskyQR2 does, Fukaya et al. 2014); directions with ``lambda`` below
+``l * eps * lambda_max`` are dropped instead of divided by ~0
+(:func:`~mlorc_optax._src.kernels.gram.orthonormal_bases`).
+
+**Pass 2 (project and update).** Block by block, ``m`` and ``v`` are rebuilt
+from the *previous* factors and the gradient, the update
+``m_hat / (sqrt(v_hat + eps_root) + eps)`` is written, and ``B_m = Q_m^T m``
+and ``B_v = Q_v^T v`` are accumulated.
+
+**After the passes**, the SVD of each ``B`` (``l x n``) comes from its Gram
+matrix: ``B B^T = E Lambda E^T``, ``W = E^T B`` (rows ordered by decreasing
+``lambda``), ``s_i = ||W_i||``, ``v_i = W_i / s_i``, ``u = Q E``, keeping the
+top ``r`` (:func:`~mlorc_optax._src.kernels.gram.svds_of_projections`). The
+reconstruction ``u diag(s) v^T = Q E E^T B`` is the projection ``Q Q^T M``
+whatever the accuracy of the small eigenvalues. This is the randomized SVD
+of paper Algorithm 3 with the same sketch ``Omega``; only the small
+``l x l`` factorizations differ (Gram-based instead of Householder QR and
+SVD), which on an H100 are one batched ``eigh`` instead of the QR and SVD of
+long matrices that dominated the reference step (``benchmarks/README.md``).
+
+**MLorc-Lion** (paper Algorithm 2) has one compressed moment,
+``m = b2 U S V^T + (1 - b2) g``, linear in ``g``: pass 1 streams
+``g Omega``, pass 2 writes the update ``sign(b1 U S V^T + (1 - b1) g)`` and
+accumulates ``Q^T g``; the factors' parts are small products.
+
+Every leaf says whether its passes run as the Pallas kernels
+(``use_kernel=True``: Triton on an NVIDIA GPU, or Pallas' interpreter with
+``interpret=True``), which read the gradient once per pass, or as their
+``jax.numpy`` references (dense temporaries; any shape). Which one a leaf
+gets, and whether the two-pass step runs at all, is decided by the caller:
+this module only orchestrates. Traffic: the reference step reads and writes
+several float32 copies of every moment; the two-pass step reads the gradient
+twice and writes the update.
+
+References:
+  Shen et al., *MLorc: Momentum Low-rank Compression for Memory Efficient
+  Large Language Model Adaptation*, https://arxiv.org/abs/2506.01897,
+  Algorithms 1-3 and equation (2); Halko, Martinsson & Tropp, *Finding
+  structure with randomness*, https://arxiv.org/abs/0909.4061; Fukaya et al.,
+  *CholeskyQR2: a simple and communication-avoiding algorithm for computing a
+  tall-skinny QR factorization on a large-scale parallel system*, 2014.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from mlorc_optax._src import rsvd
+from mlorc_optax._src import step_math
+from mlorc_optax._src.kernels import adam
+from mlorc_optax._src.kernels import gram
+from mlorc_optax._src.kernels import lion
+from mlorc_optax._src.kernels.launch import KernelConfig
+from mlorc_optax._src.kernels.launch import pad_cols
+from mlorc_optax._src.kernels.launch import pow2_at_least
+
+_F32 = jnp.float32
+_HI = step_math.HIGHEST
+
+
+def _f32(x: Any) -> jax.Array:
+  return jnp.asarray(x, _F32)
+
+
+def _pass(
+    use_kernel: bool,
+    kernel: Callable[..., Any],
+    reference: Callable[..., Any],
+    config: KernelConfig,
+    interpret: bool,
+) -> Callable[..., Any]:
+  """The kernel (with its static settings) or its ``jax.numpy`` reference."""
+  if use_kernel:
+    return functools.partial(kernel, config=config, interpret=interpret)
+  return reference
+
+
+def _padded_factors(
+    factors: rsvd.LowRankFactors, scale: Any, width: int
+) -> tuple[jax.Array, jax.Array]:
+  """``(scale U S, V)`` in float32, zero-padded to ``width`` columns."""
+  u, s, v = map(_f32, factors)
+  return (pad_cols(scale * u * s[..., None, :], width), pad_cols(v, width))
+
+
+def _sketch_of(a: jax.Array, v: jax.Array, omega: jax.Array) -> jax.Array:
+  """``a v^T omega`` ``[B, m, l]``: a factored matrix's sketch, cheaply."""
+  return jnp.einsum('bmk,bnk,bnl->bml', a, v, omega, precision=_HI)
+
+
+def _widths(rank: int, width: int) -> tuple[int, int]:
+  """Kernel widths ``(r_pad, l_pad)`` of factors and sketches."""
+  return pow2_at_least(rank), pow2_at_least(width)
+
+
+# ----------------------------------------------------------------------------
+# MLorc-AdamW (paper Algorithm 1).
+
+
+class AdamLeafInputs(NamedTuple):
+  """One batch of matrices for :func:`adam_step`.
+
+  Attributes:
+    g: gradients ``[B, m, n]`` (the update comes back in this dtype).
+    mu: previous first-moment factors ``(u [B, m, k], s [B, k], v [B, n,
+      k])``, any float dtype.
+    nu: previous second-moment factors.
+    omega_m: this step's first-moment sketch ``[B, n, l]`` (``k <= l``).
+    omega_v: this step's second-moment sketch ``[B, n, l]``.
+    use_kernel: the Pallas passes (else the ``jax.numpy`` references); the
+      Pallas passes need ``m`` and ``n`` tileable
+      (:func:`~mlorc_optax._src.kernels.launch.supports`).
+  """
+
+  g: jax.Array
+  mu: rsvd.LowRankFactors
+  nu: rsvd.LowRankFactors
+  omega_m: jax.Array
+  omega_v: jax.Array
+  use_kernel: bool
+
+
+def adam_step(
+    leaves: Sequence[AdamLeafInputs],
+    coefficients: step_math.AdamCoefficients,
+    *,
+    config: KernelConfig,
+    interpret: bool,
+) -> list[tuple[jax.Array, rsvd.LowRankFactors, rsvd.LowRankFactors]]:
+  """One MLorc-AdamW step of several batches of matrices in two passes.
+
+  Pass 1 for every leaf, then all the ``Q`` factorizations together, then
+  pass 2 for every leaf, then all the small SVDs together (module
+  docstring).
+
+  Args:
+    leaves: :class:`AdamLeafInputs`, one per compressed leaf.
+    coefficients: :class:`~mlorc_optax._src.step_math.AdamCoefficients`
+      shared by all leaves (scalars, possibly traced). ``one_minus_b1`` and
+      ``one_minus_b2`` are used as given: compute them before any cast to
+      float32 (``1 - float32(0.999)`` is off by 5e-5 relative); ``b1`` and
+      ``b2`` are ``1 -`` them.
+    config: the Pallas passes' static settings.
+    interpret: run the Pallas passes in Pallas' interpreter.
+
+  Returns:
+    Per leaf ``(direction [B, m, n], new mu factors, new nu factors)``,
+    factors in float32 with ``k`` columns: the randomized SVD (with sketches
+    ``omega_m``, ``omega_v``) of the uncompressed new moments.
+  """
+  c = step_math.AdamCoefficients(*map(_f32, coefficients))
+  b1, b2 = 1 - c.one_minus_b1, 1 - c.one_minus_b2
+  firsts, ys = [], []
+  for leaf in leaves:
+    l = leaf.omega_m.shape[-1]
+    r_pad, l_pad = _widths(leaf.mu.s.shape[-1], l)
+    a_m, v_m = _padded_factors(leaf.mu, b1, r_pad)
+    a_v, v_v = _padded_factors(leaf.nu, b2, r_pad)
+    om = pad_cols(_f32(leaf.omega_m), l_pad)
+    ov = pad_cols(_f32(leaf.omega_v), l_pad)
+    sketch = _pass(leaf.use_kernel, adam.sketch_pass,
+                   adam.sketch_pass_reference, config, interpret)
+    p1 = sketch(leaf.g, a_v, v_v, om, ov, c.one_minus_b2)
+    # a_v carries b2, so pass 1 saw b2 * v~ and this is b2 * zeta.
+    count = jnp.sum(p1.neg_count, axis=-1)
+    zeta = jnp.sum(p1.neg_sum, axis=-1) / jnp.maximum(count, 1.0)
+    ys.append((_sketch_of(a_m, v_m, om) + c.one_minus_b1 * p1.g_omega)[..., :l])
+    ys.append((_sketch_of(a_v, v_v, ov) + p1.x_omega
+               + zeta[:, None, None] * p1.neg_omega)[..., :l])
+    firsts.append((a_m, v_m, a_v, v_v, zeta, l_pad))
+  qs = gram.orthonormal_bases(ys)
+
+  outs, bs = [], []
+  for i, (leaf, (a_m, v_m, a_v, v_v, zeta, l_pad)) in enumerate(
+      zip(leaves, firsts)):
+    q_m, q_v = (pad_cols(q, l_pad) for q in qs[2 * i:2 * i + 2])
+    project = _pass(leaf.use_kernel, adam.project_pass,
+                    adam.project_pass_reference, config, interpret)
+    p2 = project(leaf.g, a_m, v_m, a_v, v_v, q_m, q_v, c, zeta)
+    l = leaf.omega_m.shape[-1]
+    bs += [p2.b_m[:, :l], p2.b_v[:, :l]]
+    outs.append(p2.direction.astype(leaf.g.dtype))
+  ranks = [leaf.mu.s.shape[-1] for leaf in leaves for _ in range(2)]
+  factors = gram.svds_of_projections(qs, bs, ranks)
+  return [(d, factors[2 * i], factors[2 * i + 1])
+          for i, d in enumerate(outs)]
+
+
+def adam_leaf_step(
+    g: jax.Array,
+    mu: rsvd.LowRankFactors,
+    nu: rsvd.LowRankFactors,
+    omega_m: jax.Array,
+    omega_v: jax.Array,
+    coefficients: step_math.AdamCoefficients,
+    *,
+    use_kernel: bool,
+    config: KernelConfig,
+    interpret: bool,
+) -> tuple[jax.Array, rsvd.LowRankFactors, rsvd.LowRankFactors]:
+  """:func:`adam_step` of one leaf (arguments as :class:`AdamLeafInputs`)."""
+  leaf = AdamLeafInputs(g, mu, nu, omega_m, omega_v, use_kernel)
+  return adam_step([leaf], coefficients, config=config,
+                   interpret=interpret)[0]
+
+
+# ----------------------------------------------------------------------------
+# MLorc-Lion (paper Algorithm 2): one compressed moment, the same two passes.
+
+
+class LionLeafInputs(NamedTuple):
+  """One batch of matrices for :func:`lion_step`.
+
+  Attributes:
+    g: gradients ``[B, m, n]`` (the update comes back in this dtype).
+    mu: previous momentum factors ``(u [B, m, k], s [B, k], v [B, n, k])``.
+    omega: this step's sketch ``[B, n, l]`` (``k <= l``).
+    use_kernel: the Pallas passes (else the ``jax.numpy`` references).
+  """
+
+  g: jax.Array
+  mu: rsvd.LowRankFactors
+  omega: jax.Array
+  use_kernel: bool
+
+
+def lion_step(
+    leaves: Sequence[LionLeafInputs],
+    b1: Any,
+    b2: Any,
+    *,
+    config: KernelConfig,
+    interpret: bool,
+) -> list[tuple[jax.Array, rsvd.LowRankFactors]]:
+  """One MLorc-Lion step (paper Algorithm 2) of several leaves in two passes.
+
+  With ``m~ = U S V^T`` the previous momentum: the update is
+  ``sign(b1 m~ + (1 - b1) g)`` and the new momentum ``m = b2 m~ + (1 - b2) g``
+  is compressed by the randomized SVD with sketch ``omega``. Both ``m Omega``
+  and ``Q^T m`` are linear in ``g``: pass 1 streams ``g Omega``, pass 2
+  writes the update (rebuilding ``m~`` tile by tile) and accumulates
+  ``Q^T g``; the factors' parts are small products. ``Q`` and the small SVDs
+  as in :func:`adam_step`.
+
+  Args:
+    leaves: :class:`LionLeafInputs`, one per compressed leaf.
+    b1: Lion's update interpolation (scalar, possibly traced).
+    b2: Lion's momentum decay.
+    config: the Pallas passes' static settings.
+    interpret: run the Pallas passes in Pallas' interpreter.
+
+  Returns:
+    Per leaf ``(update [B, m, n], new factors)``.
+  """
+  # 1 - b computed before any cast (in float64 for Python floats), as the
+  # reference step does: 1 - float32(0.999) is off by 5e-5 relative.
+  coefficients = lion.LionCoefficients(_f32(b1), _f32(1 - b1))
+  b2, one_minus_b2 = _f32(b2), _f32(1 - b2)
+  firsts, ys = [], []
+  for leaf in leaves:
+    l = leaf.omega.shape[-1]
+    r_pad, l_pad = _widths(leaf.mu.s.shape[-1], l)
+    a, v = _padded_factors(leaf.mu, 1.0, r_pad)
+    om = pad_cols(_f32(leaf.omega), l_pad)
+    sketch = _pass(leaf.use_kernel, lion.lion_sketch_pass,
+                   lion.lion_sketch_pass_reference, config, interpret)
+    g_omega = sketch(leaf.g, om)
+    ys.append((b2 * _sketch_of(a, v, om) + one_minus_b2 * g_omega)[..., :l])
+    firsts.append((a, v, l_pad))
+  qs = gram.orthonormal_bases(ys)
+
+  outs, bs = [], []
+  for leaf, q, (a, v, l_pad) in zip(leaves, qs, firsts):
+    project = _pass(leaf.use_kernel, lion.lion_project_pass,
+                    lion.lion_project_pass_reference, config, interpret)
+    p2 = project(leaf.g, a, v, pad_cols(q, l_pad), coefficients)
+    l = leaf.omega.shape[-1]
+    qa = jnp.einsum('bml,bmk->blk', q, a, precision=_HI)
+    bs.append(b2 * jnp.einsum('blk,bnk->bln', qa, v, precision=_HI)
+              + one_minus_b2 * p2.q_g[:, :l])
+    outs.append(p2.direction.astype(leaf.g.dtype))
+  factors = gram.svds_of_projections(
+      qs, bs, [leaf.mu.s.shape[-1] for leaf in leaves])
+  return list(zip(outs, factors))

@@ -1,0 +1,453 @@
+"""Specification of the two-pass step's kernels, passes and factorizations.
+
+Every Pallas pass against its ``jax.numpy`` reference, per shape, dtype and
+rank; the Gram-based factorizations; whole two-pass steps of one leaf against
+the dense NumPy (float64) Algorithms 1 and 2 with the same sketch; the static
+:class:`~mlorc_optax.kernels.KernelConfig`; the shape checks; the names of
+the ``pallas_call``\\ s. (The two-pass step as the transforms take it is
+specified in ``test_two_pass_step.py``.)
+
+The Pallas kernels run in interpret mode on CPU (compiled through Triton when
+the tests run on an NVIDIA GPU). Tolerances: the kernels and their
+``jax.numpy`` references sum the same float32 products in different orders,
+so their sums agree to a few ulps of the largest magnitude (1e-5 relative).
+Updates of one step agree to 1e-4 of the largest update entry: where the
+reconstructed second moment nearly cancels (``v~ ~ 0``), the float32 rounding
+of either reconstruction is a large relative error of that entry, and
+``m / sqrt(v)`` magnifies it; both are equally exact there. The fix of
+equation (2) is discontinuous, so a few entries may differ by more
+(:func:`closeness.assert_close_but_for_the_fix`). On a GPU the kernels'
+sketch and projection products default to TF32
+(``KernelConfig.accumulate_precision``), within 3e-3 of the float32 products
+(:func:`test_tf32_products_stay_within_tf32_rounding`), so the other tests
+pass ``FULL``, a config with float32-level (``'tf32x3'``) products; in
+interpret mode every dot is float32 whatever the config.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mlorc_optax import kernels
+from mlorc_optax._src import rsvd
+from mlorc_optax._src import step_math
+from mlorc_optax._src import two_pass
+from mlorc_optax._src.kernels import gram
+from mlorc_optax._src.kernels import launch
+
+import numpy_reference as ref
+from closeness import assert_close, assert_close_but_for_the_fix
+
+B1, B2, EPS = 0.9, 0.999, 1e-8
+#: The test's own choice (the library never looks at the devices): compile
+#: through Triton on a GPU, interpret elsewhere.
+INTERPRET = jax.default_backend() != 'gpu'
+#: Float32-level kernel dots on a GPU (no effect in interpret mode).
+FULL = kernels.KernelConfig(accumulate_precision='tf32x3')
+
+
+def random_factors(key, batch, m, n, rank, positive=False):
+  a = jax.random.normal(key, (batch, m, n))
+  if positive:  # a second moment: its rank-r reconstruction has negatives
+    a = a * a
+  return rsvd.randomized_svd(a, key, rank)
+
+
+def pass_inputs(batch, m, n, rank, dtype, seed=0):
+  keys = jax.random.split(jax.random.key(seed), 6)
+  r_pad = max(16, 1 << (rank - 1).bit_length())
+  pad = lambda x, w: jnp.pad(x, [(0, 0), (0, 0), (0, w - x.shape[-1])])
+  g = jax.random.normal(keys[0], (batch, m, n)).astype(dtype)
+  mu = random_factors(keys[1], batch, m, n, rank)
+  nu = random_factors(keys[2], batch, m, n, rank, positive=True)
+  a_m = pad(B1 * mu.u * mu.s[:, None, :], r_pad)
+  a_v = pad(B2 * nu.u * nu.s[:, None, :], r_pad)
+  omegas = [pad(jax.random.normal(k, (batch, n, rank)), r_pad)
+            for k in keys[3:5]]
+  qs = [pad(jnp.linalg.qr(jax.random.normal(k, (batch, m, rank)))[0], r_pad)
+        for k in jax.random.split(keys[5])]
+  return g, a_m, pad(mu.v, r_pad), a_v, pad(nu.v, r_pad), omegas, qs
+
+
+SHAPES = [(1, 64, 64, 4), (2, 128, 192, 4), (1, 48, 256, 32), (3, 96, 32, 8)]
+
+
+def coefficients(batch):
+  """Pass 2's per-matrix scalars, different for every matrix (so that a
+  kernel reading another matrix's values fails)."""
+  k = jnp.arange(batch, dtype=jnp.float32)
+  return kernels.AdamCoefficients(
+      one_minus_b1=jnp.full((batch,), 1 - B1), one_minus_b2=1 - B2,
+      k_m=10.0 + k, k_g=0.5 - 0.1 * k, c_v=1000.0, eps=EPS, eps_root=0.0)
+
+
+def zetas(batch):
+  return 0.01 * (1.0 + jnp.arange(batch, dtype=jnp.float32))
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize('batch,m,n,rank', SHAPES)
+def test_sketch_kernel_equals_its_reference(batch, m, n, rank, dtype):
+  g, _, _, a_v, v_v, (om, ov), _ = pass_inputs(batch, m, n, rank, dtype)
+  one_b2 = 1 - B2 * (1 - 0.01 * jnp.arange(batch, dtype=jnp.float32))
+  ours = kernels.sketch_pass(g, a_v, v_v, om, ov, one_b2, config=FULL,
+                             interpret=INTERPRET)
+  theirs = kernels.sketch_pass_reference(g, a_v, v_v, om, ov, one_b2)
+  for name, x, y in zip(theirs._fields, ours, theirs):
+    assert x.shape == y.shape and x.dtype == jnp.float32, name
+    assert_close(x, y, 1e-5, name)
+  assert float(jnp.sum(theirs.neg_count)) > 0  # the fix is exercised
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize('batch,m,n,rank', SHAPES)
+def test_project_kernel_equals_its_reference(batch, m, n, rank, dtype):
+  g, a_m, v_m, a_v, v_v, _, (q_m, q_v) = pass_inputs(batch, m, n, rank, dtype)
+  args = (g, a_m, v_m, a_v, v_v, q_m, q_v, coefficients(batch), zetas(batch))
+  ours = kernels.project_pass(*args, config=FULL, interpret=INTERPRET)
+  theirs = kernels.project_pass_reference(*args)
+  assert ours.direction.dtype == theirs.direction.dtype == dtype
+  assert_close_but_for_the_fix(ours.direction.astype(jnp.float32),
+                               theirs.direction.astype(jnp.float32),
+                               1e-4 if dtype == jnp.float32 else 1e-2,
+                               'direction')
+  assert_close(ours.b_m, theirs.b_m, 1e-5, 'b_m')
+  assert_close(ours.b_v, theirs.b_v, 1e-5, 'b_v')
+
+
+@pytest.mark.parametrize('batch,m,n,rank', SHAPES[1:3])
+def test_tf32_products_stay_within_tf32_rounding(batch, m, n, rank):
+  """The GPU default: TF32 sketch and projection products (10-bit inputs).
+
+  In interpret mode every dot is float32, so this only binds on a GPU.
+  """
+  config = kernels.KernelConfig()
+  assert config.accumulate_precision == 'tf32'
+  g, a_m, v_m, a_v, v_v, (om, ov), (q_m, q_v) = pass_inputs(
+      batch, m, n, rank, jnp.float32)
+  project_args = (g, a_m, v_m, a_v, v_v, q_m, q_v, coefficients(batch),
+                  zetas(batch))
+  for ours, theirs in (
+      (kernels.sketch_pass(g, a_v, v_v, om, ov, 1 - B2, config=config,
+                           interpret=INTERPRET),
+       kernels.sketch_pass_reference(g, a_v, v_v, om, ov, 1 - B2)),
+      (kernels.project_pass(*project_args, config=config,
+                            interpret=INTERPRET)[1:],
+       kernels.project_pass_reference(*project_args)[1:])):
+    for x, y in zip(ours, theirs):
+      assert_close(x, y, 3e-3)
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize('batch,m,n,rank', SHAPES[1:3])
+def test_lion_kernels_equal_their_references(batch, m, n, rank, dtype):
+  g, a, v, _, _, (om, _), (q, _) = pass_inputs(batch, m, n, rank, dtype)
+  b1 = 0.9 - 0.05 * jnp.arange(batch, dtype=jnp.float32)
+  coef = kernels.LionCoefficients(b1=b1, one_minus_b1=1 - b1)
+  assert_close(kernels.lion_sketch_pass(g, om, config=FULL,
+                                        interpret=INTERPRET),
+               kernels.lion_sketch_pass_reference(g, om), 1e-5)
+  d, qg = kernels.lion_project_pass(g, a, v, q, coef, config=FULL,
+                                    interpret=INTERPRET)
+  d_ref, qg_ref = kernels.lion_project_pass_reference(g, a, v, q, coef)
+  assert d.dtype == d_ref.dtype == dtype
+  assert np.mean(np.asarray(d, np.float32) != np.asarray(d_ref, np.float32)
+                 ) <= 1e-3
+  assert_close(qg, qg_ref, 1e-5)
+
+
+# Whole steps of one leaf against the dense NumPy algorithms.
+
+
+def test_leaf_step_is_algorithm_1_with_the_same_sketch():
+  """One step against a dense NumPy (float64) MLorc-AdamW step."""
+  batch, m, n, rank, t = 2, 64, 128, 4, 3
+  keys = jax.random.split(jax.random.key(3), 5)
+  g = jax.random.normal(keys[0], (batch, m, n))
+  mu = random_factors(keys[1], batch, m, n, rank)
+  nu = random_factors(keys[2], batch, m, n, rank, positive=True)
+  om, ov = (jax.random.normal(k, (batch, n, rank)) for k in keys[3:])
+  coef = kernels.AdamCoefficients(
+      one_minus_b1=1 - B1, one_minus_b2=1 - B2, k_m=1 / (1 - B1**t), k_g=0.0,
+      c_v=1 / (1 - B2**t), eps=EPS, eps_root=0.0)
+  f64 = lambda x: np.asarray(x, np.float64)
+  mom = B1 * ref.reconstruct(*map(f64, mu)) + (1 - B1) * f64(g)
+  var = B2 * ref.zeta_fix(ref.reconstruct(*map(f64, nu))) + (1 - B2) * f64(
+      g)**2
+  direction = (mom / (1 - B1**t)) / (np.sqrt(var / (1 - B2**t)) + EPS)
+  for use_kernel in (False, True):
+    d, new_mu, new_nu = two_pass.adam_leaf_step(
+        g, mu, nu, om, ov, coef, use_kernel=use_kernel, config=FULL,
+        interpret=INTERPRET)
+    assert_close(d, direction, 1e-4, f'direction (kernel={use_kernel})')
+    for ours, x, omega in ((new_mu, mom, om), (new_nu, var, ov)):
+      assert_factors_are_rsvd(ours, x, omega, rank)
+
+
+def assert_factors_are_rsvd(ours, x, omega, rank):
+  """``ours`` is Algorithm 3 of ``x`` with sketch ``omega``, orthonormal."""
+  theirs = ref.rsvd(x, np.asarray(omega, np.float64), rank)
+  assert_close(rsvd.reconstruct(ours), ref.reconstruct(*theirs), 1e-5)
+  np.testing.assert_allclose(ours.s, theirs[1], rtol=1e-4)
+  # Orthonormal factors, as LowRankFactors promises.
+  for f in (ours.u, ours.v):
+    gram_ = np.einsum('bik,bil->bkl', f, f)
+    np.testing.assert_allclose(gram_, np.broadcast_to(np.eye(rank),
+                                                      gram_.shape), atol=1e-4)
+
+
+def test_lion_step_is_algorithm_2_with_the_same_sketch():
+  """Two leaves (one tileable, one not) against dense NumPy MLorc-Lion."""
+  b1, b2, rank = 0.9, 0.99, 4
+  keys = jax.random.split(jax.random.key(5), 6)
+  leaves, expected = [], []
+  for i, (batch, m, n, use_kernel) in enumerate(
+      ((2, 64, 128, True), (1, 20, 30, False))):
+    g = jax.random.normal(keys[3 * i], (batch, m, n))
+    mu = random_factors(keys[3 * i + 1], batch, m, n, rank)
+    omega = jax.random.normal(keys[3 * i + 2], (batch, n, rank))
+    leaves.append(kernels.LionLeafInputs(g, mu, omega, use_kernel))
+    prev = ref.reconstruct(*(np.asarray(x, np.float64) for x in mu))
+    g64 = np.asarray(g, np.float64)
+    expected.append((np.sign(b1 * prev + (1 - b1) * g64),
+                     b2 * prev + (1 - b2) * g64, omega))
+  out = kernels.lion_step(leaves, b1, b2, config=FULL, interpret=INTERPRET)
+  for (d, factors), (sign, mom, omega) in zip(out, expected):
+    assert np.mean(np.asarray(d) != sign) <= 1e-3  # an entry with c ~ 0
+    assert_factors_are_rsvd(factors, mom, omega, rank)
+
+
+def test_adam_step_batches_leaves_and_keeps_their_dtypes():
+  """Several leaves, kernel and reference passes, bfloat16 gradients."""
+  rank, t = 3, 1
+  coef = kernels.AdamCoefficients(
+      one_minus_b1=1 - B1, one_minus_b2=1 - B2, k_m=1 / (1 - B1**t), k_g=0.0,
+      c_v=1 / (1 - B2**t), eps=EPS, eps_root=0.0)
+  leaves = []
+  for i, (shape, use_kernel) in enumerate(
+      (((2, 64, 128), True), ((1, 48, 32), False), ((3, 32, 64), True))):
+    key = jax.random.key(i)
+    g = jax.random.normal(key, shape, jnp.bfloat16)
+    zero = rsvd.LowRankFactors(jnp.zeros((*shape[:2], rank)),
+                               jnp.zeros((shape[0], rank)),
+                               jnp.zeros((shape[0], shape[2], rank)))
+    omega = jax.random.normal(key, (shape[0], shape[2], rank + 2))
+    leaves.append(kernels.AdamLeafInputs(g, zero, zero, omega, omega,
+                                         use_kernel))
+  out = kernels.adam_step(leaves, coef, config=FULL, interpret=INTERPRET)
+  for leaf, (d, mu, nu) in zip(leaves, out):
+    assert d.dtype == jnp.bfloat16 and d.shape == leaf.g.shape
+    # The first step from zero factors is Adam's first step, sign(g).
+    g = np.asarray(leaf.g, np.float32)
+    assert_close(np.asarray(d, np.float32), g / (np.abs(g) + EPS), 1e-2)
+    for f, x in ((mu, (1 - B1) * g), (nu, (1 - B2) * g * g)):
+      assert f.u.shape[-1] == rank and f.u.dtype == jnp.float32
+      assert np.all(np.isfinite(rsvd.reconstruct(f)))
+      assert np.all(np.asarray(f.s)[..., :-1] >= np.asarray(f.s)[..., 1:])
+
+
+@pytest.mark.parametrize('use_kernel', [False, True])
+@pytest.mark.parametrize('scale', [0.0, 1e19])
+def test_leaf_step_of_zero_and_overflowing_gradients_stays_finite(
+    scale, use_kernel):
+  """g = 0 gives zero factors; |g| > 1.8e19 overflows g**2 to inf, which
+  the overflow bound keeps out of the factors."""
+  batch, m, n, rank = 1, 64, 128, 4
+  g = scale * jnp.ones((batch, m, n)).at[:, 0, 0].set(1.0)
+  zero = rsvd.LowRankFactors(jnp.zeros((batch, m, rank)),
+                             jnp.zeros((batch, rank)),
+                             jnp.zeros((batch, n, rank)))
+  omega = jax.random.normal(jax.random.key(0), (batch, n, rank))
+  coef = kernels.AdamCoefficients(1 - B1, 1 - B2, 10.0, 0.0, 1000.0, EPS, 0.0)
+  mu = nu = zero
+  for _ in range(2):
+    d, mu, nu = two_pass.adam_leaf_step(g, mu, nu, omega, omega, coef,
+                                        use_kernel=use_kernel, config=FULL,
+                                        interpret=INTERPRET)
+    assert np.all(np.isfinite(d))
+    for f in jax.tree.leaves((mu, nu)):
+      assert np.all(np.isfinite(f))
+
+
+# The small factorizations.
+
+
+def test_orthonormal_basis_of_rank_deficient_and_zero_sketches():
+  key = jax.random.key(0)
+  k1, k2 = jax.random.split(key)
+  y = jax.random.normal(k1, (2, 50, 2)) @ jax.random.normal(k2, (2, 2, 5))
+  q = gram.orthonormal_basis(y)
+  assert np.all(np.isfinite(q))
+  gram_ = np.einsum('bik,bil->bkl', q, q)
+  np.testing.assert_allclose(np.trace(gram_, axis1=1, axis2=2), [2, 2],
+                             atol=1e-4)  # two unit columns, three zero ones
+  p = np.einsum('bik,bjk->bij', q, q)
+  np.testing.assert_allclose(p @ np.asarray(y), y, atol=1e-4)  # spans y
+  assert np.all(gram.orthonormal_basis(jnp.zeros((50, 4))) == 0)
+
+
+def test_svds_of_projections_are_the_svds_of_q_b():
+  keys = jax.random.split(jax.random.key(1), 4)
+  ys = [jax.random.normal(keys[0], (2, 40, 6)),
+        jax.random.normal(keys[1], (1, 30, 8))]
+  qs = kernels.orthonormal_bases(ys)
+  bs = [jax.random.normal(keys[2], (2, 6, 50)) * 1e-20,  # tiny, rescaled
+        jax.random.normal(keys[3], (1, 8, 20))]
+  for q, b, factors in zip(qs, bs, kernels.svds_of_projections(
+      qs, bs, [4, 5])):
+    # In NumPy float64: a float32 matmul on a GPU would round to TF32.
+    u, s, v = (np.asarray(x, np.float64) for x in factors)
+    dense = np.asarray(q, np.float64) @ np.asarray(b, np.float64)
+    s_ref = np.linalg.svd(dense, compute_uv=False)[..., :s.shape[-1]]
+    np.testing.assert_allclose(s, s_ref, rtol=1e-4)
+    top = np.linalg.svd(dense)
+    best = (top[0][..., :s.shape[-1]] * top[1][..., None, :s.shape[-1]]
+            ) @ top[2][..., :s.shape[-1], :]
+    assert_close((u * s[..., None, :]) @ np.swapaxes(v, -1, -2), best, 1e-4)
+
+
+# Tiles, grids and the static config.
+
+
+def test_splits_fill_the_gpu_and_divide_the_loop():
+  assert launch.splits(8 * 64, 172, 2048) == 4  # 8 x 4096 rows: 512 programs
+  assert launch.splits(8 * 172, 64, 2048) == 1  # 1376 programs are enough
+  assert launch.splits(1, 172, 2048) == 4  # 172 = 4 * 43
+  assert launch.splits(1, 3, 2048) == 1
+  assert launch.splits(1, 172, 1) == 1
+
+
+def test_tiles_and_what_the_kernels_support():
+  config = kernels.KernelConfig()
+  assert launch.tile(4096, 64) == 64 and launch.tile(48, 64) == 16
+  assert launch.tile(20, 64) is None
+  assert kernels.supports(4096, 11008, config)
+  assert not kernels.supports(20, 64, config)
+  assert not kernels.supports(64, 30, config)
+  assert launch.pow2_at_least(3) == 16 and launch.pow2_at_least(33) == 64
+  assert launch.pad_cols(jnp.ones((2, 3, 5)), 16).shape == (2, 3, 16)
+
+
+def test_kernel_config_is_static_and_hashable():
+  config = kernels.KernelConfig(block_rows=32, num_warps=8)
+  assert config == kernels.KernelConfig(block_rows=32, num_warps=8)
+  assert hash(config) == hash(kernels.KernelConfig(block_rows=32,
+                                                   num_warps=8))
+  with pytest.raises(AttributeError):
+    config.block_rows = 64  # frozen
+  hi = step_math.HIGHEST
+  assert launch.dot_precisions(config, interpret=True) == (hi, hi)
+  assert launch.dot_precisions(config, interpret=False) == (
+      jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
+      jax.lax.DotAlgorithmPreset.TF32_TF32_F32)
+
+
+@pytest.mark.parametrize('field,value', [
+    ('block_rows', 48), ('block_rows', 8), ('block_cols', 0),
+    ('block_cols', 64.0), ('num_warps', 3), ('num_warps', True),
+    ('num_stages', 0), ('target_programs', -1),
+    ('reconstruct_precision', 'highest'), ('accumulate_precision', 'bf16'),
+])
+def test_kernel_config_rejects_bad_values_naming_the_field(field, value):
+  with pytest.raises(ValueError, match=f'KernelConfig.{field} must be'):
+    kernels.KernelConfig(**{field: value})
+
+
+# Shape checks.
+
+
+def _adam_inputs(batch=2, m=64, n=128, width=16):
+  g = jnp.ones((batch, m, n))
+  a, v = jnp.ones((batch, m, width)), jnp.ones((batch, n, width))
+  return g, a, v, jnp.ones((batch, n, width)), a
+
+
+def _sketch(**bad):
+  g, a, v, omega, _ = _adam_inputs()
+  args = dict(g=g, a_v=a, v_v=v, omega_m=omega, omega_v=omega,
+              one_minus_b2=0.001)
+  return dict(args, **bad)
+
+
+def _project(**bad):
+  g, a, v, _, q = _adam_inputs()
+  args = dict(g=g, a_m=a, v_m=v, a_v=a, v_v=v, q_m=q, q_v=q,
+              coefficients=coefficients(2), zeta=0.0)
+  return dict(args, **bad)
+
+
+@pytest.mark.parametrize('fn,kwargs,match', [
+    ('sketch_pass', _sketch(g=jnp.ones((64, 128))), r'g must have shape \[B'),
+    ('sketch_pass', _sketch(a_v=jnp.ones((2, 32, 16))), 'a_v has m = 32'),
+    ('sketch_pass', _sketch(v_v=jnp.ones((3, 128, 16))), 'v_v has B = 3'),
+    ('sketch_pass', _sketch(omega_v=jnp.ones((2, 128, 32))),
+     'omega_v has L = 32'),
+    ('sketch_pass', _sketch(a_v=jnp.ones((2, 64, 8)),
+                            v_v=jnp.ones((2, 128, 8))),
+     'a_v must have a power of two >= 16 as R'),
+    ('sketch_pass', _sketch(one_minus_b2=jnp.ones(3)), 'one_minus_b2 must'),
+    ('project_pass', _project(q_v=jnp.ones((2, 64, 24))), 'q_v has L = 24'),
+    ('project_pass', _project(coefficients=coefficients(3)),
+     r'coefficients\.one_minus_b1 must be a scalar or \[B\]'),
+    ('project_pass', _project(zeta=jnp.ones((2, 1))), 'zeta must'),
+])
+def test_passes_reject_bad_shapes_naming_the_argument(fn, kwargs, match):
+  with pytest.raises(ValueError, match=f'{fn}: {match}'):
+    getattr(kernels, fn)(**kwargs, interpret=True)
+  if 'power of two' not in match:  # the reference checks the same shapes
+    with pytest.raises(ValueError, match=f'{fn}_reference: {match}'):
+      getattr(kernels, f'{fn}_reference')(**kwargs)
+
+
+def test_kernels_reject_what_they_cannot_tile_but_references_take_it():
+  g, a, v, omega, q = _adam_inputs(m=20, n=30, width=3)
+  assert kernels.sketch_pass_reference(g, a, v, omega, omega, 0.001
+                                       ).g_omega.shape == (2, 20, 3)
+  assert kernels.lion_project_pass_reference(
+      g, a, v, q, kernels.LionCoefficients(0.9, 0.1)).q_g.shape == (2, 3, 30)
+  g, a, v, omega, q = _adam_inputs(m=20)
+  with pytest.raises(ValueError, match='lion_sketch_pass: g has m = 20'):
+    kernels.lion_sketch_pass(g, omega, interpret=True)
+  g, a, v, omega, q = _adam_inputs()
+  with pytest.raises(ValueError,
+                     match=r'lion_project_pass: coefficients\.b1 must'):
+    kernels.lion_project_pass(g, a, v, q,
+                              kernels.LionCoefficients(jnp.ones(3), 0.1),
+                              interpret=True)
+
+
+# The pallas_calls are named (profiles and HLO show these names).
+
+
+def _pallas_call_names(jaxpr):
+  names = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == 'pallas_call':
+      names.append(eqn.params['name'])
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        sub = getattr(sub, 'jaxpr', sub)  # a ClosedJaxpr's Jaxpr
+        if hasattr(sub, 'eqns'):
+          names += _pallas_call_names(sub)
+  return names
+
+
+def test_every_pallas_call_is_named():
+  batch, m, n, rank = 1, 64, 128, 4
+  g = jnp.ones((batch, m, n))
+  factors = random_factors(jax.random.key(0), batch, m, n, rank)
+  omega = jnp.ones((batch, n, rank))
+  coef = kernels.AdamCoefficients(1 - B1, 1 - B2, 10.0, 0.0, 1000.0, EPS, 0.0)
+
+  def steps(g):
+    adam = kernels.adam_step(
+        [kernels.AdamLeafInputs(g, factors, factors, omega, omega, True)],
+        coef, config=FULL, interpret=True)
+    lion = kernels.lion_step([kernels.LionLeafInputs(g, factors, omega, True)],
+                             0.9, 0.99, config=FULL, interpret=True)
+    return adam, lion
+
+  names = _pallas_call_names(jax.make_jaxpr(steps)(g).jaxpr)
+  assert sorted(names) == ['mlorc_adam_project', 'mlorc_adam_sketch',
+                           'mlorc_lion_project', 'mlorc_lion_sketch']
