@@ -6,7 +6,9 @@ in ``nn.LogicallyPartitioned`` (logical axis names), a
 and ``nn.get_partition_spec`` + ``nn.logical_to_mesh_sharding`` place the
 whole state, MLorc's factors included, by :data:`model.LOGICAL_AXIS_RULES`.
 MLorc views each leaf as a matrix by its logical names
-(``mlorc_optax.logical_dimension_numbers``).
+(``mlorc_optax.flax.logical_dimension_numbers``), and
+``mlorc_optax.flax.boxed`` boxes each factor with the names of the axes it
+spans.
 
 It measures, for each optimizer at the same settings, tokens/s (median
 step time over the steps after ``--warmup``, ``block_until_ready`` after
@@ -40,6 +42,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
 import mlorc_optax
+import mlorc_optax.flax
 from examples.linen import model as model_lib
 from examples.llama import data as data_lib
 from examples.llama import model as llama_model
@@ -65,12 +68,16 @@ def make_optimizer(
 ) -> optax.GradientTransformation:
   """``optax.adamw`` or ``mlorc_adamw`` viewing leaves by logical names.
 
+  ``mlorc_adamw`` is wrapped in ``mlorc_optax.flax.boxed`` so that it takes
+  the boxed parameters of the ``TrainState`` and boxes its factors with their
+  logical names (``optax.adamw`` handles boxes on its own).
+
   Args:
     name: ``'adamw'`` or ``'mlorc_adamw'``.
     learning_rate: peak learning rate.
     logical_axes: the parameters' logical names
       (:func:`model.logical_axes`), for
-      ``mlorc_optax.logical_dimension_numbers``.
+      ``mlorc_optax.flax.logical_dimension_numbers``.
     b1: first-moment decay; None for :data:`DEFAULT_B1`.
     weight_decay: decoupled weight decay.
     rank: MLorc rank.
@@ -88,10 +95,11 @@ def make_optimizer(
     lr = optax.linear_schedule(0.0, learning_rate, lr_warmup)
   if name == 'adamw':
     return optax.adamw(lr, b1=b1, weight_decay=weight_decay)
-  return mlorc_optax.mlorc_adamw(
+  return mlorc_optax.flax.boxed(mlorc_optax.mlorc_adamw(
       lr, b1=b1, weight_decay=weight_decay, rank=rank, seed=seed,
-      dimension_numbers=mlorc_optax.logical_dimension_numbers(logical_axes),
-  )
+      dimension_numbers=mlorc_optax.flax.logical_dimension_numbers(
+          logical_axes),
+  ))
 
 
 def init_fn(
@@ -117,7 +125,8 @@ def state_shardings(
 
   The standard Linen recipe: ``nn.get_partition_spec`` reads the names of
   every box (parameters, ``optax.adamw``'s moments, MLorc's factors, which
-  ``tx.init`` boxes with :func:`mlorc_optax.factor_logical_axes`) and
+  ``mlorc_optax.flax.boxed`` boxes with
+  :func:`mlorc_optax.flax.factor_logical_axes`) and
   ``nn.logical_to_mesh_sharding`` maps them by ``rules``.
   """
   return nn.logical_to_mesh_sharding(
@@ -302,13 +311,16 @@ def _flax_version() -> str:
 
 
 def plan_table(cfg: model_lib.T5Config, rank: int = 4) -> str:
-  """The leaf -> matrix-view table of ``mlorc_adamw`` on this model."""
+  """The leaf -> matrix-view table of ``mlorc_adamw`` on this model.
+
+  From shapes alone (``compression_plan`` traces ``init`` abstractly). The
+  ``step`` column is the step this machine would run.
+  """
   params = model_lib.abstract_params(cfg)
   names = nn.get_partition_spec(params)
-  plan = mlorc_optax.compression_plan(
-      params, rank, dimension_numbers=mlorc_optax.logical_dimension_numbers(
-          names))
-  return mlorc_optax.format_logical_plan(plan, names)
+  tx = make_optimizer('mlorc_adamw', 1e-3, logical_axes=names, rank=rank)
+  plan = mlorc_optax.compression_plan(tx, params)
+  return mlorc_optax.flax.format_logical_plan(plan, names)
 
 
 def format_table(results: Sequence[dict[str, Any]]) -> str:

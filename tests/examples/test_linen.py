@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import jax
+import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from examples.linen import model as model_lib
 from examples.linen import train
@@ -42,6 +44,9 @@ def test_every_leaf_is_viewed_as_documented():
       for path, row in rows.items()
   }
   assert got == VIEWS
+  # Compressed leaves take an MLorc step, the others Adam's own.
+  for path, row in rows.items():
+    assert (row[7] == 'dense') == (row[2] == '-'), (path, row[7])
   assert rows['layers/self_attention/query/kernel'][:2] == [
       '(layers, embed, heads, kv)', '(2, 32, 4, 8)']
 
@@ -65,7 +70,7 @@ def test_tiny_model_trains_and_its_state_is_a_third_of_adamws():
   # Factors of rank 4 for every kernel; embeddings and scales stay dense.
   table = train.plan_table(TINY, rank=4)
   total = int(table.splitlines()[-1].split('|')[6].replace(',', ''))
-  counters = 4 + 8 + 4  # MLorc count and key, the masked Adam's count
+  counters = 4 + 8 + 4  # low_rank_moments' step and key, Adam's count
   assert mlorc['opt_state_bytes'] == total + counters
   assert mlorc['opt_state_bytes'] < 0.35 * adamw['opt_state_bytes']
   assert '| mlorc_adamw (r=4) |' in train.format_table([mlorc, adamw])
@@ -85,3 +90,22 @@ def test_bad_mesh_is_a_clear_error():
     train.parse_mesh('2by4')
   with pytest.raises(ValueError, match='needs 64 devices'):
     train.parse_mesh('8x8')
+
+
+def test_sharded_run_places_the_state_by_the_rules_and_equals_one_device():
+  """``--mesh 2x4`` on the 8 CPU devices of the root conftest.py."""
+  mesh = train.parse_mesh('2x4')
+  tx = train.make_optimizer('mlorc_adamw', 1e-3,
+                            logical_axes=model_lib.logical_axes(TINY))
+  shardings = train.state_shardings(
+      jax.eval_shape(train.init_fn(TINY, tx)), mesh)
+  query = shardings.opt_state[0].inner_state.mu['layers']['self_attention'][
+      'query']['kernel']
+  # u: (layers, embed -> data, rank); v: (layers, heads*kv -> model, rank).
+  assert (query.u.spec, query.v.spec) == (P(None, 'data', None),
+                                          P(None, 'model', None))
+  kw = dict(batch=8, seq_len=16, steps=4, warmup=1, log_every=0,
+            verbose=False)
+  sharded = train.run(TINY, 'mlorc_adamw', mesh=mesh, **kw)
+  single = train.run(TINY, 'mlorc_adamw', **kw)
+  np.testing.assert_allclose(sharded['losses'], single['losses'], rtol=1e-5)

@@ -1,4 +1,4 @@
-"""Matrix views and state sharding from logical axis names (Flax Linen).
+"""Matrix views, factor names and plan tables from logical axis names.
 
 Flax Linen codebases (Flaxformer, T5X, MaxText) name every parameter axis
 with a *logical* name through ``nn.with_logical_partitioning`` and map the
@@ -18,10 +18,11 @@ MLP out ``(mlp, embed)`` ``mlp``                 ``embed``
 ``(layers, ...)``        as above; ``layers`` is a batch axis
 =======================  ======================  ===========================
 
-:func:`logical_dimension_numbers` derives these views from the names, and the
-MLorc transforms give each factor the logical names of the parameter axes it
-spans (:func:`factor_logical_axes`), so the optimizer state is placed by the
-same rules as the parameters.
+:func:`logical_dimension_numbers` derives these views from the names, and
+:func:`factor_logical_axes` gives each factor the logical names of the
+parameter axes it spans, so that the optimizer state is placed by the same
+rules as the parameters (:func:`mlorc_optax.flax.boxed` boxes the factors
+with them).
 
 Flax names each array dimension with one logical name, but a factor's row
 dimension may flatten several parameter axes (``heads`` and ``kv``). It takes
@@ -40,16 +41,17 @@ parameter's resolved spec is the exact parameter-following placement.
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import flax.core.meta
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from mlorc_optax._src import masking
+from mlorc_optax import plan as plan_lib
+from mlorc_optax._src import views
 
 #: Logical name of the rank axis of every factor. No rule needs to mention
 #: it: ``nn.logical_to_mesh_axes`` leaves names without a rule unsharded, so
@@ -65,37 +67,21 @@ DENSE_GENERAL_JOINED_NAMES: tuple[tuple[str, ...], ...] = (('heads', 'kv'),)
 Names = tuple[Any, ...]  # one logical name (str) or None per axis
 
 
-def _axis_metadata_type() -> type | None:
-  """``flax.core.meta.AxisMetadata``, if flax is imported (else no boxes)."""
-  meta = sys.modules.get('flax.core.meta')
-  return getattr(meta, 'AxisMetadata', None)
-
-
 def is_box(x: Any) -> bool:
-  """Whether ``x`` is a flax metadata box (e.g. ``LogicallyPartitioned``).
+  """Whether ``x`` is a Flax metadata box (``nn.LogicallyPartitioned``, ...)."""
+  return isinstance(x, flax.core.meta.AxisMetadata)
 
-  Only boxes that hold exactly one array are treated as boxes (every flax
-  parameter box does); anything else is an ordinary pytree node.
+
+def box_value(box: Any) -> Any:
+  """The value inside a box, without Flax's sharding constraint.
+
+  ``nn.Partitioned.unbox()`` constrains the value to the box's sharding when
+  a mesh is defined; the optimizer works on arrays that ``jit`` has placed
+  already, so it reads ``value`` directly. Other boxes are ``unbox()``-ed.
   """
-  box_type = _axis_metadata_type()
-  return (
-      box_type is not None
-      and isinstance(x, box_type)
-      and len(jax.tree_util.tree_leaves(x)) == 1
-  )
-
-
-def unbox(x: Any) -> Any:
-  """The value inside a box, without flax's sharding constraint."""
-  if not is_box(x):
-    return x
-  return x.value if hasattr(x, 'value') else x.unbox()
-
-
-def _is_logical_box(x: Any) -> bool:
-  spmd = sys.modules.get('flax.linen.spmd')
-  box_type = getattr(spmd, 'LogicallyPartitioned', None)
-  return box_type is not None and isinstance(x, box_type)
+  if isinstance(box, flax.core.meta.Partitioned):
+    return box.value
+  return box.unbox()
 
 
 def _names_of(x: Any, where: str, argname: str) -> Names | None:
@@ -103,7 +89,9 @@ def _names_of(x: Any, where: str, argname: str) -> Names | None:
   if x is None:
     return None
   if is_box(x) or hasattr(x, 'names'):
-    x = x.names
+    x = getattr(x, 'names', None)
+    if x is None:
+      return None
   if isinstance(x, (PartitionSpec, tuple, list)):
     names = tuple(x)
     for n in names:
@@ -134,11 +122,12 @@ def _is_names_leaf(x: Any) -> bool:
   )
 
 
-def _names_by_path(tree: Any, argname: str) -> dict[str, Names | None]:
+def names_by_path(tree: Any, argname: str) -> dict[str, Names | None]:
+  """``{path: names}`` of a pytree of names, specs or boxes."""
   entries = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_names_leaf)
   out = {}
   for keypath, leaf in entries[0]:
-    path = masking.path_str(keypath)
+    path = views.path_str(keypath)
     out[path] = _names_of(leaf, path, argname)
   return out
 
@@ -156,7 +145,7 @@ def _view_from_names(
     batch_names: tuple[str, ...],
     joined: tuple[tuple[str, ...], ...],
     where: str,
-) -> masking.MatrixDimensionNumbers | None:
+) -> plan_lib.MatrixDimensionNumbers | None:
   """Rows and columns from logical names (see logical_dimension_numbers)."""
   groups: list[list[int]] = []
   group_of_last = None
@@ -180,7 +169,7 @@ def _view_from_names(
         'Join the axes that flatten together with joined_names, mark batch '
         'axes with batch_names, or give this leaf a MatrixDimensionNumbers.'
     )
-  return masking.MatrixDimensionNumbers(tuple(groups[0]), tuple(groups[1]))
+  return plan_lib.MatrixDimensionNumbers(tuple(groups[0]), tuple(groups[1]))
 
 
 def logical_dimension_numbers(
@@ -188,8 +177,8 @@ def logical_dimension_numbers(
     *,
     batch_names: Sequence[str] = ('layers',),
     joined_names: Sequence[Sequence[str]] = DENSE_GENERAL_JOINED_NAMES,
-    unnamed: masking.MatrixDimensionNumbers | None = (
-        masking.MatrixDimensionNumbers()
+    unnamed: plan_lib.MatrixDimensionNumbers | None = (
+        plan_lib.MatrixDimensionNumbers()
     ),
 ) -> Callable[[Any], Any]:
   """A ``dimension_numbers`` that views leaves by their logical axis names.
@@ -215,9 +204,9 @@ def logical_dimension_numbers(
       ``PartitionSpec``\\s or tuples of names, e.g.
       ``nn.get_partition_spec(variables['params'])``, or the boxed
       parameters themselves. None reads the names from the
-      ``nn.LogicallyPartitioned`` boxes of the tree the transform is given
-      (params kept boxed, as in ``TrainState.create(params=variables[
-      'params'])``).
+      ``nn.LogicallyPartitioned`` boxes of the tree the transform's ``init``
+      is given (params kept boxed, as in ``TrainState.create(params=
+      variables['params'], tx=mlorc_optax.flax.boxed(tx))``).
     batch_names: logical names of batch axes.
     joined_names: tuples of logical names whose consecutive axes are
       flattened into one matrix dimension.
@@ -227,20 +216,22 @@ def logical_dimension_numbers(
   Returns:
     A callable ``params -> pytree of MatrixDimensionNumbers or None`` for the
     ``dimension_numbers`` argument of :func:`mlorc_optax.mlorc_adamw`,
-    :func:`mlorc_optax.mlorc_lion` and :func:`mlorc_optax.compression_plan`.
+    :func:`mlorc_optax.mlorc_lion` and :func:`mlorc_optax.low_rank_moments`.
 
   Examples:
     >>> import jax.numpy as jnp
     >>> from jax.sharding import PartitionSpec as P
     >>> import mlorc_optax
+    >>> import mlorc_optax.flax
     >>> params = {'query': jnp.zeros((2, 64, 4, 16)),   # scanned DenseGeneral
     ...           'out': jnp.zeros((2, 4, 16, 64)),
     ...           'scale': jnp.zeros((2, 64))}
     >>> names = {'query': P('layers', 'embed', 'heads', 'kv'),
     ...          'out': P('layers', 'heads', 'kv', 'embed'),
     ...          'scale': P('layers', 'embed')}
-    >>> dims = mlorc_optax.logical_dimension_numbers(names)
-    >>> plan = mlorc_optax.compression_plan(params, 4, dimension_numbers=dims)
+    >>> dims = mlorc_optax.flax.logical_dimension_numbers(names)
+    >>> tx = mlorc_optax.mlorc_adamw(1e-3, rank=4, dimension_numbers=dims)
+    >>> plan = mlorc_optax.compression_plan(tx, params)
     >>> plan['query'].view.describe(), plan['out'].view.describe()
     ('2x[64x64]', '2x[64x64]')
     >>> plan['query'].view.row_axes, plan['query'].view.col_axes
@@ -256,7 +247,7 @@ def logical_dimension_numbers(
     )
   joined = tuple(_check_name_groups('joined_names', g) for g in joined_names)
   if unnamed is not None and not isinstance(
-      unnamed, masking.MatrixDimensionNumbers
+      unnamed, plan_lib.MatrixDimensionNumbers
   ):
     raise TypeError(
         f'unnamed must be a MatrixDimensionNumbers or None, got {unnamed!r}.'
@@ -264,7 +255,7 @@ def logical_dimension_numbers(
   table = (
       None
       if logical_axes is None
-      else _names_by_path(logical_axes, 'logical_axes')
+      else names_by_path(logical_axes, 'logical_axes')
   )
 
   def dimension_numbers(params: Any) -> Any:
@@ -273,7 +264,7 @@ def logical_dimension_numbers(
     )
     out = []
     for keypath, leaf in leaves:
-      path = masking.path_str(keypath)
+      path = views.path_str(keypath)
       if table is None:
         names = _names_of(leaf, path, 'logical_axes')
       elif path in table:
@@ -284,7 +275,7 @@ def logical_dimension_numbers(
             'have the structure of the params, e.g. '
             'nn.get_partition_spec(variables["params"]).'
         )
-      ndim = np.ndim(unbox(leaf))
+      ndim = np.ndim(box_value(leaf) if is_box(leaf) else leaf)
       if names is None or not names:
         out.append(unnamed)
         continue
@@ -306,7 +297,7 @@ def _joined(names: Names, axes: tuple[int, ...]) -> Any:
 
 
 def factor_logical_axes(
-    plan: masking.LeafPlan,
+    plan: plan_lib.LeafPlan,
     names: Sequence[str | None],
     *,
     rank_name: str | None = RANK_AXIS_NAME,
@@ -321,14 +312,18 @@ def factor_logical_axes(
     and ``rank_name``;
   * ``v`` ``[*batch, cols, k]`` likewise with the columns;
   * ``s`` ``[*batch, k]`` the batch names and ``rank_name``;
-  * a moment kept dense by ``compress``, ``[*batch, rows, cols]``.
+  * the view of a dense moment, ``[*batch, rows, cols]``.
+
+  Factors of other compressors take the names of their placement
+  (:class:`~mlorc_optax.compressors.FactorSpec`): ``'rows'`` those of
+  ``u``, ``'cols'`` those of ``v``, ``'batch'`` those of ``s``.
 
   A dimension that flattens several axes takes the name of the major-most
   named one (``heads`` for ``(heads, kv)``; see the module docstring for why
-  this places it like the parameter). ``tx.init`` on params boxed with
-  ``nn.with_logical_partitioning`` boxes every factor with these names, so
-  ``nn.get_partition_spec`` / ``nn.logical_to_mesh_sharding`` place the
-  optimizer state by the parameters' rules.
+  this places it like the parameter). :func:`mlorc_optax.flax.boxed` boxes
+  every factor of params boxed with ``nn.with_logical_partitioning`` with
+  these names, so ``nn.get_partition_spec`` / ``nn.logical_to_mesh_sharding``
+  place the optimizer state by the parameters' rules.
 
   Args:
     plan: the leaf's plan (from :func:`mlorc_optax.compression_plan`).
@@ -337,17 +332,25 @@ def factor_logical_axes(
       maps it, so it is replicated).
 
   Returns:
-    Logical ``PartitionSpec``\\s for ``u``, ``s``, ``v`` and a dense moment.
+    Logical ``PartitionSpec``\\s for ``u``, ``s``, ``v`` and a dense moment's
+    view.
+
+  Raises:
+    ValueError: if the leaf is not compressed or ``names`` does not give one
+      name per axis.
 
   Examples:
     >>> import jax.numpy as jnp
     >>> import flax.linen as nn
     >>> import mlorc_optax
+    >>> import mlorc_optax.flax
     >>> names = ('layers', 'embed', 'heads', 'kv')
-    >>> dims = mlorc_optax.logical_dimension_numbers({'q': names})
+    >>> tx = mlorc_optax.mlorc_adamw(
+    ...     1e-3, rank=4, dimension_numbers=(
+    ...         mlorc_optax.flax.logical_dimension_numbers({'q': names})))
     >>> plan = mlorc_optax.compression_plan(
-    ...     {'q': jnp.zeros((2, 64, 4, 16))}, 4, dimension_numbers=dims)
-    >>> u, s, v, _ = mlorc_optax.factor_logical_axes(plan['q'], names)
+    ...     tx, {'q': jnp.zeros((2, 64, 4, 16))})
+    >>> u, s, v, _ = mlorc_optax.flax.factor_logical_axes(plan['q'], names)
     >>> u  # (layers, rows, rank)
     P('layers', 'embed', 'mlorc_rank')
     >>> v  # (layers, cols, rank): heads*kv is named by heads
@@ -376,54 +379,7 @@ def factor_logical_axes(
   )
 
 
-def box_moment(
-    box: Any,
-    plan: masking.LeafPlan,
-    moment: Any,
-    placements: tuple[str, ...] = ('rows', 'batch', 'cols'),
-) -> Any:
-  """Boxes a new moment of a boxed parameter with the factors' names.
-
-  ``nn.LogicallyPartitioned`` gets :func:`factor_logical_axes`,
-  ``nn.Partitioned`` (mesh axis names) the mesh axes of
-  :func:`mlorc_optax.factor_partition_specs`; other boxes are dropped (the
-  moment is stored as plain arrays). ``placements`` says, per field of a
-  factored ``moment`` (a NamedTuple), whether it is laid out like ``u``
-  (``'rows'``), ``s`` (``'batch'``) or ``v`` (``'cols'``): the default is
-  :class:`~mlorc_optax.LowRankFactors`'; a compressor gives its own (e.g.
-  LoRA-Pre's ``(b, a)`` is ``('rows', 'cols')``).
-  """
-  names = getattr(box, 'names', None)
-  if not is_box(box) or names is None or len(names) != len(plan.shape):
-    return moment
-  if _is_logical_box(box):
-    specs = factor_logical_axes(plan, names)
-  elif type(box).__name__ == 'Partitioned':
-    from mlorc_optax._src import sharding  # pylint: disable=g-import-not-at-top
-
-    specs = sharding.factor_partition_specs(plan, PartitionSpec(*names))
-  else:
-    return moment
-
-  def wrap(x: Any, spec: PartitionSpec) -> Any:
-    return box.replace(value=x, names=tuple(spec))
-
-  if isinstance(moment, tuple) and hasattr(moment, '_fields'):
-    by_placement = {'rows': specs[0], 'batch': specs[1], 'cols': specs[2]}
-    return type(moment)(*(
-        wrap(x, by_placement[where]) for x, where in zip(moment, placements)
-    ))
-  return wrap(moment, specs[3])
-
-
-def rebox_like(old: Any, new: Any) -> Any:
-  """``new`` in the box of ``old`` (same names), if ``old`` is a box."""
-  if is_box(old):
-    return old.replace_boxed(new)
-  return new
-
-
-def _describe_view(view: masking.MatrixView, names: Names | None) -> str:
+def _describe_view(view: plan_lib.MatrixView, names: Names | None) -> str:
   def name(axis: int) -> str:
     if names is not None and names[axis] is not None:
       return names[axis]
@@ -448,29 +404,26 @@ def format_logical_plan(
     plan: Any,
     logical_axes: Any = None,
     *,
-    moments: int = 2,
     factor_dtype: Any = np.float32,
-    compressor: Any = 'rsvd',
 ) -> str:
   """A markdown table of a plan in logical names, with state bytes.
 
   One row per leaf: its path, logical axes, shape, matrix view in logical
   names (``layers=2 x [embed=64 x heads*kv=64]``: a batch of 2 matrices
   whose rows are ``embed`` and whose columns flatten ``heads`` and ``kv``),
-  rank, the optimizer-state bytes under MLorc (factors in ``factor_dtype``;
-  leaves that are not compressed keep ``moments`` dense moments in their own
-  dtype, as ``optax.adamw`` does), ``optax.adamw``'s state bytes, and why
-  the leaf is or is not compressed; then the totals.
+  rank, the bytes the optimizer state keeps for its moments (factors in
+  ``factor_dtype``, dense moments in the leaf's dtype), the bytes of the
+  inner optimizer's dense moments (for Adam, ``optax.adamw``'s state), why
+  the leaf is or is not compressed and the step that computes its update
+  (:attr:`~mlorc_optax.plan.LeafPlan.step`); then the totals.
 
   Args:
-    plan: a :func:`mlorc_optax.compression_plan`.
+    plan: a :func:`mlorc_optax.compression_plan` (params kept boxed are
+      fine).
     logical_axes: the parameters' logical names, as for
       :func:`logical_dimension_numbers` (a pytree of ``PartitionSpec``\\s or
       the boxed params); None prints no names.
-    moments: moments per leaf (2 for Adam, 1 for Lion).
     factor_dtype: the transform's ``factor_dtype``.
-    compressor: the transform's ``compressor=`` (how many numbers a
-      compressed moment keeps).
 
   Returns:
     The table as a string.
@@ -479,51 +432,53 @@ def format_logical_plan(
     >>> import jax.numpy as jnp
     >>> from jax.sharding import PartitionSpec as P
     >>> import mlorc_optax
+    >>> import mlorc_optax.flax
     >>> names = {'q': P('embed', 'heads', 'kv')}
-    >>> plan = mlorc_optax.compression_plan(
-    ...     {'q': jnp.zeros((64, 4, 16))}, 4,
-    ...     dimension_numbers=mlorc_optax.logical_dimension_numbers(names))
-    >>> print(mlorc_optax.format_logical_plan(plan, names))
+    >>> tx = mlorc_optax.mlorc_adamw(
+    ...     1e-3, rank=4,
+    ...     dimension_numbers=mlorc_optax.flax.logical_dimension_numbers(names))
+    >>> plan = mlorc_optax.compression_plan(tx, {'q': jnp.zeros((64, 4, 16))})
+    >>> print(mlorc_optax.flax.format_logical_plan(plan, names))  # on a CPU
     ... # doctest: +NORMALIZE_WHITESPACE
-    | path | logical axes | shape | matrix view | rank | state bytes | adamw \
-state bytes | why |
-    |---|---|---|---|---|---|---|---|
+    | path | logical axes | shape | matrix view | rank | state bytes | dense \
+state bytes | why | step |
+    |---|---|---|---|---|---|---|---|---|
     | q | (embed, heads, kv) | (64, 4, 16) | [embed=64 x heads*kv=64] | 4 | \
-4,128 | 32,768 | default mask |
-    | total | | | | | 4,128 | 32,768 | 12.60% of adamw |
+4,128 | 32,768 | default mask | reference |
+    | total | | | | | 4,128 | 32,768 | 12.60% of dense | |
   """
-  moments = int(moments)
   table = (
       {} if logical_axes is None
-      else _names_by_path(logical_axes, 'logical_axes')
+      else names_by_path(logical_axes, 'logical_axes')
   )
-  factor_size = jnp.dtype(factor_dtype).itemsize
+  factor_itemsize = jnp.dtype(factor_dtype).itemsize
   rows = [
       '| path | logical axes | shape | matrix view | rank | state bytes | '
-      'adamw state bytes | why |',
-      '|---|---|---|---|---|---|---|---|',
+      'dense state bytes | why | step |',
+      '|---|---|---|---|---|---|---|---|---|',
   ]
   total = dense_total = 0
   for p in jax.tree_util.tree_leaves(
-      plan, is_leaf=lambda x: isinstance(x, masking.LeafPlan)
+      plan, is_leaf=lambda x: isinstance(x, plan_lib.LeafPlan)
   ):
+    if not isinstance(p, plan_lib.LeafPlan):
+      continue
     names = table.get(p.path)
     itemsize = _itemsize(p.dtype)
-    dense = moments * p.size * itemsize
-    if p.view is None:
-      state, view = dense, '-'
-    else:
-      state = moments * p.moment_size(compressor) * factor_size
-      view = _describe_view(p.view, names)
+    state = (len(p.moments) * p.factor_size * factor_itemsize
+             + p.dense_moments * p.size * itemsize)
+    dense = p.dense_state_size * itemsize
+    view = '-' if p.view is None else _describe_view(p.view, names)
     total += state
     dense_total += dense
     shown = '-' if not names else f'({", ".join(str(n) for n in names)})'
     rows.append(
         f'| {p.path} | {shown} | {p.shape} | {view} | {p.rank or "-"} | '
-        f'{state:,} | {dense:,} | {p.reason} |'
+        f'{state:,} | {dense:,} | {p.reason} | {p.step} |'
     )
   ratio = total / dense_total if dense_total else 0.0
   rows.append(
-      f'| total | | | | | {total:,} | {dense_total:,} | {ratio:.2%} of adamw |'
+      f'| total | | | | | {total:,} | {dense_total:,} | {ratio:.2%} of dense '
+      '| |'
   )
   return '\n'.join(rows)
