@@ -197,6 +197,27 @@ def _leaf_keys(key: jax.Array, step: jax.Array, index: int) -> jax.Array:
   return jax.random.fold_in(jax.random.fold_in(key, step), index)
 
 
+def _is_wrapped_leaf(x: Any) -> bool:
+  """Whether ``x`` is a node around exactly one leaf (not a container).
+
+  Such nodes (``nnx.Variable``, Flax Linen boxes) carry metadata of the one
+  array inside; a moment keeps them around each of its factor arrays, so
+  that a state made from ``Variable``-wrapped params has the layout of the
+  states ``update`` returns once ``nnx.Optimizer`` has wrapped them.
+  """
+  if x is None or isinstance(x, (dict, list, tuple)):
+    return False
+  treedef = jax.tree_util.tree_structure(x)
+  return treedef.num_leaves == 1 and not jax.tree_util.treedef_is_leaf(
+      treedef)
+
+
+def _wrapped_like(unit: Any, factors: Any) -> Any:
+  """``factors`` with each array in the single-child nodes of ``unit``."""
+  return type(factors)(*(
+      jax.tree_util.tree_map(lambda _, a=a: a, unit) for a in factors))
+
+
 def _zero_factors(p: plan_lib.LeafPlan, leaf: Any, compressor, dtype) -> Any:
   """Zero factors of a compressed leaf, placed like a sharded parameter."""
   placed = None
@@ -406,19 +427,21 @@ def low_rank_moments(
   def init_fn(params):
     inner_state = inner.init(params)
     plan = make_plan(params, inner_state)
-    treedef = jax.tree_util.tree_structure(params)
-    param_leaves = treedef.flatten_up_to(params)
+    param_leaves = jax.tree_util.tree_leaves(params)
+    # Each leaf with the single-child nodes around it (an nnx.Variable, a
+    # Flax box): each factor array is wrapped like the leaf it stands for.
+    units = jax.tree_util.tree_structure(params, is_leaf=_is_wrapped_leaf)
     for field in plan.fields:
       if not field.compressed:
         continue
-      dense = treedef.flatten_up_to(moment_fields.get(inner_state, field))
+      dense = units.flatten_up_to(moment_fields.get(inner_state, field))
       stored = [
-          _zero_factors(p, leaf, compressor, factor_dtype)
+          _wrapped_like(x, _zero_factors(p, leaf, compressor, factor_dtype))
           if p.compressed else x
           for p, leaf, x in zip(plan.leaves, param_leaves, dense)
       ]
       inner_state = moment_fields.replace(
-          inner_state, field, treedef.unflatten(stored))
+          inner_state, field, units.unflatten(stored))
     return LowRankMomentsState(
         step=jnp.zeros([], jnp.int32),
         key=jnp.array(key),  # a fresh buffer: states may be donated
@@ -434,6 +457,7 @@ def low_rank_moments(
     plan = state.plan
     paths, grads, treedef = views.flatten_with_paths(updates)
     _check_matches(plan, paths, grads)
+    _check_made_here(plan, compressor=compressor, rank=rank, specs=specs)
     fast = [p.step in ('xla', 'pallas') for p in plan.leaves]
     masked = lambda xs: treedef.unflatten(
         [optax.MaskedNode() if f else x for f, x in zip(fast, xs)])
@@ -483,13 +507,29 @@ def low_rank_moments(
             *(a.astype(factor_dtype) for a in factors))
     if any(fast):
       idx = [k for k, f in enumerate(fast) if f]
-      results = fast_step(
-          [(plan.leaves[k], grads[k],
-            [stored[f.name][k] for f in fields],
-            [jax.random.fold_in(keys(k), f.index) for f in fields])
+
+      @jax.custom_jvp
+      def two_pass(gs, factors, leaf_keys, count):
+        return fast_step(
+            [(plan.leaves[k], g, f, kk)
+             for k, g, f, kk in zip(idx, gs, factors, leaf_keys)],
+            count=count, compressor=plan.compressor,
+            config=kernel_config, interpret=plan.interpret)
+
+      @two_pass.defjvp
+      def _(primals, tangents):
+        raise TypeError(
+            'The two-pass step (implementation=\'pallas\' or \'xla\') '
+            'has no derivative: differentiate through the update with '
+            "implementation='reference' (docs/mlorc.md, \"Differentiating "
+            'through the update").')
+
+      results = two_pass(
+          [grads[k] for k in idx],
+          [[stored[f.name][k] for f in fields] for k in idx],
+          [[jax.random.fold_in(keys(k), f.index) for f in fields]
            for k in idx],
-          count=state.step, compressor=plan.compressor,
-          config=kernel_config, interpret=plan.interpret)
+          state.step)
       for k, (direction, factors) in zip(idx, results):
         out[k] = direction
         for f, x in zip(fields, factors):
@@ -518,3 +558,22 @@ def _check_matches(plan: plan_lib.LowRankPlan, paths, grads) -> None:
           f'The update of {"/".join(path)!r} has shape {np.shape(g)}, but the '
           f'optimizer state was made for {p.path!r} of shape {p.shape}: was '
           'it initialised with different params?')
+
+
+def _check_made_here(plan: plan_lib.LowRankPlan, *, compressor, rank, specs):
+  """Raises if the state was made by a transform with other settings."""
+  compressed = {f.name for f in plan.fields if f.compressed}
+  problems = []
+  if plan.compressor != compressor:
+    problems.append(f'compressor {plan.compressor!r}, not {compressor!r}')
+  if compressed != set(specs) & {f.name for f in plan.fields}:
+    problems.append(f'compressed moments {sorted(compressed)}')
+  for p in plan.leaves:
+    if p.compressed and p.rank != rsvd.factor_rank(
+        p.view.rows, p.view.cols, rank):
+      problems.append(f'rank {p.rank} for {p.path!r}, not {rank}')
+      break
+  if problems:
+    raise ValueError(
+        'The optimizer state was made by a transform with other settings ('
+        + '; '.join(problems) + '): initialise it with this transform.')

@@ -4,16 +4,25 @@ Everything here works on batches of matrices ``[..., m, n]`` in one batched
 computation (no Python loop over matrices) and always computes in float32,
 whatever the input dtype: QR and SVD in bfloat16 lose the small singular
 directions the optimizer relies on.
+
+The decomposition has its own derivative rule (a ``jax.custom_jvp``, reverse
+mode by transposition): differentiating through the QR and SVD of a
+rank-deficient sketch (a moment of rank below the sketch width, as after a
+few steps at batch 1) divides by zero singular values and gave silently wrong
+meta-gradients. See :func:`randomized_svd_from_sketch`.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from mlorc_optax._src.checks import check_int
+from mlorc_optax._src.step_math import max_abs
+from mlorc_optax._src.step_math import mT
 
 
 class LowRankFactors(NamedTuple):
@@ -35,7 +44,8 @@ class LowRankFactors(NamedTuple):
 
   Examples:
     >>> import jax.numpy as jnp
-    >>> from mlorc_optax import LowRankFactors, reconstruct
+    >>> from mlorc_optax import LowRankFactors
+    >>> from mlorc_optax.compressors import reconstruct
     >>> f = LowRankFactors(u=jnp.array([[1.0], [0.0]]), s=jnp.array([3.0]),
     ...                    v=jnp.array([[0.0], [1.0], [0.0]]))
     >>> reconstruct(f)
@@ -91,10 +101,6 @@ def _orthonormal_basis(y: jax.Array) -> jax.Array:
   return q
 
 
-def _mT(x: jax.Array) -> jax.Array:
-  return jnp.swapaxes(x, -1, -2)
-
-
 def matmul(a: jax.Array, b: jax.Array) -> jax.Array:
   """``a @ b`` with full float32 products.
 
@@ -120,13 +126,13 @@ def _short_wide_svd(
   l, n = b.shape[-2:]
   if l >= n:
     return jnp.linalg.svd(b, full_matrices=False)
-  q_b, r_b = jnp.linalg.qr(_mT(b), mode='reduced')
-  u, s, wt = jnp.linalg.svd(_mT(r_b), full_matrices=False)
-  return u, s, matmul(wt, _mT(q_b))
+  q_b, r_b = jnp.linalg.qr(mT(b), mode='reduced')
+  u, s, wt = jnp.linalg.svd(mT(r_b), full_matrices=False)
+  return u, s, matmul(wt, mT(q_b))
 
 
 def randomized_svd_from_sketch(
-    a: jax.Array, omega: jax.Array, rank: int, *, power_iters: int = 0
+    a: jax.Array, omega: jax.Array | None, rank: int, *, power_iters: int = 0
 ) -> LowRankFactors:
   """Randomized SVD of ``a`` with a given sketch matrix ``omega``.
 
@@ -144,6 +150,31 @@ def randomized_svd_from_sketch(
   back), so matrices of any finite magnitude, 1e-30 or 1e30, neither underflow
   in the Householder norms nor overflow in ``A Omega``.
 
+  Differentiation (``jax.jvp`` and ``jax.grad``, first order): ``omega`` is
+  a constant (its cotangent is zero), and the derivative is that of
+  ``R(A) = P A``, ``P`` the orthogonal projector onto the range of ``Y``
+  (of ``(A A^T)^q A Omega`` with power iterations), along perturbations that
+  keep the numerical rank of ``Y`` (singular values below
+  ``10 max(m, n) eps_float32`` times the largest count as zero):
+
+  .. math::
+
+    dR = dP\\,A + P\\,dA,\\qquad
+    dP = (I - P)\\, dY\\, Y^{+} + (Y^{+})^\\top dY^\\top (I - P).
+
+  ``R`` is the result when ``l = rank`` (no oversampling), so the derivative
+  is then exact; so it is wherever the result itself is exact (``rank >=
+  min(m, n)``, or ``A`` of rank ``<= rank``), along perturbations that keep
+  ``A``'s rank (one that raises the rank of a rank-deficient matrix has no
+  derivative in the factors). With ``l > rank`` the derivative of the
+  truncation to the top ``rank`` triplets is omitted: ``dR`` is projected
+  onto the tangent space of the rank-``rank`` matrices at the result. The
+  factors' tangent reconstructs that: ``ds_i = u_i^T dR v_i``, and ``du``,
+  ``dv`` are chosen without the ``1 / (s_i^2 - s_j^2)`` terms of the
+  singular vectors' own derivatives (undefined at repeated or zero singular
+  values), so differentiate the reconstruction or ``s``, not ``u`` or ``v``
+  alone.
+
   Args:
     a: matrices ``[..., m, n]``; computed in float32.
     omega: sketch ``[..., n, l]`` with ``l >= rank`` (broadcastable batch),
@@ -155,19 +186,137 @@ def randomized_svd_from_sketch(
     :class:`LowRankFactors` in float32 with ``k = rank`` columns.
   """
   a = jnp.asarray(a, jnp.float32)
-  scale = jnp.max(jnp.abs(a), axis=(-2, -1), keepdims=True)
-  scale = jnp.where((scale > 0) & jnp.isfinite(scale), scale, 1.0)
-  a = a / scale
-  y = a if omega is None else matmul(a, jnp.asarray(omega, jnp.float32))
+  if omega is not None:
+    omega = jax.lax.stop_gradient(jnp.asarray(omega, jnp.float32))
+  return _rsvd(a, omega, rank, power_iters)
+
+
+def _factorize(
+    a: jax.Array, omega: jax.Array | None, rank: int, power_iters: int
+) -> LowRankFactors:
+  """The randomized SVD of an ``a`` already divided by its largest entry."""
+  y = a if omega is None else matmul(a, omega)
   q = _orthonormal_basis(y)
   for _ in range(power_iters):
-    z = _orthonormal_basis(matmul(_mT(a), q))
+    z = _orthonormal_basis(matmul(mT(a), q))
     q = _orthonormal_basis(matmul(a, z))
-  b = matmul(_mT(q), a)  # [..., l, n]
+  b = matmul(mT(q), a)  # [..., l, n]
   u_b, s, vt = _short_wide_svd(b)
   u = matmul(q, u_b[..., :rank])
-  s = s[..., :rank] * scale[..., 0]
-  return LowRankFactors(u=u, s=s, v=_mT(vt[..., :rank, :]))
+  return LowRankFactors(u=u, s=s[..., :rank], v=mT(vt[..., :rank, :]))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+def _rsvd(
+    a: jax.Array, omega: jax.Array | None, rank: int, power_iters: int
+) -> LowRankFactors:
+  """:func:`randomized_svd_from_sketch` on float32 ``a`` and ``omega``."""
+  scale = max_abs(a)
+  u, s, v = _factorize(a / scale, omega, rank, power_iters)
+  return LowRankFactors(u=u, s=s * scale[..., 0], v=v)
+
+
+def _rank_rtol(rows: int, cols: int) -> float:
+  """Singular values below this times the largest count as zero.
+
+  The cutoff of ``jnp.linalg.pinv``: a float32 product or factorization of an
+  ``m x n`` matrix of rank ``t`` leaves its other singular values at rounding
+  level, below ``max(m, n) eps`` of the largest.
+  """
+  return 10.0 * max(rows, cols) * float(jnp.finfo(jnp.float32).eps)
+
+
+def _pinv_diag(s: jax.Array, rtol: float) -> tuple[jax.Array, jax.Array]:
+  """``(live, 1 / s on live and 0 elsewhere)`` for descending ``s [..., k]``."""
+  live = s > rtol * s[..., :1]
+  return live, jnp.where(live, 1.0 / jnp.where(live, s, 1.0), 0.0)
+
+
+def _range_tangent(
+    y: jax.Array, dy: jax.Array, rtol: float
+) -> tuple[jax.Array, jax.Array]:
+  """An orthonormal basis ``b`` of range(``y``) and its tangent along ``dy``.
+
+  ``y = b S X^T`` (thin SVD; the columns of ``b`` whose singular value is
+  below the cutoff are zeroed, so ``P = b b^T`` projects onto the numerical
+  range) and ``db = (I - P) dy X S^+``: the horizontal tangent, for which
+  ``dP = db b^T + b db^T`` is the derivative of ``P`` at constant rank.
+  """
+  x, s, bt = _short_wide_svd(mT(y))  # y^T = X S b^T
+  live, inv = _pinv_diag(s, rtol)
+  b = mT(bt) * live[..., None, :]
+  db = matmul(dy, x * inv[..., None, :])
+  return b, db - matmul(b, matmul(mT(b), db))
+
+
+def _reconstruction_tangent(
+    a: jax.Array,
+    da: jax.Array,
+    omega: jax.Array | None,
+    power_iters: int,
+    rtol: float,
+) -> jax.Array:
+  """``dR = dP A + P dA`` of ``R = P A``, ``P`` the projector of the sketch.
+
+  The power iterations are followed as in the forward pass, one range at a
+  time (``range(A^T Q)``, then ``range(A Z)``), each through
+  :func:`_range_tangent`, so no power of ``A`` is ever formed.
+  """
+  if omega is None:
+    b, db = _range_tangent(a, da, rtol)
+  else:
+    b, db = _range_tangent(matmul(a, omega), matmul(da, omega), rtol)
+  for _ in range(power_iters):
+    b, db = _range_tangent(
+        matmul(mT(a), b), matmul(mT(da), b) + matmul(mT(a), db), rtol)
+    b, db = _range_tangent(matmul(a, b), matmul(da, b) + matmul(a, db), rtol)
+  return (matmul(db, matmul(mT(b), a)) + matmul(b, matmul(mT(db), a))
+          + matmul(b, matmul(mT(b), da)))
+
+
+def _factor_tangent(
+    dr: jax.Array, factors: LowRankFactors, rtol: float
+) -> LowRankFactors:
+  """A tangent ``(du, ds, dv)`` of ``factors`` that reconstructs ``dr``.
+
+  With ``D`` the live columns (``s_i`` above the cutoff) and ``S^+`` the
+  inverse of ``S`` on them (0 elsewhere): ``ds = diag(U^T dR V)`` on ``D``,
+  ``du = (dR V - U diag(ds)) S^+`` and
+  ``dv = (I - V_D V_D^T) dR^T U S^+``, so that
+  ``du S V^T + U dS V^T + U S dv^T
+  = dR V_D V_D^T + U_D U_D^T dR (I - V_D V_D^T)``: the projection of ``dR``
+  onto the tangent space of the rank-``|D|`` matrices at ``U S V^T``, which
+  is ``dR`` itself when ``dR`` is the derivative of a map into them.
+  """
+  u, s, v = factors
+  live, inv = _pinv_diag(s, rtol)
+  drv = matmul(dr, v)  # [..., m, k]
+  ds = jnp.where(live, jnp.sum(u * drv, axis=-2), 0.0)
+  du = (drv - u * ds[..., None, :]) * inv[..., None, :]
+  v_live = v * live[..., None, :]
+  dru = matmul(mT(dr), u)  # [..., n, k]
+  dv = (dru - matmul(v_live, matmul(mT(v_live), dru))) * inv[..., None, :]
+  return LowRankFactors(u=du, s=ds, v=dv)
+
+
+@_rsvd.defjvp
+def _rsvd_jvp(rank, power_iters, primals, tangents):
+  """The constant-rank derivative of ``R = P A`` (see the public docstring).
+
+  Computed on the matrix divided by its largest entry, like the forward
+  pass: ``(u, v)`` and ``R / scale`` are invariant under that scaling, so
+  the scale is a constant of the rule. The tangent of ``omega`` is ignored.
+  """
+  a, omega = primals
+  da, _ = tangents
+  scale = max_abs(a)
+  a_s = a / scale
+  factors = _factorize(a_s, omega, rank, power_iters)
+  rtol = _rank_rtol(*a.shape[-2:])
+  dr = _reconstruction_tangent(a_s, da / scale, omega, power_iters, rtol)
+  du, ds, dv = _factor_tangent(dr, factors, rtol)
+  out = LowRankFactors(u=factors.u, s=factors.s * scale[..., 0], v=factors.v)
+  return out, LowRankFactors(u=du, s=ds * scale[..., 0], v=dv)
 
 
 def randomized_svd(
@@ -197,7 +346,10 @@ def randomized_svd(
   Guarantees: the result is exact (up to float32 rounding) when
   ``rank >= min(m, n)``; an all-zero matrix gives zero singular values and a
   zero reconstruction (no NaN); ``m < n`` and ``m > n`` are both supported;
-  the function is jit-compatible and batched over leading axes.
+  the function is jit-compatible and batched over leading axes. It is
+  differentiable to first order with the sketch held constant: the
+  constant-rank derivative of the reconstruction described in
+  :func:`randomized_svd_from_sketch`.
 
   Args:
     a: array of shape ``[..., m, n]``, any floating dtype (computed in
@@ -216,7 +368,8 @@ def randomized_svd(
 
   Examples:
     >>> import jax, jax.numpy as jnp
-    >>> from mlorc_optax import randomized_svd, reconstruct
+    >>> from mlorc_optax import randomized_svd
+    >>> from mlorc_optax.compressors import reconstruct
     >>> a = jnp.outer(jnp.arange(1.0, 5.0), jnp.arange(1.0, 4.0))  # rank 1
     >>> f = randomized_svd(a, jax.random.key(0), rank=1)
     >>> f.u.shape, f.s.shape, f.v.shape
@@ -270,7 +423,8 @@ def reconstruct(factors: LowRankFactors) -> jax.Array:
 
   Examples:
     >>> import jax, jax.numpy as jnp
-    >>> from mlorc_optax import randomized_svd, reconstruct
+    >>> from mlorc_optax import randomized_svd
+    >>> from mlorc_optax.compressors import reconstruct
     >>> a = jax.random.normal(jax.random.key(0), (2, 5, 3))  # a batch of 2
     >>> f = randomized_svd(a, jax.random.key(1), rank=3)     # full rank
     >>> bool(jnp.allclose(reconstruct(f), a, atol=1e-5))
@@ -279,4 +433,4 @@ def reconstruct(factors: LowRankFactors) -> jax.Array:
   u = jnp.asarray(factors.u, jnp.float32)
   s = jnp.asarray(factors.s, jnp.float32)
   v = jnp.asarray(factors.v, jnp.float32)
-  return matmul(u * s[..., None, :], _mT(v))
+  return matmul(u * s[..., None, :], mT(v))
