@@ -5,6 +5,7 @@ from mlorc_optax._src.plan import IMPLEMENTATIONS
 from mlorc_optax._src.plan import LeafPlan
 from mlorc_optax._src.plan import LowRankPlan
 from mlorc_optax._src.plan import MomentField
+from mlorc_optax._src.plan import PlanNode
 from mlorc_optax._src.plan import compression_plan
 from mlorc_optax._src.plan import format_plan
 from mlorc_optax._src.plan import path_mask
@@ -19,6 +20,7 @@ __all__ = (
     'MatrixDimensionNumbers',
     'MatrixView',
     'MomentField',
+    'PlanNode',
     'compression_plan',
     'format_plan',
     'path_mask',

@@ -17,6 +17,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import mlorc_optax
 from examples.llama.parallel import collectives  # the HLO reader
 
+from helpers import factors
+
 L, D, F = 2, 32, 64
 
 
@@ -122,23 +124,30 @@ def run_both(tx, mesh, steps):
 def test_factor_shardings_follow_the_params(mesh):
   state = mlorc_optax.mlorc_adamw(1e-3, rank=4).init(
       jax.device_put(PARAMS, shardings(mesh)))
-  mu = state[0][0].mu
   # (L, D, 3D) kernel sharded (None, data, model): rows on data, cols on model.
-  assert mu.u['layers']['qkv']['kernel'].sharding.spec == P(None, 'data', None)
-  assert mu.s['layers']['qkv']['kernel'].sharding.spec == P(None, None)
-  assert mu.v['layers']['qkv']['kernel'].sharding.spec == P(None, 'model', None)
-  assert mu.u['layers']['out']['kernel'].sharding.spec == P(None, 'model', None)
-  # Dense (masked base Adam) moments are sharded like their params.
-  adam_mu = state[0][1].inner_state.mu['layers']
-  assert adam_mu['qkv']['bias'].sharding.spec == P(None, 'model')
+  for moment in ('mu', 'nu'):
+    qkv = factors(state, 'layers', 'qkv', 'kernel', moment=moment)
+    assert qkv.u.sharding.spec == P(None, 'data', None)
+    assert qkv.s.sharding.spec == P(None, None)
+    assert qkv.v.sharding.spec == P(None, 'model', None)
+    out = factors(state, 'layers', 'out', 'kernel', moment=moment)
+    assert out.u.sharding.spec == P(None, 'model', None)
+    # Moments that are not compressed (Adam's own) are sharded like their
+    # params.
+    bias = factors(state, 'layers', 'qkv', 'bias', moment=moment)
+    assert bias.sharding.spec == P(None, 'model')
   shard = mlorc_optax.state_shardings(state)
-  assert shard[0][0].count.spec == P()
+  assert shard[0].inner_state.count.spec == P()
+  assert shard[0].step.spec == shard[0].key.spec == P()
+  assert (shard[0].inner_state.mu['layers']['qkv']['kernel'].u.spec
+          == P(None, 'data', None))
 
 
 def test_factor_partition_specs_flatten_multi_axis_rows():
-  plan = mlorc_optax.compression_plan(
-      {'w': jnp.zeros((8, 4, 6, 16))}, 2,
+  tx = mlorc_optax.mlorc_adamw(
+      1e-3, rank=2,
       dimension_numbers=mlorc_optax.MatrixDimensionNumbers((1, 2), (3,)))
+  plan = mlorc_optax.compression_plan(tx, {'w': jnp.zeros((8, 4, 6, 16))})
   u, s, v, dense = mlorc_optax.factor_partition_specs(
       plan['w'], P('pipe', 'data', 'fsdp', 'model'))
   assert u == P('pipe', ('data', 'fsdp'), None)

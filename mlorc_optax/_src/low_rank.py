@@ -112,7 +112,8 @@ class LowRankMomentsState(NamedTuple):
       of a moment tree holds the compressor's factors instead of the dense
       moment (:class:`~mlorc_optax.LowRankFactors` ``(u, s, v)`` for the
       randomized SVD).
-    plan: the :class:`~mlorc_optax._src.plan.LowRankPlan` made by ``init``:
+    plan: the :class:`~mlorc_optax.plan.LowRankPlan` made by ``init``, as
+      a :class:`~mlorc_optax.plan.PlanNode` (``state.plan.leaves``, ...):
       static data of the state's tree structure, no arrays.
 
   Examples:
@@ -129,7 +130,7 @@ class LowRankMomentsState(NamedTuple):
   step: jax.Array
   key: jax.Array
   inner_state: optax.OptState
-  plan: plan_lib.LowRankPlan
+  plan: plan_lib.PlanNode
 
 
 # A fast step: computes the update and the new factors of its fields for the
@@ -382,7 +383,7 @@ def low_rank_moments(
   known = set(specs) | set(DEFAULT_MOMENTS)
   inner = optax.with_extra_args_support(inner)
 
-  def make_plan(params, inner_state) -> plan_lib.LowRankPlan:
+  def make_plan(params, inner_state) -> plan_lib.PlanNode:
     paths, leaves, treedef = views.flatten_with_paths(params)
     shapes = [tuple(np.shape(x)) for x in leaves]
     fields = tuple(
@@ -420,9 +421,9 @@ def low_rank_moments(
       out.append(dataclasses.replace(
           p, moments=compressed, dense_moments=len(fields) - len(compressed),
           factor_size=factor_size, step=step, step_reason=why))
-    return plan_lib.LowRankPlan(
+    return plan_lib.plan_node(plan_lib.LowRankPlan(
         leaves=tuple(out), fields=fields, compressor=compressor,
-        interpret=not plan_lib.on_nvidia_gpu())
+        interpret=not plan_lib.on_nvidia_gpu()))
 
   def init_fn(params):
     inner_state = inner.init(params)
@@ -545,7 +546,7 @@ def low_rank_moments(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _check_matches(plan: plan_lib.LowRankPlan, paths, grads) -> None:
+def _check_matches(plan: plan_lib.PlanNode, paths, grads) -> None:
   """Raises if the updates are not the leaves the state was made for."""
   if len(grads) != len(plan.leaves):
     raise ValueError(
@@ -560,7 +561,7 @@ def _check_matches(plan: plan_lib.LowRankPlan, paths, grads) -> None:
           'it initialised with different params?')
 
 
-def _check_made_here(plan: plan_lib.LowRankPlan, *, compressor, rank, specs):
+def _check_made_here(plan: plan_lib.PlanNode, *, compressor, rank, specs):
   """Raises if the state was made by a transform with other settings."""
   compressed = {f.name for f in plan.fields if f.compressed}
   problems = []

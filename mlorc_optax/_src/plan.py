@@ -2,7 +2,7 @@
 
 :func:`mlorc_optax.low_rank_moments` makes one plan in ``init`` and keeps it
 in its state, as static data of the state's tree structure (a
-:class:`LowRankPlan` node without array leaves): every later ``update`` reads
+:class:`PlanNode`, an empty ``NamedTuple``): every later ``update`` reads
 its decisions instead of making them again, and
 :func:`compression_plan` / :func:`format_plan` show them to the user.
 
@@ -22,10 +22,11 @@ Per leaf (:class:`LeafPlan`) the plan says
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Callable, Sequence
-from typing import Any, Union
+from typing import Any, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -366,9 +367,10 @@ class MomentField:
 class LowRankPlan:
   """Everything :func:`mlorc_optax.low_rank_moments` decided in ``init``.
 
-  A pytree node without leaves: it lives in the treedef of the state, so it
-  is static under ``jit``, survives checkpointing (restore into a target
-  state) and costs no memory.
+  The state holds it as :func:`plan_node`: an empty ``NamedTuple`` whose
+  type carries the plan, so it lives in the treedef of the state: static
+  under ``jit``, no memory, and every tool that handles optax states
+  (``flax.serialization``, Orbax, ``nnx.Optimizer``, pickle) handles it.
 
   Attributes:
     leaves: one :class:`LeafPlan` per parameter leaf, in flatten order.
@@ -384,12 +386,34 @@ class LowRankPlan:
   interpret: bool
 
 
-jax.tree_util.register_pytree_node(
-    LowRankPlan, lambda p: ((), p), lambda plan, _: plan)
+class PlanNode(NamedTuple):
+  """An empty ``NamedTuple`` whose type holds a :class:`LowRankPlan`.
+
+  Its attributes are the plan's (``node.leaves``, ``node.fields``, ...;
+  ``node.plan`` is the plan itself). Made by :func:`plan_node`.
+  """
+
+  def __reduce__(self):
+    return plan_node, (self.plan,)
+
+
+@functools.cache
+def _node_type(plan: LowRankPlan) -> type[PlanNode]:
+  # One type per plan (equal plans share it), so that states made from the
+  # same params have equal treedefs, and an empty instance restored by type
+  # (flax.serialization does type(node)()) keeps its plan.
+  attrs = {f.name: getattr(plan, f.name) for f in dataclasses.fields(plan)}
+  return type('LowRankPlanNode', (PlanNode,),
+              {'__slots__': (), 'plan': plan, **attrs})
+
+
+def plan_node(plan: LowRankPlan) -> PlanNode:
+  """The state's node for ``plan`` (see :class:`PlanNode`)."""
+  return _node_type(plan)()
 
 
 def _is_plan(x: Any) -> bool:
-  return isinstance(x, LowRankPlan)
+  return isinstance(x, PlanNode)
 
 
 def compression_plan(tx: Any, params: Any) -> Any:
@@ -443,7 +467,7 @@ def compression_plan(tx: Any, params: Any) -> Any:
         f'compression_plan needs a transform with exactly one '
         f'low_rank_moments, found {len(plans)}.'
     )
-  plan = plans[0]
+  plan = plans[0].plan
   if params is None:
     return {p.path: p for p in plan.leaves}
   treedef = jax.tree_util.tree_structure(params)

@@ -46,6 +46,10 @@ def _compressor(
           f'{" and ".join(given)} must be set on it, not on the transform.'
       )
     return compressor
+  if not isinstance(compressor, str):
+    raise TypeError(
+        f"compressor must be 'rsvd' or a MomentCompressor object, got "
+        f'{compressor!r}.')
   if compressor == 'rsvd':
     return compressors.RSVDCompressor(oversample, power_iters)
   raise ValueError(

@@ -235,7 +235,7 @@ def path_str(keypath: Sequence[Any]) -> str:
 
 
 def _is_spec_leaf(x: Any) -> bool:
-  return isinstance(x, MatrixDimensionNumbers) or x is None
+  return x is None or as_dimension_numbers(x) is not None
 
 
 def match_by_path(

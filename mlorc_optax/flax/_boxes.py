@@ -8,10 +8,9 @@ whole state with ``nn.get_partition_spec`` and ``nn.logical_to_mesh_sharding``,
 which needs every box's names to fit its array.
 
 The MLorc transforms work on plain arrays and know nothing of Flax. Given
-boxed parameters, the boxes are ordinary pytree nodes to them, so a
-compressed moment comes out as the parameter's box around the factors
-``Box(LowRankFactors(u, s, v), names=<the parameter's names>)``: names that
-fit none of the factors. :func:`boxed` fixes the boxes after ``init`` and
+boxed parameters, the boxes are ordinary pytree nodes to them, kept around
+each array of a compressed moment's factors, ``LowRankFactors(Box(u),
+Box(s), Box(v))``, with the parameter's names, which fit none of them. :func:`boxed` fixes the boxes after ``init`` and
 runs ``update`` on unboxed trees.
 """
 
@@ -26,7 +25,9 @@ import optax
 from jax.sharding import PartitionSpec
 
 import mlorc_optax
+from mlorc_optax._src import moment_fields
 from mlorc_optax.flax import _logical
+
 
 
 def _unbox(tree: Any) -> Any:
@@ -68,40 +69,25 @@ def _placement_names(
 def _box_factors(
     x: Any, leaf: mlorc_optax.plan.LeafPlan, compressor: Any
 ) -> Any:
-  """A compressed leaf's moment ``Box(factors)`` as factors of boxes."""
-  if not (leaf.compressed and _logical.is_box(x)):
+  """A compressed leaf's factors, each in the parameter's box, renamed.
+
+  The core keeps the parameter's box around each factor array (with the
+  parameter's names, which fit none of them); each box gets the names of
+  the axes its factor spans, or is dropped for other box types.
+  """
+  if not (leaf.compressed and isinstance(x, compressor.factor_type)):
     return x
-  factors = _logical.box_value(x)
-  if not isinstance(factors, compressor.factor_type):
+  box = next((a for a in x if _logical.is_box(a)), None)
+  if box is None:
     return x
-  names = _placement_names(x, leaf)
-  if names is None:
-    return factors
+  names = _placement_names(box, leaf)
   view = leaf.view
   specs = compressor.specs(view.batch_shape, view.rows, view.cols, leaf.rank)
-  return type(factors)(*(
-      x.replace(value=a, names=tuple(names[spec.placement]))
-      for a, spec in zip(factors, specs)
+  return type(x)(*(
+      _logical.box_value(a) if names is None
+      else a.replace(names=tuple(names[spec.placement]))
+      for a, spec in zip(x, specs)
   ))
-
-
-def _get_field(inner_state: Any, field: Any) -> Any:
-  holder = inner_state
-  for k in field.location:
-    holder = holder[k]
-  return getattr(holder, field.name)
-
-
-def _set_field(holder: Any, location: tuple[int, ...], name: str,
-               value: Any) -> Any:
-  if not location:
-    return holder._replace(**{name: value})
-  k, rest = location[0], location[1:]
-  items = list(holder)
-  items[k] = _set_field(items[k], rest, name, value)
-  if hasattr(holder, '_fields'):
-    return type(holder)(*items)
-  return type(holder)(items)
 
 
 def _fix_state(state: mlorc_optax.LowRankMomentsState) -> Any:
@@ -112,7 +98,7 @@ def _fix_state(state: mlorc_optax.LowRankMomentsState) -> Any:
   for field in plan.fields:
     if not field.compressed:
       continue
-    moment = _get_field(inner, field)
+    moment = moment_fields.get(inner, field)
     leaves, treedef = jax.tree_util.tree_flatten(
         moment,
         is_leaf=lambda x: _logical.is_box(x) or isinstance(
@@ -125,7 +111,7 @@ def _fix_state(state: mlorc_optax.LowRankMomentsState) -> Any:
     moment = treedef.unflatten([
         _box_factors(x, leaf, compressor)
         for x, leaf in zip(leaves, plan.leaves)])
-    inner = _set_field(inner, field.location, field.name, moment)
+    inner = moment_fields.replace(inner, field, moment)
   return state._replace(inner_state=inner)
 
 

@@ -1,4 +1,5 @@
-"""Specification of the composable extras: OrthoGrad, Grams, Adam-atan2."""
+"""Specification of mlorc_optax.contrib's transforms: OrthoGrad, Grams and
+Adam-atan2 (the compressors of contrib: tests/test_compressors.py)."""
 
 import math
 
@@ -9,6 +10,9 @@ import optax
 import pytest
 
 import mlorc_optax
+from mlorc_optax import contrib
+
+from helpers import EPS32
 
 A = 1.27  # Adam-atan2's output scale.
 
@@ -23,18 +27,18 @@ def test_orthograd_removes_the_part_along_the_weights_by_hand():
   g = jnp.array([[1.0, 0.0], [0.0, 1.0]])
   # <w, g> = 1, <w, w> = 2: g - w / 2.
   perp = np.array([[0.5, -0.5], [0.0, 1.0]])
-  tx = mlorc_optax.orthograd(rescale=False)
+  tx = contrib.orthograd(rescale=False)
   u, _ = tx.update({'w': g}, tx.init({'w': w}), {'w': w})
   np.testing.assert_allclose(u['w'], perp, rtol=1e-6)
   assert abs(float(jnp.sum(u['w'] * w))) < 1e-6
   # rescale: the same direction with the norm of g (sqrt 2, not sqrt 1.5).
-  tx = mlorc_optax.orthograd()
+  tx = contrib.orthograd()
   u, _ = tx.update({'w': g}, tx.init({'w': w}), {'w': w})
   np.testing.assert_allclose(u['w'], perp * math.sqrt(2 / 1.5), rtol=1e-6)
 
 
 def test_orthograd_edge_cases():
-  tx = mlorc_optax.orthograd()
+  tx = contrib.orthograd()
   params = {'zero': jnp.zeros(3), 'par': jnp.array([1.0, 2.0]),
             'int': jnp.array([1, 2]), 'none': None}
   grads = {'zero': jnp.array([1.0, -2.0, 3.0]), 'par': jnp.array([3.0, 6.0]),
@@ -49,18 +53,17 @@ def test_orthograd_edge_cases():
   with pytest.raises(ValueError, match='params'):
     tx.update(grads, tx.init(params))
   with pytest.raises(TypeError, match='rescale'):
-    mlorc_optax.orthograd(rescale='yes')
+    contrib.orthograd(rescale='yes')
 
 
 def test_orthograd_chains_before_mlorc_adamw():
   params = {'w': jax.random.normal(jax.random.key(0), (12, 8))}
   grads = {'w': params['w'] + jax.random.normal(jax.random.key(1), (12, 8))}
-  tx = optax.chain(mlorc_optax.orthograd(), mlorc_optax.mlorc_adamw(1.0,
-                                                                    rank=2))
+  tx = optax.chain(contrib.orthograd(), mlorc_optax.mlorc_adamw(1.0, rank=2))
   plain = mlorc_optax.mlorc_adamw(1.0, rank=2, weight_decay=0.0)
   u, _ = tx.update(grads, tx.init(params), params)
   # The first Adam step of the projected gradient is its sign.
-  ortho, _ = mlorc_optax.orthograd().update(grads, optax.EmptyState(), params)
+  ortho, _ = contrib.orthograd().update(grads, optax.EmptyState(), params)
   expected, _ = plain.update(ortho, plain.init(params), params)
   wd = 1e-4 * params['w']  # mlorc_adamw's default decoupled weight decay
   np.testing.assert_allclose(u['w'], expected['w'] - wd, rtol=1e-5)
@@ -77,10 +80,10 @@ def test_grams_keeps_adams_magnitude_with_the_gradients_sign_by_hand():
   # v_hat = (0.25 g1^2 + 0.5 g2^2) / 0.75 = (6, 1),
   # Adam: (2/3 / sqrt 6, 1/3) = (0.2722, 0.3333), Grams: sign(g2) = (-, +).
   adam = optax.scale_by_adam(0.5, 0.5, eps=0.0)
-  tx = mlorc_optax.grams(adam)
+  tx = contrib.grams(adam)
   g1, g2 = jnp.array([4.0, -1.0]), jnp.array([-1.0, 1.0])
   state = tx.init(g1)
-  assert isinstance(state, mlorc_optax.GramsState)
+  assert isinstance(state, contrib.GramsState)
   _, state = tx.update(g1, state)
   u, state = tx.update(g2, state)
   np.testing.assert_allclose(u, [-2 / 3 / math.sqrt(6), 1 / 3], rtol=1e-6)
@@ -89,13 +92,13 @@ def test_grams_keeps_adams_magnitude_with_the_gradients_sign_by_hand():
 
 
 def test_grams_zero_gradient_entries_none_leaves_and_extra_args():
-  tx = mlorc_optax.grams(optax.scale_by_adam())
+  tx = contrib.grams(optax.scale_by_adam())
   grads = {'a': jnp.array([0.0, 2.0]), 'n': None}
   u, _ = tx.update(grads, tx.init(grads), extra_arg_for_someone_else=1)
   np.testing.assert_array_equal(u['a'][0], 0.0)  # sign(0) = 0
   assert u['n'] is None
   with pytest.raises(TypeError, match='inner'):
-    mlorc_optax.grams(lambda g: g)
+    contrib.grams(lambda g: g)
 
 
 def test_grams_wraps_scale_by_mlorc_adam():
@@ -103,8 +106,10 @@ def test_grams_wraps_scale_by_mlorc_adam():
   k1, k2 = jax.random.split(jax.random.key(0))
   # Rank 1, so the rank-2 moments are exact and m keeps the sign of g.
   g = jnp.outer(jax.random.normal(k1, (12,)), jax.random.normal(k2, (8,)))
+  # No entry near 0, where rounding of the factors could flip m's sign.
+  assert jnp.abs(g).min() > 1e-3 * jnp.abs(g).max()
   inner = mlorc_optax.scale_by_mlorc_adam(rank=2)
-  tx = mlorc_optax.grams(inner)
+  tx = contrib.grams(inner)
   s, si = tx.init(params), inner.init(params)
   for t in range(3):
     grads = {'w': g if t < 2 else -g}  # the last step flips every sign
@@ -122,7 +127,7 @@ def test_grams_wraps_scale_by_mlorc_adam():
 
 def test_adam_atan2_by_hand():
   # The same two steps as the Grams case: a * atan2(m_hat, sqrt(v_hat)).
-  tx = mlorc_optax.scale_by_adam_atan2(0.5, 0.5)
+  tx = contrib.scale_by_adam_atan2(0.5, 0.5)
   g1, g2 = jnp.array([4.0, -1.0]), jnp.array([-1.0, 1.0])
   _, state = tx.update(g1, tx.init(g1))
   u, _ = tx.update(g2, state)
@@ -130,12 +135,12 @@ def test_adam_atan2_by_hand():
       u, [A * math.atan2(2 / 3, math.sqrt(6)), A * math.atan2(1 / 3, 1.0)],
       rtol=1e-6)
   with pytest.raises(ValueError, match='b1'):
-    mlorc_optax.scale_by_adam_atan2(b1=1.0)
+    contrib.scale_by_adam_atan2(b1=1.0)
 
 
 def test_adam_atan2_is_scale_invariant_where_adam_is_not():
   g = jax.random.normal(jax.random.key(0), (20,))
-  tx = mlorc_optax.scale_by_adam_atan2()
+  tx = contrib.scale_by_adam_atan2()
   adam = optax.scale_by_adam()
   big, _ = tx.update(g, tx.init(g))
   small, _ = tx.update(1e-9 * g, tx.init(g))
@@ -144,35 +149,53 @@ def test_adam_atan2_is_scale_invariant_where_adam_is_not():
   assert np.max(np.abs(adam_small)) < 0.2  # eps = 1e-8 swamps 1e-9 grads
 
 
+def away_from_zero(key, shape):
+  """Entries of magnitude in [1, 2] with random signs."""
+  k1, k2 = jax.random.split(key)
+  return jax.random.uniform(k1, shape, minval=1.0, maxval=2.0) * jnp.sign(
+      jax.random.normal(k2, shape))
+
+
 @pytest.mark.parametrize('nesterov', [False, True])
 def test_mlorc_atan2_at_full_rank_equals_dense_adam_atan2(nesterov):
+  """MLorc-Adam-atan2 is low_rank_moments around contrib's Adam-atan2."""
   params = {'w': jnp.zeros((10, 6)), 'b': jnp.zeros(6)}
   key = jax.random.key(3)
-  tx = mlorc_optax.scale_by_mlorc_adam(
-      rank=6, low_rank_mask={'w': True, 'b': False}, atan2=True, eps=1.0,
-      nesterov=nesterov)
-  dense = mlorc_optax.scale_by_adam_atan2(nesterov=nesterov)
+  tx = mlorc_optax.low_rank_moments(
+      contrib.scale_by_adam_atan2(nesterov=nesterov), rank=6,
+      low_rank_mask={'w': True, 'b': False})
+  dense = contrib.scale_by_adam_atan2(nesterov=nesterov)
   s, sd = tx.init(params), dense.init(params)
   step, dense_step = jax.jit(tx.update), jax.jit(dense.update)
   for _ in range(4):
     key, k1, k2 = jax.random.split(key, 3)
-    grads = {'w': jax.random.normal(k1, (10, 6)),
-             'b': jax.random.normal(k2, (6,))}
+    grads = {'w': away_from_zero(k1, (10, 6)), 'b': away_from_zero(k2, (6,))}
     u, s = step(grads, s)
     ud, sd = dense_step(grads, sd)
-    # eps = 1.0 would shrink a plain Adam step a lot: it is not used.
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5),
+    # A full-rank factored moment is exact to float32 rounding of its
+    # largest entry (a QR and an SVD of 10 x 6: ~64 units of 2^-24). With
+    # |g| in [1, 2], v_hat is in [1, 4] and |m_hat| <= 2, where
+    # a * atan2(m_hat, sqrt(v_hat)) changes by at most a = 1.27 per unit of
+    # m_hat or v_hat: so |u - u_dense| <= 1.27 * 64 * 2^-24 * (2 + 4).
+    atol = 1.27 * 64 * EPS32 / 2 * 6
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=atol),
                  u, ud)
 
 
-def test_mlorc_adamw_atan2_first_step_and_validation():
+def test_mlorc_atan2_first_step_with_rsvd_and_lorapre():
   params = {'w': jnp.zeros((12, 8))}
   g = {'w': jax.random.normal(jax.random.key(0), (12, 8))}
-  for compressor in ('rsvd', 'lorapre'):
-    tx = mlorc_optax.mlorc_adamw(1.0, weight_decay=0.0, rank=2, atan2=True,
-                                 compressor=compressor)
+  spec = mlorc_optax.low_rank.MomentSpec
+  # LoRA-Pre models each moment as an EMA: it needs their decays.
+  decays = {'mu': spec(decay=0.9), 'nu': spec(nonnegative=True, decay=0.999)}
+  for kw in ({}, dict(compressor=contrib.LoRAPreCompressor(), moments=decays)):
+    tx = optax.chain(
+        mlorc_optax.low_rank_moments(contrib.scale_by_adam_atan2(), rank=2,
+                                     **kw),
+        optax.scale_by_learning_rate(1.0))
     u, _ = tx.update(g, tx.init(params), params)
     np.testing.assert_allclose(u['w'], -A * math.pi / 4 * jnp.sign(g['w']),
                                rtol=1e-5)
+  # atan2= is no argument of the MLorc optimizers any more.
   with pytest.raises(TypeError, match='atan2'):
-    mlorc_optax.mlorc_adamw(1e-3, atan2='on')
+    mlorc_optax.mlorc_adamw(1e-3, atan2=True)
