@@ -43,8 +43,17 @@ import numpy as np
 import optax
 
 import mlorc_optax
+from mlorc_optax import compressors
+from mlorc_optax import contrib
 
-# (label, compressor, extra kwargs of scale_by_mlorc_adam)
+#: The compressors by their ``name``.
+COMPRESSORS = {
+    'rsvd': compressors.RSVDCompressor,
+    'warm': contrib.WarmStartCompressor,
+    'lorapre': contrib.LoRAPreCompressor,
+}
+
+# (label, compressor name, keyword arguments of its class)
 CONFIGS = (
     ('rsvd', 'rsvd', {}),
     ('rsvd, power_iters=1', 'rsvd', {'power_iters': 1}),
@@ -72,25 +81,24 @@ def _rel(a, b):
 
 def track(grads, rank, compressor, kwargs, b1, b2, seed):
   """Per-step relative errors ``(m, v, direction)``, each ``[steps]``."""
-  comp = mlorc_optax.COMPRESSORS[compressor](**kwargs)
+  comp = COMPRESSORS[compressor](**kwargs)
   tx = mlorc_optax.scale_by_mlorc_adam(
       b1, b2, rank=rank, seed=seed, compressor=comp, low_rank_mask=True)
   adam = optax.scale_by_adam(b1, b2)
   params = {'w': jnp.zeros(grads.shape[1:])}
 
-  def read(moment, second, count):
-    f = type(moment)(*(getattr(moment, a)['w'] for a in moment._fields))
-    return comp.read(f, second_moment=second, decay=b2 if second else b1,
+  def read(factors, second, count):
+    return comp.read(factors, nonnegative=second, decay=b2 if second else b1,
                      count=count)
 
   def body(carry, g):
     s, sa = carry
     u, s = tx.update({'w': g}, s)
     ua, sa = adam.update({'w': g}, sa)
-    core, exact = s[0], sa
+    core, exact = s, sa  # LowRankMomentsState, optax's ScaleByAdamState
     errs = jnp.stack([
-        _rel(read(core.mu, False, core.count), exact.mu['w']),
-        _rel(read(core.nu, True, core.count), exact.nu['w']),
+        _rel(read(core.inner_state.mu['w'], False, core.step), exact.mu['w']),
+        _rel(read(core.inner_state.nu['w'], True, core.step), exact.nu['w']),
         _rel(u['w'], ua['w']),
     ])
     return (s, sa), errs
@@ -129,11 +137,11 @@ def step_times(shape, configs, reps):
 def state_floats(shape, rank, compressor, kwargs):
   tx = mlorc_optax.scale_by_mlorc_adam(
       rank=rank, low_rank_mask=True,
-      compressor=mlorc_optax.COMPRESSORS[compressor](**kwargs))
+      compressor=COMPRESSORS[compressor](**kwargs))
   state = jax.eval_shape(tx.init, {'w': jax.ShapeDtypeStruct(shape,
                                                              jnp.float32)})
-  core = state[0]
-  return int(sum(x.size for x in jax.tree.leaves((core.mu, core.nu))))
+  inner = state.inner_state
+  return int(sum(x.size for x in jax.tree.leaves((inner.mu, inner.nu))))
 
 
 def markdown(results) -> str:
@@ -246,7 +254,7 @@ def main(argv=None):
   for row in rows_out:
     timed[row['label'], row['rank']] = mlorc_optax.scale_by_mlorc_adam(
         rank=row['rank'], low_rank_mask=True,
-        compressor=mlorc_optax.COMPRESSORS[row['compressor']](**row['kwargs']))
+        compressor=COMPRESSORS[row['compressor']](**row['kwargs']))
   seconds = step_times(tuple(args.time_shape), timed, args.time_reps)
   for row in rows_out:
     row['step_s'] = seconds[row['label'], row['rank']]

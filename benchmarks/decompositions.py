@@ -6,11 +6,11 @@ orthonormal basis ``Q`` of ``Y`` (QR of a tall, thin matrix), ``B = Q^T M``
 (``[l, n]``) and the SVD of the short, wide ``B``. This times each piece on the
 device with the library's way (``jnp.linalg.qr`` / ``jnp.linalg.svd``) next
 to a matmul-only alternative (CholeskyQR2; the SVD of ``B`` from the
-eigendecomposition of the ``l x l`` Gram matrix ``B B^T``) and to what
-``mlorc_optax`` now does (a QR of ``B^T``, then the SVD of the ``l x l``
-factor), and the two
-streaming products next to a plain copy of ``M`` (the bandwidth floor), all
-in one process.
+eigendecomposition of the ``l x l`` Gram matrix ``B B^T``, as the two-pass
+step's :func:`mlorc_optax.kernels.svds_of_projections` does) and to what
+``mlorc_optax``'s reference step does (a QR of ``B^T``, then the SVD of the
+``l x l`` factor: :func:`qr_then_small_svd`), and the two streaming products
+next to a plain copy of ``M`` (the bandwidth floor), all in one process.
 
 Usage::
 
@@ -30,8 +30,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-
-from mlorc_optax._src import rsvd as rsvd_lib
 
 SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))
 
@@ -60,6 +58,19 @@ def cholesky_qr2(y: jax.Array) -> jax.Array:
     chol = jnp.linalg.cholesky(gram + shift * jnp.eye(gram.shape[-1]))
     y = _mT(jax.scipy.linalg.solve_triangular(chol, _mT(y), lower=True))
   return y
+
+
+def qr_then_small_svd(b: jax.Array):
+  """SVD ``(u, s, vt)`` of a short, wide ``b [..., l, n]`` through a QR.
+
+  ``b^T = Q_b R_b`` (Householder), then the SVD of the small ``R_b^T = U S
+  W^T`` gives ``b = U S (Q_b W)^T``: how the reference step of
+  :func:`mlorc_optax.randomized_svd` factorizes ``B = Q^T A`` (the only
+  decomposition of a long matrix is a QR).
+  """
+  q_b, r_b = jnp.linalg.qr(_mT(b))
+  u, s, wt = jnp.linalg.svd(_mT(r_b), full_matrices=False)
+  return u, s, jnp.matmul(wt, _mT(q_b), precision=jax.lax.Precision.HIGHEST)
 
 
 def gram_svd(b: jax.Array):
@@ -96,7 +107,7 @@ def run(batch: int, ranks: Sequence[int], calls: int,
           lambda b: jnp.linalg.svd(b, full_matrices=False), b, calls=calls)
       entry['gram_svd_ms'] = 1e3 * median_time(gram_svd, b, calls=calls)
       entry['qr_then_small_svd_ms'] = 1e3 * median_time(
-          rsvd_lib._short_wide_svd, b, calls=calls)  # what the library uses
+          qr_then_small_svd, b, calls=calls)  # the reference step's way
       q2 = cholesky_qr2(y)
       entry['cholesky_qr2_orthogonality'] = float(jnp.max(jnp.abs(
           _mT(q2) @ q2 - jnp.eye(r))))

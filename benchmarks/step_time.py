@@ -15,7 +15,8 @@ LLaMA-7B-shaped matrices, with fixed random gradients:
 Optimizers: ``adamw``, ``lion``, ``adafactor`` (optax), ``mlorc_adamw`` and
 ``mlorc_lion`` at each ``--ranks`` rank (``mlorc_adamw_reference``,
 ``_xla`` and ``_pallas`` force one implementation of the step;
-``mlorc_lion_xla`` and ``mlorc_lion_pallas`` Lion's two-pass step), and ``optax.contrib.galore`` (same
+``mlorc_lion_reference``, ``_xla`` and ``_pallas`` likewise for Lion), and
+``optax.contrib.galore`` (same
 ranks, AdamW inside) amortised over its projection gap: ``(t_svd + (gap - 1)
 t_step) / gap``, with ``t_svd`` the step that recomputes the projectors (one warm call timed). GaLore
 cannot treat a leading axis as a batch, so it gets the same matrices as a list
@@ -69,13 +70,14 @@ CASES: dict[str, tuple[int, tuple[tuple[str, tuple[int, int]], ...]]] = {
     'tiny': (2, (('wq', (64, 64)), ('w_up', (64, 160)), ('w_down', (160, 64)))),
 }
 
-#: ``mlorc_adamw`` picks its implementation automatically (the fused Pallas
-#: step on one NVIDIA GPU, the reference step elsewhere); the suffixed names
-#: force one (``implementation=`` of :func:`mlorc_optax.mlorc_adamw`).
+#: ``mlorc_adamw`` and ``mlorc_lion`` pick their implementation
+#: automatically (the two-pass Pallas step on one NVIDIA GPU, the reference
+#: step elsewhere); the suffixed names force one (``implementation=`` of
+#: :func:`mlorc_optax.mlorc_adamw` / :func:`mlorc_optax.mlorc_lion`).
 MLORC_ADAMW_IMPLEMENTATIONS = ('mlorc_adamw_reference', 'mlorc_adamw_xla',
                                'mlorc_adamw_pallas')
-#: ``mlorc_lion`` takes the reference step unless told otherwise.
-MLORC_LION_IMPLEMENTATIONS = ('mlorc_lion_xla', 'mlorc_lion_pallas')
+MLORC_LION_IMPLEMENTATIONS = ('mlorc_lion_reference', 'mlorc_lion_xla',
+                              'mlorc_lion_pallas')
 OPTIMIZERS = ('adamw', 'lion', 'adafactor', 'mlorc_adamw', 'mlorc_lion',
               'galore', *MLORC_ADAMW_IMPLEMENTATIONS,
               *MLORC_LION_IMPLEMENTATIONS)
@@ -115,19 +117,19 @@ def make_optimizer(name: str, rank: int | None):
   raise ValueError(f'optimizer must be one of {OPTIMIZERS}, got {name!r}.')
 
 
-def implementation_of(optimizer: str) -> str:
-  """Which step an ``mlorc_*`` name runs here (for the JSON record).
+def implementation_of(tx: Any, params: Any) -> str:
+  """Which step the compressed leaves take (for the JSON record).
 
-  The name's suffix, or for plain ``mlorc_adamw`` what ``implementation=None``
-  picks on this machine for a matrix the kernels can tile.
+  Read from the transform's own plan (:func:`mlorc_optax.compression_plan`,
+  made once in ``init``): the steps of the compressed leaves, e.g.
+  ``'pallas'``, or ``'pallas+xla'`` when some matrix cannot be tiled.
   """
-  if optimizer in MLORC_ADAMW_IMPLEMENTATIONS + MLORC_LION_IMPLEMENTATIONS:
-    return optimizer.rsplit('_', 1)[1]
-  if optimizer == 'mlorc_lion':
-    return 'reference'
-  from mlorc_optax._src import fused  # pylint: disable=g-import-not-at-top
-  return fused.leaf_implementation(None, blocker=None, rows=4096, cols=4096,
-                                   sketched=True)
+  import jax  # pylint: disable=g-import-not-at-top
+  import mlorc_optax  # pylint: disable=g-import-not-at-top
+
+  plan = mlorc_optax.compression_plan(tx, params)
+  steps = {p.step for p in jax.tree.leaves(plan) if p.compressed}
+  return '+'.join(sorted(steps)) or 'dense'
 
 
 def make_tree(case: str, dtype: str, seed: int, as_list: bool) -> Any:
@@ -175,13 +177,13 @@ def measure(case: str, dtype: str, optimizer: str, rank: int | None,
       params=param_count(case), backend=jax.default_backend(),
       device=jax.local_devices()[0].device_kind, jax_version=jax.__version__,
       optax_version=optax.__version__, status='error', error=None)
-  if optimizer.startswith('mlorc_'):
-    result['implementation'] = implementation_of(optimizer)
   try:
     tx = make_optimizer(optimizer, rank)
     as_list = optimizer == 'galore'
     params = make_tree(case, dtype, 0, as_list)
     grads = make_tree(case, dtype, 1, as_list)
+    if optimizer.startswith('mlorc_'):
+      result['implementation'] = implementation_of(tx, params)
     state = tx.init(params)
     result['param_bytes'] = _tree_bytes(params)
     result['opt_state_bytes'] = _tree_bytes(state)

@@ -74,19 +74,28 @@ def _skip_data_members(app, what, name, obj, skip, options):
   return skip
 
 
-def _module_data_doc(name: str) -> list[str] | None:
+def _module_data_doc(name: str, obj: object) -> list[str] | None:
   """The ``#:`` comment of a public constant, read where it is defined.
 
-  ``mlorc_optax`` re-exports its constants from ``mlorc_optax._src``, and
-  autodoc looks for the comment in ``mlorc_optax/__init__.py`` only.
+  The public modules (``mlorc_optax``, its submodules, ``mlorc_optax.flax``)
+  re-export their constants from private modules (``mlorc_optax._src``,
+  ``mlorc_optax.flax._logical``, ...), and autodoc looks for the comment in
+  the public module only. The defining module is the one whose attribute
+  ``name`` is ``obj`` itself and whose source documents it.
   """
   # Imported here, not at the top: this file must import without Sphinx
   # (pytest may collect it for doctests).
+  import importlib  # pylint: disable=g-import-not-at-top
   from sphinx import pycode  # pylint: disable=g-import-not-at-top
 
-  src = mlorc_optax._src  # pylint: disable=protected-access
-  for info in pkgutil.iter_modules(src.__path__):
-    analyzer = pycode.ModuleAnalyzer.for_module(f'{src.__name__}.{info.name}')
+  for info in pkgutil.walk_packages(mlorc_optax.__path__, 'mlorc_optax.'):
+    try:
+      module = importlib.import_module(info.name)
+    except ImportError:  # an optional dependency (flax) is missing
+      continue
+    if getattr(module, name, None) is not obj:
+      continue
+    analyzer = pycode.ModuleAnalyzer.for_module(info.name)
     docs = analyzer.find_attr_docs().get(('', name))
     if docs:
       return list(docs)
@@ -94,10 +103,10 @@ def _module_data_doc(name: str) -> list[str] | None:
 
 
 def _fill_data_docs(app, what, name, obj, options, lines):
-  del app, obj, options
+  del app, options
   if what != 'data' or not name.startswith('mlorc_optax.'):
     return
-  found = _module_data_doc(name.rsplit('.', 1)[-1])
+  found = _module_data_doc(name.rsplit('.', 1)[-1], obj)
   if found:
     lines[:] = found
 

@@ -61,6 +61,11 @@ def test_matmul_only_factorizations_match_the_library_ones():
   assert jnp.allclose(jnp.sort(s, axis=-1)[..., ::-1], s_ref, rtol=1e-4)
   recon = (u * s[..., None, :]) @ v.mT
   assert float(jnp.linalg.norm(recon - b) / jnp.linalg.norm(b)) < 1e-5
+  # The reference step's route: a QR of b^T, then an l x l SVD.
+  u, s, vt = decompositions.qr_then_small_svd(b)
+  assert jnp.allclose(s, s_ref, rtol=1e-4)
+  recon = (u * s[..., None, :]) @ vt
+  assert float(jnp.linalg.norm(recon - b) / jnp.linalg.norm(b)) < 1e-5
 
 
 def test_fused_passes_tool_times_every_piece_on_a_tiny_stack(tmp_path):

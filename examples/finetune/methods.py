@@ -12,8 +12,9 @@ name                  method
 ``mlorc_adamw_r{r}``  ``mlorc_optax.mlorc_adamw(rank=r, b1=0.8)``, every param
 ``lion``              ``optax.lion``, every ``nnx.Param`` trained
 ``mlorc_lion_r{r}``   ``mlorc_optax.mlorc_lion(rank=r)``, every param
-``..._r{r}_{c}``      an MLorc method with ``compressor=c`` (``warm`` or
-                      ``lorapre``; no suffix: the paper's ``rsvd``), e.g.
+``..._r{r}_{c}``      an MLorc method with the compressor named ``c``
+                      (:data:`COMPRESSORS`: ``warm``, ``lorapre``; no
+                      suffix: the paper's ``rsvd``), e.g.
                       ``mlorc_adamw_r4_lorapre``
 ``galore_r{r}``       ``optax.contrib.galore(rank=r)`` (GaLore-AdamW) projecting
                       the leaves MLorc compresses at rank ``r``
@@ -58,6 +59,7 @@ import optax
 from flax import nnx
 
 import mlorc_optax
+from mlorc_optax import contrib
 
 Kind = Literal['full', 'mlorc', 'galore', 'lora']
 Family = Literal['adamw', 'lion']
@@ -67,6 +69,16 @@ WEIGHT_DECAY: dict[str, float] = {'adamw': 0.01, 'lion': 0.03}
 
 MLORC_ADAMW_B1 = 0.8
 """The paper's first-moment decay for MLorc-AdamW (Section 4.1)."""
+
+COMPRESSORS: dict[str, Any] = {
+    'rsvd': 'rsvd',
+    'warm': contrib.WarmStartCompressor(),
+    'lorapre': contrib.LoRAPreCompressor(),
+}
+"""The ``compressor=`` of MLorc's optimizers by the name used in method
+names: the paper's randomized SVD (``'rsvd'``, the default), or the
+compressors of :mod:`mlorc_optax.contrib` (a warm-started sketch,
+LoRA-Pre)."""
 
 GALORE_UPDATE_PROJ_GAP = 50
 """Steps between GaLore projector updates (the paper's value for small GLUE
@@ -142,8 +154,9 @@ class MethodSpec:
     kind: ``'full'``, ``'mlorc'``, ``'galore'`` or ``'lora'``.
     family: ``'adamw'`` or ``'lion'`` (the base optimizer).
     rank: the rank of the low-rank methods, None for full fine-tuning.
-    compressor: MLorc's moment compressor (``'rsvd'``, ``'warm'``,
-      ``'lorapre'``); ``'rsvd'`` for the other kinds, which have none.
+    compressor: the name of MLorc's moment compressor, a key of
+      :data:`COMPRESSORS` (``'rsvd'``, ``'warm'``, ``'lorapre'``);
+      ``'rsvd'`` for the other kinds, which have none.
   """
 
   name: str
@@ -210,7 +223,7 @@ def parse(name: str) -> MethodSpec:
   compressor = match['compressor'] or 'rsvd'
   if match['compressor'] is not None and (
       not kind_name.startswith('mlorc')
-      or compressor not in mlorc_optax.COMPRESSORS
+      or compressor not in COMPRESSORS
       or compressor == 'rsvd'
   ):
     raise ValueError(
@@ -254,8 +267,10 @@ def galore_dimension_numbers(rank: int):
   ``None`` (plain Adam in full space).
   """
 
+  mlorc = mlorc_optax.mlorc_adamw(1.0, rank=rank)  # the default mask
+
   def dimension_numbers(params: Any) -> Any:
-    plan = mlorc_optax.compression_plan(params, rank=rank)
+    plan = mlorc_optax.compression_plan(mlorc, params)
     return jax.tree.map(
         lambda p: (
             optax.contrib.GaLoreDimensionNumbers(
@@ -265,7 +280,7 @@ def galore_dimension_numbers(rank: int):
             else None
         ),
         plan,
-        is_leaf=lambda x: isinstance(x, mlorc_optax.LeafPlan),
+        is_leaf=lambda x: isinstance(x, mlorc_optax.plan.LeafPlan),
     )
 
   return dimension_numbers
@@ -304,14 +319,14 @@ def transform(
           weight_decay=wd,
           mask=decay_mask,
           rank=spec.rank,
-          compressor=spec.compressor,
+          compressor=COMPRESSORS[spec.compressor],
       )
     return mlorc_optax.mlorc_lion(
         learning_rate,
         weight_decay=wd,
         mask=decay_mask,
         rank=spec.rank,
-        compressor=spec.compressor,
+        compressor=COMPRESSORS[spec.compressor],
     )
   if spec.kind == 'galore':
     return optax.contrib.galore(

@@ -225,27 +225,22 @@ def harness_transform(
 
 
 def reseed_low_rank_sketches(optimizer: nnx.Optimizer, seed: int) -> int:
-  """Sets the RSVD key of every MLorc state in ``optimizer`` to ``seed``.
+  """Sets the sketch key of every MLorc state in ``optimizer`` to ``seed``.
 
-  Equivalent to building the transformation with ``seed=seed`` (the state
-  then holds ``jax.random.PRNGKey(seed)``), without building a new
+  Equivalent to building the transformation with ``seed=seed`` (the
+  :class:`mlorc_optax.LowRankMomentsState` then holds
+  ``jax.random.PRNGKey(seed)`` as its ``key``), without building a new
   transformation (which would give ``nnx.Optimizer`` a new static graph and
-  recompile the train step).
+  recompile the train step). ``nnx.Optimizer`` keeps each array of the
+  state in a variable, so the key is written in place.
 
   Returns:
     The number of MLorc states changed (0 for other methods).
   """
-  states = jax.tree.leaves(
-      optimizer.opt_state,
-      is_leaf=lambda x: isinstance(
-          x, (mlorc_optax.MLorcAdamState, mlorc_optax.MLorcLionState)
-      ),
-  )
+  is_mlorc = lambda x: isinstance(x, mlorc_optax.LowRankMomentsState)
   count = 0
-  for state in states:
-    if isinstance(
-        state, (mlorc_optax.MLorcAdamState, mlorc_optax.MLorcLionState)
-    ):
+  for state in jax.tree.leaves(optimizer.opt_state, is_leaf=is_mlorc):
+    if is_mlorc(state):
       state.key[...] = jax.random.PRNGKey(seed)
       count += 1
   return count

@@ -14,7 +14,8 @@ follow the conventions of ``mlorc_optax``'s default mask: RMSNorm weights are
 called ``scale`` and the token embedding ``embedding`` (both kept dense), the
 projections ``kernel`` (compressed). Check with::
 
-  plan = mlorc_optax.compression_plan(nnx.state(model, nnx.Param), rank=4)
+  tx = mlorc_optax.mlorc_adamw(1e-4, rank=4)
+  plan = mlorc_optax.compression_plan(tx, nnx.state(model, nnx.Param))
   print(mlorc_optax.format_plan(plan))
 
 Set ``scan_layers=False`` for a Python list of blocks instead (one leaf per

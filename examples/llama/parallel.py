@@ -169,8 +169,9 @@ def collectives(hlo: str) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def compressed_views(params: Any, rank: int) -> list[tuple[int, int, int]]:
-  """``(slices, rows, cols)`` of every matrix view MLorc compresses."""
-  plan = mlorc_optax.compression_plan(params, rank)
+  """``(slices, rows, cols)`` of every matrix view ``mlorc_adamw`` compresses."""
+  plan = mlorc_optax.compression_plan(
+      mlorc_optax.mlorc_adamw(1.0, rank=rank), params)
   return [
       (
           math.prod(p.shape) // (p.view.rows * p.view.cols),
@@ -178,7 +179,7 @@ def compressed_views(params: Any, rank: int) -> list[tuple[int, int, int]]:
           p.view.cols,
       )
       for p in jax.tree.leaves(
-          plan, is_leaf=lambda x: isinstance(x, mlorc_optax.LeafPlan)
+          plan, is_leaf=lambda x: isinstance(x, mlorc_optax.plan.LeafPlan)
       )
       if p.view is not None
   ]

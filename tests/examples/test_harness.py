@@ -128,11 +128,12 @@ def test_a_few_steps_lower_the_loss(name):
 
 def test_lora_adapts_the_same_matrices_mlorc_and_galore_compress():
   params = nnx.as_pure(nnx.state(tiny_model(), nnx.Param))
-  plan = mlorc_optax.compression_plan(params, rank=4)
+  plan = mlorc_optax.compression_plan(
+      methods.transform(methods.parse('mlorc_adamw_r4')), params)
   compressed = {
       p.path
       for p in jax.tree.leaves(
-          plan, is_leaf=lambda x: isinstance(x, mlorc_optax.LeafPlan)
+          plan, is_leaf=lambda x: isinstance(x, mlorc_optax.plan.LeafPlan)
       )
       if p.compressed
   }
@@ -170,15 +171,14 @@ def test_lora_model_is_unchanged_at_initialisation():
 def test_reseed_matches_building_with_the_seed():
   _, _, optimizer = _setup('mlorc_adamw_r4')
   assert train.reseed_low_rank_sketches(optimizer, 7) == 1
-  state = jax.tree.leaves(
-      optimizer.opt_state,
-      is_leaf=lambda x: isinstance(x, mlorc_optax.MLorcAdamState),
-  )
+  is_mlorc = lambda x: isinstance(x, mlorc_optax.LowRankMomentsState)
   keys = [
-      s.key[...] for s in state if isinstance(s, mlorc_optax.MLorcAdamState)
+      s.key[...]
+      for s in jax.tree.leaves(optimizer.opt_state, is_leaf=is_mlorc)
+      if is_mlorc(s)
   ]
   params = nnx.as_pure(nnx.state(tiny_model(), nnx.Param))
-  direct = mlorc_optax.mlorc_adamw(1e-3, seed=7).init(params)[0][0].key
+  direct = mlorc_optax.mlorc_adamw(1e-3, seed=7).init(params)[0].key
   np.testing.assert_array_equal(keys[0], direct)
   _, _, adam = _setup('adamw')
   assert train.reseed_low_rank_sketches(adam, 7) == 0

@@ -14,9 +14,16 @@ import mlorc_optax
 from examples.finetune import methods
 from examples.finetune import train
 
-from test_harness import synthetic, tiny_model
+from test_harness import TINY, synthetic, tiny_model
 
 NEW = ('mlorc_adamw_r4_warm', 'mlorc_adamw_r4_lorapre')
+
+
+def _mlorc_states(optimizer):
+  """The :class:`mlorc_optax.LowRankMomentsState` s in an optimizer's state."""
+  is_mlorc = lambda x: isinstance(x, mlorc_optax.LowRankMomentsState)
+  return [s for s in jax.tree.leaves(optimizer.opt_state, is_leaf=is_mlorc)
+          if is_mlorc(s)]
 
 
 def test_compressor_suffixes_parse():
@@ -41,12 +48,13 @@ def test_a_few_steps_lower_the_loss_with_the_compressors_state(name):
   spec = methods.parse(name)
   model, optimizer = train.make_optimizer(spec, tiny_model(0), 0)
   factors = {'warm': mlorc_optax.LowRankFactors,
-             'lorapre': mlorc_optax.LoRAPreFactors}[spec.compressor]
-  core = [s for s in jax.tree.leaves(
-      optimizer.opt_state,
-      is_leaf=lambda x: isinstance(x, mlorc_optax.MLorcAdamState))
-          if isinstance(s, mlorc_optax.MLorcAdamState)]
-  assert len(core) == 1 and isinstance(core[0].mu, factors)
+             'lorapre': mlorc_optax.contrib.LoRAPreFactors}[spec.compressor]
+  core = _mlorc_states(optimizer)
+  assert len(core) == 1
+  mu = core[0].inner_state.mu
+  kernels = [x for x in jax.tree.leaves(
+      mu, is_leaf=lambda x: isinstance(x, factors)) if isinstance(x, factors)]
+  assert len(kernels) == 6 * TINY.num_hidden_layers  # encoder kernels
   step = train.FastTrainStep(model, optimizer)
   batch, lr = synthetic(8, seed=1), jnp.float32(3e-3)
   losses = [float(step(batch, lr)) for _ in range(8)]
@@ -100,10 +108,11 @@ def test_the_run_seed_reaches_lorapres_initial_a():
     step = train.FastTrainStep(model, optimizer)
     step(batch, lr)
     step.finish()
-    core = [s for s in jax.tree.leaves(
-        optimizer.opt_state,
-        is_leaf=lambda x: isinstance(x, mlorc_optax.MLorcAdamState))
-            if isinstance(s, mlorc_optax.MLorcAdamState)][0]
-    factors.append(np.concatenate(
-        [np.ravel(x) for x in jax.tree.leaves(core.mu.a)]))
+    mu = _mlorc_states(optimizer)[0].inner_state.mu
+    # The A factor of every compressed kernel (LoRAPreFactors(b, a)).
+    a = [x for path, x in jax.tree_util.tree_leaves_with_path(mu)
+         if any(getattr(k, 'name', getattr(k, 'key', None)) == 'a'
+                for k in path)]
+    assert len(a) == 6 * TINY.num_hidden_layers
+    factors.append(np.concatenate([np.ravel(x) for x in a]))
   assert not np.allclose(factors[0], factors[1])

@@ -103,11 +103,12 @@ def test_rotary_scores_depend_only_on_relative_position():
 
 
 def test_compression_plan_compresses_kernels_not_norms_or_embedding(model):
-  plan = mlorc_optax.compression_plan(nnx.state(model, nnx.Param), rank=4)
+  tx = mlorc_optax.mlorc_adamw(1e-3, rank=4)
+  plan = mlorc_optax.compression_plan(tx, nnx.state(model, nnx.Param))
   leaves = {
       p.path: p
       for p in jax.tree.leaves(
-          plan, is_leaf=lambda x: isinstance(x, mlorc_optax.LeafPlan)
+          plan, is_leaf=lambda x: isinstance(x, mlorc_optax.plan.LeafPlan)
       )
   }
   compressed = {path for path, p in leaves.items() if p.compressed}
