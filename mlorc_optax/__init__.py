@@ -25,9 +25,9 @@ from mlorc_optax._src.transform import scale_by_mlorc_adam
 from mlorc_optax._src.transform import scale_by_mlorc_lion
 from mlorc_optax._src.low_rank import LowRankMomentsState
 from mlorc_optax._src.low_rank import low_rank_moments
-from mlorc_optax._src.plan import compression_plan
-from mlorc_optax._src.plan import format_plan
-from mlorc_optax._src.plan import path_mask
+from mlorc_optax._src.inspection import compression_plan
+from mlorc_optax._src.inspection import format_plan
+from mlorc_optax._src.views import path_mask
 from mlorc_optax._src.rsvd import LowRankFactors
 from mlorc_optax._src.rsvd import randomized_svd
 from mlorc_optax._src.sharding import factor_partition_specs

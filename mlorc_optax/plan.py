@@ -6,9 +6,9 @@ from mlorc_optax._src.plan import LeafPlan
 from mlorc_optax._src.plan import LowRankPlan
 from mlorc_optax._src.plan import MomentField
 from mlorc_optax._src.plan import PlanNode
-from mlorc_optax._src.plan import compression_plan
-from mlorc_optax._src.plan import format_plan
-from mlorc_optax._src.plan import path_mask
+from mlorc_optax._src.inspection import compression_plan
+from mlorc_optax._src.inspection import format_plan
+from mlorc_optax._src.views import path_mask
 from mlorc_optax._src.views import MatrixDimensionNumbers
 from mlorc_optax._src.views import MatrixView
 

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
 
 import mlorc_optax
+
+#: float32 machine epsilon (2^-23): the unit of every tolerance below.
+EPS32 = float(np.finfo(np.float32).eps)
 
 
 def make_params(dtype=jnp.float32, seed: int = 0):
@@ -37,13 +42,33 @@ def all_matrices(params):
   return jax.tree.map(lambda x: x.ndim >= 2, params)
 
 
-def factors(moment, *path):
-  """The (u, s, v) of one leaf from a low-rank moment of the state."""
-  def get(tree):
-    for key in path:
-      tree = tree[key]
-    return tree
-  return mlorc_optax.LowRankFactors(get(moment.u), get(moment.s), get(moment.v))
+def _is_low_rank_state(x) -> bool:
+  return isinstance(x, mlorc_optax.LowRankMomentsState)
+
+
+def low_rank_state(state) -> mlorc_optax.LowRankMomentsState:
+  """The one ``LowRankMomentsState`` inside ``state`` (chains, wrappers)."""
+  found = [x for x in jax.tree.leaves(state, is_leaf=_is_low_rank_state)
+           if _is_low_rank_state(x)]
+  assert len(found) == 1, f'{len(found)} LowRankMomentsState in the state'
+  return found[0]
+
+
+def factors(state, *path, moment: str = 'mu'):
+  """What the state stores for one leaf of one moment field.
+
+  ``state`` is any optimizer state holding one ``low_rank_moments`` (for
+  example ``mlorc_adamw``'s chain state); ``moment`` names the inner state's
+  field (``'mu'``, ``'nu'``, ``'m1'``, ...), found with
+  ``optax.tree_utils.tree_get`` in ``inner_state``; ``path`` indexes the
+  params tree. For a compressed leaf this is its factors
+  (``LowRankFactors(u, s, v)`` for the randomized SVD), for any other leaf
+  the inner optimizer's dense moment.
+  """
+  tree = optax.tree_utils.tree_get(low_rank_state(state).inner_state, moment)
+  for key in path:
+    tree = tree[key]
+  return tree
 
 
 def run_steps(tx, grads, params=None):

@@ -15,7 +15,7 @@ import numpy as np
 
 
 def sketch(key, count: int, leaf_index: int, moment: int, batch, n, l):
-  """Omega as documented in mlorc_optax._src.mlorc (identity when l == n)."""
+  """Omega as documented in mlorc_optax._src.low_rank (identity when l == n)."""
   if l == n:
     return np.broadcast_to(np.eye(n), (*batch, n, n))
   k = jax.random.fold_in(

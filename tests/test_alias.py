@@ -8,7 +8,7 @@ import pytest
 
 import mlorc_optax
 
-from helpers import all_matrices, loss_fn, make_params
+from helpers import all_matrices, factors, loss_fn, make_params
 
 FULL_RANK = 64  # >= min(m, n) of every matrix in make_params()
 
@@ -38,8 +38,8 @@ def assert_trees_close(a, b, atol, typical=None):
       assert np.mean(np.abs(x - y) <= typical) >= 0.98, where
 
 
-def compressed_paths(params, rank):
-  plan = mlorc_optax.compression_plan(params, rank, low_rank_mask=all_matrices)
+def compressed_paths(tx, params):
+  plan = mlorc_optax.compression_plan(tx, params)
   return {p.path for p in jax.tree.leaves(plan) if p.compressed}
 
 
@@ -47,11 +47,10 @@ def compressed_paths(params, rank):
 def test_full_rank_mlorc_adamw_equals_optax_adamw(params, nesterov):
   # Every matrix, the stacked leaf included, really goes through the
   # low-rank path; bias and scalar take the masked base optimizer.
-  assert compressed_paths(params, FULL_RANK) == {'dense/kernel', 'wide',
-                                                  'stack'}
   kw = dict(learning_rate=1e-2, weight_decay=0.1, nesterov=nesterov)
-  ours, _ = train(mlorc_optax.mlorc_adamw(
-      **kw, rank=FULL_RANK, low_rank_mask=all_matrices), params)
+  tx = mlorc_optax.mlorc_adamw(**kw, rank=FULL_RANK, low_rank_mask=all_matrices)
+  assert compressed_paths(tx, params) == {'dense/kernel', 'wide', 'stack'}
+  ours, _ = train(tx, params)
   theirs, _ = train(optax.adamw(**kw), params)
   # The factored second moment is exact only to float32 rounding relative to
   # its largest entry, and Adam divides by sqrt(v): an entry whose gradient
@@ -63,8 +62,9 @@ def test_full_rank_mlorc_adamw_equals_optax_adamw(params, nesterov):
 
 def test_full_rank_mlorc_lion_equals_optax_lion(params):
   kw = dict(learning_rate=1e-3, weight_decay=0.1)
-  ours, _ = train(mlorc_optax.mlorc_lion(
-      **kw, rank=FULL_RANK, low_rank_mask=all_matrices), params)
+  tx = mlorc_optax.mlorc_lion(**kw, rank=FULL_RANK, low_rank_mask=all_matrices)
+  assert compressed_paths(tx, params) == {'dense/kernel', 'wide', 'stack'}
+  ours, _ = train(tx, params)
   theirs, _ = train(optax.lion(**kw), params)
   assert_trees_close(ours, theirs, atol=1e-6)
 
@@ -122,5 +122,6 @@ def test_bfloat16_params_keep_their_dtype():
     assert x.dtype == jnp.bfloat16
     assert np.all(np.isfinite(np.asarray(x, np.float32)))
   # Factors stay float32 by default.
-  assert state[0][0].mu.u['wide'].dtype == jnp.float32
+  assert factors(state, 'wide').u.dtype == jnp.float32
+  assert factors(state, 'wide', moment='nu').u.dtype == jnp.float32
   assert loss_fn(trained) < loss_fn(params)

@@ -1,4 +1,7 @@
-"""MLorc inside the usual optax / JAX machinery."""
+"""MLorc inside the usual optax / JAX machinery.
+
+(flax.nnx.Optimizer: tests/test_plan.py.)
+"""
 
 import jax
 import jax.numpy as jnp
@@ -8,10 +11,9 @@ import pytest
 
 import mlorc_optax
 
-from helpers import loss_fn, make_params
+from helpers import EPS32, all_matrices, loss_fn, make_params
 
-STATIC = ('rank', 'oversample', 'power_iters', 'low_rank_mask',
-          'dimension_numbers', 'compress', 'factor_dtype', 'seed')
+FACTORIES = [mlorc_optax.mlorc_adamw, mlorc_optax.mlorc_lion]
 
 
 def run(tx, params, steps=5, jit=True):
@@ -31,16 +33,20 @@ def run(tx, params, steps=5, jit=True):
 
 def test_jit_equals_eager(params):
   tx = mlorc_optax.mlorc_adamw(1e-2, rank=2)
-  a, _ = run(tx, params, jit=True)
-  b, _ = run(tx, params, jit=False)
+  a, _ = run(tx, params, steps=3, jit=True)
+  b, _ = run(tx, params, steps=3, jit=False)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), a, b)
+
+
+# ----------------------------------------------------------------------------
+# optax.inject_hyperparams
 
 
 def test_inject_hyperparams_equals_plain(params):
   plain = mlorc_optax.mlorc_adamw(1e-2, b1=0.8, rank=2)
-  injected = optax.inject_hyperparams(mlorc_optax.mlorc_adamw,
-                                      static_args=STATIC)(
-                                          learning_rate=1e-2, b1=0.8, rank=2)
+  injected = optax.inject_hyperparams(
+      mlorc_optax.mlorc_adamw, static_args=mlorc_optax.STATIC_ARGS)(
+          learning_rate=1e-2, b1=0.8, rank=2)
   a, _ = run(plain, params)
   b, state = run(injected, params)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), a, b)
@@ -52,21 +58,80 @@ def test_inject_hyperparams_equals_plain(params):
     np.testing.assert_array_equal(u, 0.0)
 
 
+def kernel_dims(params):
+  """dimension_numbers as a callable: the default view for every leaf."""
+  return jax.tree.map(lambda _: mlorc_optax.MatrixDimensionNumbers(), params)
+
+
+def decay_matrices(params):
+  """A callable weight-decay ``mask`` (as ``optax.adamw`` accepts)."""
+  return jax.tree.map(lambda x: x.ndim >= 2, params)
+
+
+@pytest.mark.parametrize('factory', FACTORIES)
+@pytest.mark.parametrize('kwargs', [
+    # Callables that are not schedules (masks, dimension numbers), arguments
+    # that set shapes, and dtypes: callable classes, which
+    # inject_hyperparams would call as schedules unless they are static.
+    dict(low_rank_mask=all_matrices, dimension_numbers=kernel_dims,
+         mask=decay_matrices, oversample=1, power_iters=1,
+         factor_dtype=jnp.bfloat16, mu_dtype=jnp.bfloat16),
+    # A (row_axes, col_axes) pair and a pytree mask of Python bools.
+    dict(dimension_numbers=((0, 1), (2,)),
+         low_rank_mask={'dense': False, 'wide': False, 'scale': False,
+                        'stack': True}),
+], ids=['callables-and-dtypes', 'dimension-pair'])
+def test_static_args_constant_is_all_a_user_lists(params, factory, kwargs):
+  # b1, b2 exact in binary: 1 - b1 is the same whether Python computes it
+  # in float64 (plain) or XLA in float32 (injected), so that both runs
+  # compute the same float32 values (a bfloat16 moment would otherwise
+  # round them to different neighbours).
+  kwargs = dict(rank=2, seed=3, b1=0.5, b2=0.75, **kwargs)
+  injected = optax.inject_hyperparams(
+      factory, static_args=mlorc_optax.STATIC_ARGS)(learning_rate=1e-2,
+                                                    **kwargs)
+  plain = factory(1e-2, **kwargs)
+  a, _ = run(plain, params, steps=3)
+  b, state = run(injected, params, steps=3)
+  assert set(state.hyperparams) >= {'learning_rate', 'b1', 'b2', 'seed'}
+  # The same operations on the same values, whether hyperparameters are
+  # Python floats or arrays: equal to a few float32 ulps (XLA may order
+  # them differently) over 3 steps.
+  jax.tree.map(
+      lambda x, y: np.testing.assert_allclose(x, y, rtol=0, atol=64 * EPS32),
+      a, b)
+
+
 def test_inject_hyperparams_with_a_traced_seed(params):
-  static = ('rank', 'oversample', 'power_iters', 'low_rank_mask',
-            'dimension_numbers', 'factor_dtype')  # seed may be traced
-  tx = optax.inject_hyperparams(mlorc_optax.mlorc_lion, static_args=static)(
-      learning_rate=1e-3, rank=2, seed=3)
+  # STATIC_ARGS leaves the seed out: it may be injected (traced).
+  tx = optax.inject_hyperparams(
+      mlorc_optax.mlorc_lion, static_args=mlorc_optax.STATIC_ARGS)(
+          learning_rate=1e-3, rank=2, seed=3)
+  assert 'seed' in tx.init(params).hyperparams
   plain = mlorc_optax.mlorc_lion(1e-3, rank=2, seed=3)
   a, _ = run(tx, params)
   b, _ = run(plain, params)
   jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
-def test_inject_hyperparams_without_static_rank_says_what_to_do():
+def test_inject_hyperparams_without_static_args_says_what_to_do():
   tx = optax.inject_hyperparams(mlorc_optax.mlorc_adamw)(1e-2, rank=2)
-  with pytest.raises(TypeError, match="list 'rank' in static_args"):
+  with pytest.raises(TypeError,
+                     match=r'static_args=mlorc_optax\.STATIC_ARGS'):
     tx.init(make_params())
+
+
+# ----------------------------------------------------------------------------
+# Other optax wrappers and the state.
+
+
+@pytest.mark.parametrize('factory', FACTORIES)
+def test_tree_get_finds_the_one_count(params, factory):
+  # One counter: the inner optimizer's (LowRankMomentsState counts in
+  # 'step', the key of its sketches).
+  state = factory(1e-3, rank=2).init(params)
+  count = optax.tree_utils.tree_get(state, 'count')
+  assert count.dtype == jnp.int32 and int(count) == 0
 
 
 def test_multi_steps_accumulates_then_applies(params):
@@ -100,8 +165,9 @@ def test_apply_if_finite_skips_a_nan_step_and_keeps_state(params):
   assert int(new_state.notfinite_count) == 1
 
 
-def test_state_shapes_and_dtypes_are_stable_under_lax_cond(params):
-  tx = mlorc_optax.mlorc_lion(1e-3, rank=2)
+@pytest.mark.parametrize('factory', FACTORIES)
+def test_state_shapes_and_dtypes_are_stable_under_lax_cond(params, factory):
+  tx = factory(1e-3, rank=2)
   state = tx.init(params)
   grads = jax.grad(loss_fn)(params)
 
@@ -139,11 +205,11 @@ def test_state_is_plain_arrays_and_round_trips_through_numpy(params):
 def test_state_from_other_params_is_a_clear_error(params):
   tx = mlorc_optax.mlorc_adamw(1e-2, rank=2)
   other = {'x': jnp.zeros((8, 8))}
-  with pytest.raises(ValueError, match='structure of the updates'):
+  with pytest.raises(ValueError, match='different parameter tree'):
     tx.update(jax.grad(loss_fn)(params), tx.init(other), params)
   smaller = jax.tree.map(lambda x: x[..., :-1, :] if x.ndim >= 2 else x,
                          params)
-  with pytest.raises(ValueError, match="'dense/kernel'.*shapes"):
+  with pytest.raises(ValueError, match="'dense/kernel' has shape"):
     tx.update(jax.grad(loss_fn)(params), tx.init(smaller), params)
 
 
@@ -155,6 +221,28 @@ def test_states_survive_donation_of_another_state(params):
   step(first)
   step(second)  # its key is its own buffer, not the donated one
   step(tx.init(params))
+
+
+@pytest.mark.parametrize('factory,theirs', [
+    (mlorc_optax.mlorc_adamw, optax.adamw),
+    (mlorc_optax.mlorc_lion, optax.lion),
+])
+def test_zero_size_leaves_pass_through_like_optax(factory, theirs):
+  # Under the default rule an empty leaf is never an error: a (0, n) matrix
+  # is not compressed (min(rows, cols) = 0 <= rank) and a stack of 0
+  # matrices has no matrix to compress; the updates are optax's.
+  key = jax.random.key(0)
+  params = {'empty': jnp.zeros((0, 16)), 'no_layers': jnp.zeros((0, 12, 9)),
+            'w': jax.random.normal(key, (12, 8))}
+  grads = jax.tree.map(lambda x: jnp.cos(x) + 2.0, params)
+  ours_tx, theirs_tx = factory(1e-2, rank=2), theirs(1e-2)
+  ours, _ = jax.jit(ours_tx.update)(grads, ours_tx.init(params), params)
+  ref, _ = theirs_tx.update(grads, theirs_tx.init(params), params)
+  for name in ('empty', 'no_layers'):
+    assert ours[name].shape == params[name].shape
+    assert ours[name].dtype == params[name].dtype
+  # First step: Adam's (and Lion's) own update on the compressed leaf too.
+  np.testing.assert_allclose(ours['w'], ref['w'], rtol=4 * EPS32, atol=0)
 
 
 def test_state_shardings_needs_a_mesh_when_nothing_is_sharded(params):

@@ -7,11 +7,11 @@ import optax
 import pytest
 
 import mlorc_optax
-from mlorc_optax import nonnegative_second_moment
-from mlorc_optax._src import rsvd
+from mlorc_optax.compressors import nonnegative_second_moment
+from mlorc_optax.compressors import reconstruct
 
 import numpy_reference as ref
-from helpers import all_matrices, factors, loss_fn, make_params
+from helpers import all_matrices, factors, loss_fn, make_params, run_steps
 
 B1, B2, EPS = 0.9, 0.999, 1e-8
 
@@ -55,22 +55,30 @@ def test_first_step_equals_adam_exactly(params):
 def test_state_holds_only_factors_of_the_documented_size(params):
   rank = 3
   tx = adam_core(dict(rank=rank, low_rank_mask=all_matrices))
-  core_state = tx.init(params)[0]
-  assert isinstance(core_state, mlorc_optax.MLorcAdamState)
-  plan = mlorc_optax.compression_plan(params, rank, low_rank_mask=all_matrices)
-  for moment in (core_state.mu, core_state.nu):
-    for path, shape in [(('wide',), (6, 20)), (('stack',), (3, 12, 9)),
-                        (('dense', 'kernel'), (24, 10))]:
-      f = factors(moment, *path)
+  state = tx.init(params)
+  assert isinstance(state, mlorc_optax.LowRankMomentsState)
+  assert isinstance(state.inner_state, optax.ScaleByAdamState)
+  plan = mlorc_optax.compression_plan(tx, params)
+  compressed = {'wide': (6, 20), 'stack': (3, 12, 9), 'dense/kernel': (24, 10)}
+  for moment in ('mu', 'nu'):
+    for path, shape in compressed.items():
+      f = factors(state, *path.split('/'), moment=moment)
+      assert isinstance(f, mlorc_optax.LowRankFactors)
       *batch, m, n = shape
       size = sum(x.size for x in f)
       b = int(np.prod(batch))
       assert size == b * ((m + n) * rank + rank)  # B((m+n)r + r)
       # No array in the state is as large as the matrix.
       assert all(x.size < b * m * n for x in f)
-  total = sum(x.size for x in jax.tree.leaves(core_state.mu))
-  assert total == sum(p.moment_size() for p in jax.tree.leaves(plan)
-                      if p.compressed)
+  # The plan counts exactly what the state holds, leaf by leaf.
+  for p in jax.tree.leaves(plan):
+    assert p.compressed == (p.path in compressed)
+    held = [factors(state, *p.path.split('/'), moment=m) for m in ('mu', 'nu')]
+    assert sum(x.size for x in jax.tree.leaves(held)) == p.state_size
+    assert p.dense_state_size == 2 * p.size
+    if p.compressed:
+      assert p.moments == ('mu', 'nu') and p.dense_moments == 0
+      assert p.state_size == 2 * p.factor_size
 
 
 def test_uncompressed_leaves_are_updated_by_the_exact_base_adam(params):
@@ -110,8 +118,8 @@ def test_adam_matches_dense_numpy_algorithm_1(oversample, power_iters):
     # The low-rank moments themselves agree too.
     for k in shapes:
       np.testing.assert_allclose(
-          rsvd.reconstruct(factors(state[0].mu, k)),
-          ref.reconstruct(*reference.factors[k]["mu"]), atol=1e-5)
+          reconstruct(factors(state, k)),
+          ref.reconstruct(*reference.factors[k]['mu']), atol=1e-5)
 
 
 def test_lion_matches_dense_numpy_algorithm_2():
@@ -130,7 +138,7 @@ def test_lion_matches_dense_numpy_algorithm_2():
       agree += np.sum(np.asarray(ours[k]) == theirs[k])
       total += theirs[k].size
     for k in shapes:
-      np.testing.assert_allclose(rsvd.reconstruct(factors(state[0].mu, k)),
+      np.testing.assert_allclose(reconstruct(factors(state, k)),
                                  ref.reconstruct(*reference.factors[k]),
                                  atol=1e-4)
   # sign() may flip only where c is ~0 within float32 rounding.
@@ -163,7 +171,7 @@ def test_reconstructed_second_moment_is_positive_in_training():
   state = tx.init({'a': jnp.zeros((32, 24))})
   saw_negative = False
   for g in grads:
-    v = rsvd.reconstruct(factors(state[0].nu, 'a'))
+    v = reconstruct(factors(state, 'a', moment='nu'))
     saw_negative |= bool(jnp.any(v < 0))
     assert np.all(np.asarray(nonnegative_second_moment(v)) >= 0)
     u, state = tx.update(g, state)
@@ -195,12 +203,15 @@ def test_ablation_keeps_the_other_moment_dense(compress):
   shapes = {'a': (20, 12)}
   params = {'a': jnp.zeros((20, 12))}
   tx = adam_core(dict(rank=2, compress=compress))
-  state = tx.init(params)[0]
-  low, dense = (state.mu, state.nu) if compress == ('mu',) else (state.nu,
-                                                                   state.mu)
+  state = tx.init(params)
+  other = 'nu' if compress == ('mu',) else 'mu'
+  low = factors(state, 'a', moment=compress[0])
+  dense = factors(state, 'a', moment=other)
   assert isinstance(low, mlorc_optax.LowRankFactors)
-  assert low.u['a'].shape == (20, 2)
-  assert dense['a'].shape == (20, 12)
+  assert low.u.shape == (20, 2)
+  assert dense.shape == (20, 12)
+  plan = mlorc_optax.compression_plan(tx, params)['a']
+  assert plan.moments == compress and plan.dense_moments == 1
   # The dense moment is exact: it equals Adam's after a few steps.
   grads = random_grads(shapes, 3)
   adam = optax.scale_by_adam(B1, B2, EPS)
@@ -208,8 +219,8 @@ def test_ablation_keeps_the_other_moment_dense(compress):
   for g in grads:
     _, s = tx.update(g, s)
     _, sa = adam.update(g, sa)
-  exact = sa.nu['a'] if compress == ('mu',) else sa.mu['a']
-  kept = s[0].nu['a'] if compress == ('mu',) else s[0].mu['a']
+  kept = factors(s, 'a', moment=other)
+  exact = getattr(sa, other)['a']
   np.testing.assert_allclose(kept, exact, rtol=1e-6)
 
 
@@ -220,7 +231,7 @@ def test_stacked_layers_are_compressed_per_slice():
   state = tx.init({'s': jnp.zeros((3, 10, 8))})
   for g in grads:
     _, state = tx.update(g, state)
-  f = factors(state[0].mu, 's')
+  f = factors(state, 's')
   assert f.u.shape == (3, 10, 2) and f.v.shape == (3, 8, 2)
   # Each slice's factors are orthonormal on their own.
   for i in range(3):
@@ -231,14 +242,34 @@ def test_custom_dimension_numbers_view_conv_kernels_as_hwi_by_o():
   kernel = jnp.zeros((3, 3, 4, 16))  # HWIO
   dims = mlorc_optax.MatrixDimensionNumbers(row_axes=(0, 1, 2), col_axes=(3,))
   tx = adam_core(dict(rank=2, dimension_numbers=dims))
-  state = tx.init({'conv': kernel})[0]
-  assert state.mu.u['conv'].shape == (36, 2)
-  assert state.mu.v['conv'].shape == (16, 2)
+  state = tx.init({'conv': kernel})
+  assert factors(state, 'conv').u.shape == (36, 2)
+  assert factors(state, 'conv').v.shape == (16, 2)
   g = {'conv': jax.random.normal(jax.random.key(0), kernel.shape)}
   u, _ = tx.update(g, tx.init({'conv': kernel}))
   assert u['conv'].shape == kernel.shape
   # Step 1 is Adam's, whatever the view.
   np.testing.assert_allclose(u['conv'], jnp.sign(g['conv']), rtol=1e-4)
+
+
+def test_dimension_numbers_as_a_plain_pair_of_axes():
+  # ((0, 1, 2), (3,)) reads as MatrixDimensionNumbers((0, 1, 2), (3,)), the
+  # way jax.lax.dot_general takes its dimension numbers: same view, same
+  # factors, same updates.
+  params = {'conv': jnp.zeros((3, 3, 4, 16)), 'bias': jnp.zeros(16)}
+  dims = mlorc_optax.MatrixDimensionNumbers((0, 1, 2), (3,))
+  grads = random_grads({k: x.shape for k, x in params.items()}, 3, seed=5)
+  results = []
+  for spec in (((0, 1, 2), (3,)), dims):
+    tx = adam_core(dict(rank=2, dimension_numbers=spec))
+    results.append(run_steps(tx, grads))
+    plan = mlorc_optax.compression_plan(tx, params)
+    assert plan['conv'].view == dims.view((3, 3, 4, 16))
+    assert not plan['bias'].compressed
+  (ours, state), (theirs, expected) = results
+  assert factors(state, 'conv').u.shape == (36, 2)
+  jax.tree.map(np.testing.assert_array_equal, ours, theirs)
+  jax.tree.map(np.testing.assert_array_equal, state, expected)
 
 
 def test_same_seed_same_trajectory_other_seed_other_factors(params):
@@ -249,7 +280,7 @@ def test_same_seed_same_trajectory_other_seed_other_factors(params):
     s = tx.init(params)
     for _ in range(2):
       _, s = tx.update(grads, s)
-    return factors(s[0].mu, 'dense', 'kernel')
+    return factors(s, 'dense', 'kernel')
 
   a, b, c = run(0), run(0), run(jax.random.key(1))
   np.testing.assert_array_equal(a.u, b.u)
@@ -262,6 +293,7 @@ def test_factor_dtype_and_update_dtype():
   state = tx.init(params)
   grads = jax.grad(loss_fn)(params)
   updates, state = tx.update(grads, state)
-  assert state[0].mu.u['wide'].dtype == jnp.bfloat16
+  assert factors(state, 'wide').u.dtype == jnp.bfloat16
+  assert factors(state, 'wide', moment='nu').v.dtype == jnp.bfloat16
   for u, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params)):
     assert u.dtype == p.dtype == jnp.bfloat16

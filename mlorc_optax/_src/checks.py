@@ -11,6 +11,7 @@ import operator
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -90,3 +91,24 @@ def check_bool(name: str, value: Any) -> bool:
         'static_args.'
     )
   return bool(value)
+
+
+def key_data(seed: Any) -> jax.Array:
+  """A raw ``uint32[2]`` key from an int seed, a typed key or raw key data."""
+  if isinstance(seed, (jax.Array, np.ndarray)) and jnp.issubdtype(
+      seed.dtype, jax.dtypes.prng_key
+  ):
+    return jax.random.key_data(seed)
+  if isinstance(seed, jax.Array) and seed.shape == () and jnp.issubdtype(
+      seed.dtype, jnp.integer
+  ):  # possibly traced, e.g. a seed injected by optax.inject_hyperparams
+    return jax.random.PRNGKey(seed)
+  array = np.asarray(seed)
+  if array.dtype == np.uint32 and array.shape == (2,):
+    return jnp.asarray(array)
+  if array.shape == () and np.issubdtype(array.dtype, np.integer):
+    return jax.random.PRNGKey(seed)
+  raise TypeError(
+      f'seed must be an int, a jax.random key or raw uint32[2] key data, got '
+      f'{seed!r}.'
+  )

@@ -59,7 +59,6 @@ from mlorc_optax._src import checks
 from mlorc_optax._src import compressors as compressors_lib
 from mlorc_optax._src import moment_fields
 from mlorc_optax._src import plan as plan_lib
-from mlorc_optax._src import rsvd
 from mlorc_optax._src import sharding
 from mlorc_optax._src import views
 from mlorc_optax._src.kernels import launch
@@ -138,27 +137,6 @@ class LowRankMomentsState(NamedTuple):
 FastStep = Any
 
 
-def key_data(seed: Any) -> jax.Array:
-  """A raw ``uint32[2]`` key from an int seed, a typed key or raw key data."""
-  if isinstance(seed, (jax.Array, np.ndarray)) and jnp.issubdtype(
-      seed.dtype, jax.dtypes.prng_key
-  ):
-    return jax.random.key_data(seed)
-  if isinstance(seed, jax.Array) and seed.shape == () and jnp.issubdtype(
-      seed.dtype, jnp.integer
-  ):  # possibly traced, e.g. a seed injected by optax.inject_hyperparams
-    return jax.random.PRNGKey(seed)
-  array = np.asarray(seed)
-  if array.dtype == np.uint32 and array.shape == (2,):
-    return jnp.asarray(array)
-  if array.shape == () and np.issubdtype(array.dtype, np.integer):
-    return jax.random.PRNGKey(seed)
-  raise TypeError(
-      f'seed must be an int, a jax.random key or raw uint32[2] key data, got '
-      f'{seed!r}.'
-  )
-
-
 def _moment_specs(moments: Any) -> dict[str, MomentSpec]:
   """``moments=`` as a dict name -> MomentSpec; raises naming it."""
   if moments is None:
@@ -198,27 +176,6 @@ def _leaf_keys(key: jax.Array, step: jax.Array, index: int) -> jax.Array:
   return jax.random.fold_in(jax.random.fold_in(key, step), index)
 
 
-def _is_wrapped_leaf(x: Any) -> bool:
-  """Whether ``x`` is a node around exactly one leaf (not a container).
-
-  Such nodes (``nnx.Variable``, Flax Linen boxes) carry metadata of the one
-  array inside; a moment keeps them around each of its factor arrays, so
-  that a state made from ``Variable``-wrapped params has the layout of the
-  states ``update`` returns once ``nnx.Optimizer`` has wrapped them.
-  """
-  if x is None or isinstance(x, (dict, list, tuple)):
-    return False
-  treedef = jax.tree_util.tree_structure(x)
-  return treedef.num_leaves == 1 and not jax.tree_util.treedef_is_leaf(
-      treedef)
-
-
-def _wrapped_like(unit: Any, factors: Any) -> Any:
-  """``factors`` with each array in the single-child nodes of ``unit``."""
-  return type(factors)(*(
-      jax.tree_util.tree_map(lambda _, a=a: a, unit) for a in factors))
-
-
 def _zero_factors(p: plan_lib.LeafPlan, leaf: Any, compressor, dtype) -> Any:
   """Zero factors of a compressed leaf, placed like a sharded parameter."""
   placed = None
@@ -232,25 +189,6 @@ def _zero_factors(p: plan_lib.LeafPlan, leaf: Any, compressor, dtype) -> Any:
       jnp.zeros(spec.shape, dtype, device=where[spec.placement])
       for spec in specs
   ))
-
-
-def _sketches(compressor: compressors_lib.RSVDCompressor,
-              p: plan_lib.LeafPlan) -> bool:
-  """Whether the RSVD of a leaf sketches (the two-pass step needs a sketch).
-
-  The sketch is the identity (None) where ``rank + oversample >= cols``
-  (the RSVD is exact there) or where a compressor's ``sketch`` says so; its
-  shape is found abstractly, without drawing it.
-  """
-  v = p.view
-  width = rsvd.sketch_width(v.rows, v.cols, p.rank, compressor.oversample)
-  factors = compressor.factor_type(*(
-      jax.ShapeDtypeStruct(spec.shape, jnp.float32)
-      for spec in compressor.specs(v.batch_shape, v.rows, v.cols, p.rank)))
-  sketch = jax.eval_shape(
-      lambda f, k: compressor.sketch(f, k, v.batch_shape, v.cols, width),
-      factors, jax.ShapeDtypeStruct((2,), jnp.uint32))
-  return width < v.cols and sketch is not None
 
 
 def low_rank_moments(
@@ -379,7 +317,7 @@ def low_rank_moments(
       compressor=compressor)
   implementation = plan_lib.check_implementation(
       implementation, blocker=blocker)
-  key = key_data(seed)
+  key = checks.key_data(seed)
   known = set(specs) | set(DEFAULT_MOMENTS)
   inner = optax.with_extra_args_support(inner)
 
@@ -405,22 +343,34 @@ def low_rank_moments(
     leaf_plans, _ = plan_lib.plan_leaves(
         params, rank=rank, low_rank_mask=low_rank_mask,
         dimension_numbers=dimension_numbers)
+    # Which fields hold a moment of each leaf (an inner optax.masked holds
+    # MaskedNode() for the leaves it leaves out).
+    held = {f.name: [not isinstance(x, optax.MaskedNode) for x in
+                     treedef.flatten_up_to(moment_fields.get(inner_state, f))]
+            for f in fields}
     out = []
-    for p in leaf_plans:
+    for k, p in enumerate(leaf_plans):
+      mine = tuple(n for n in compressed if held[n][k]) if p.compressed else ()
+      dense = sum(held[f.name][k] for f in fields) - len(mine)
+      if p.compressed and not mine:
+        p = dataclasses.replace(
+            p, view=None, rank=0,
+            reason=f'the inner state keeps no {"/".join(compressed)} for it')
       if not p.compressed:
-        out.append(dataclasses.replace(p, dense_moments=len(fields)))
+        out.append(dataclasses.replace(p, dense_moments=dense))
         continue
       v = p.view
-      sketched = compressors_lib.streamable(compressor) and _sketches(
-          compressor, p)
+      sketched = plan_lib.sketches(compressor, p)
       step, why = plan_lib.choose_step(
-          p, implementation=implementation, blocker=blocker_now,
+          p, implementation=implementation,
+          blocker=blocker_now or (None if mine == compressed else
+                                  'the inner optimizer masks a moment out'),
           sketched=sketched, kernel_config=kernel_config)
       factor_size = sum(int(np.prod(s.shape)) for s in compressor.specs(
           v.batch_shape, v.rows, v.cols, p.rank))
       out.append(dataclasses.replace(
-          p, moments=compressed, dense_moments=len(fields) - len(compressed),
-          factor_size=factor_size, step=step, step_reason=why))
+          p, moments=mine, dense_moments=dense, factor_size=factor_size,
+          step=step, step_reason=why))
     return plan_lib.plan_node(plan_lib.LowRankPlan(
         leaves=tuple(out), fields=fields, compressor=compressor,
         interpret=not plan_lib.on_nvidia_gpu()))
@@ -431,14 +381,16 @@ def low_rank_moments(
     param_leaves = jax.tree_util.tree_leaves(params)
     # Each leaf with the single-child nodes around it (an nnx.Variable, a
     # Flax box): each factor array is wrapped like the leaf it stands for.
-    units = jax.tree_util.tree_structure(params, is_leaf=_is_wrapped_leaf)
+    units = jax.tree_util.tree_structure(
+        params, is_leaf=moment_fields.is_wrapped_leaf)
     for field in plan.fields:
       if not field.compressed:
         continue
       dense = units.flatten_up_to(moment_fields.get(inner_state, field))
       stored = [
-          _wrapped_like(x, _zero_factors(p, leaf, compressor, factor_dtype))
-          if p.compressed else x
+          moment_fields.wrapped_like(
+              x, _zero_factors(p, leaf, compressor, factor_dtype))
+          if field.name in p.moments else x
           for p, leaf, x in zip(plan.leaves, param_leaves, dense)
       ]
       inner_state = moment_fields.replace(
@@ -457,8 +409,9 @@ def low_rank_moments(
           f'{type(state).__name__}.')
     plan = state.plan
     paths, grads, treedef = views.flatten_with_paths(updates)
-    _check_matches(plan, paths, grads)
-    _check_made_here(plan, compressor=compressor, rank=rank, specs=specs)
+    plan_lib.check_matches(plan, paths, grads)
+    plan_lib.check_made_by(plan, compressor=compressor, rank=rank,
+                           compressed=set(specs))
     fast = [p.step in ('xla', 'pallas') for p in plan.leaves]
     masked = lambda xs: treedef.unflatten(
         [optax.MaskedNode() if f else x for f, x in zip(fast, xs)])
@@ -476,7 +429,7 @@ def low_rank_moments(
           p.view.from_matrix(plan.compressor.read(
               x, nonnegative=f.nonnegative, decay=specs[f.name].decay,
               count=state.step))
-          if p.step == 'reference' else x
+          if p.step == 'reference' and f.name in p.moments else x
           for p, x in zip(plan.leaves, stored[f.name])
       ]
       dense_state = moment_fields.replace(dense_state, f, masked(dense))
@@ -499,6 +452,8 @@ def low_rank_moments(
       g32 = p.view.to_matrix(grads[k]).astype(jnp.float32)
       out[k] = out[k].astype(grads[k].dtype)
       for f in fields:
+        if f.name not in p.moments:
+          continue
         factors = plan.compressor.update(
             stored[f.name][k],
             moment=p.view.to_matrix(new[f.name][k]).astype(jnp.float32),
@@ -544,37 +499,3 @@ def low_rank_moments(
     return treedef.unflatten(out), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _check_matches(plan: plan_lib.PlanNode, paths, grads) -> None:
-  """Raises if the updates are not the leaves the state was made for."""
-  if len(grads) != len(plan.leaves):
-    raise ValueError(
-        f'The updates have {len(grads)} leaves but the optimizer state was '
-        f'made for {len(plan.leaves)}: was it initialised with a different '
-        'parameter tree?')
-  for path, g, p in zip(paths, grads, plan.leaves):
-    if '/'.join(path) != p.path or tuple(np.shape(g)) != p.shape:
-      raise ValueError(
-          f'The update of {"/".join(path)!r} has shape {np.shape(g)}, but the '
-          f'optimizer state was made for {p.path!r} of shape {p.shape}: was '
-          'it initialised with different params?')
-
-
-def _check_made_here(plan: plan_lib.PlanNode, *, compressor, rank, specs):
-  """Raises if the state was made by a transform with other settings."""
-  compressed = {f.name for f in plan.fields if f.compressed}
-  problems = []
-  if plan.compressor != compressor:
-    problems.append(f'compressor {plan.compressor!r}, not {compressor!r}')
-  if compressed != set(specs) & {f.name for f in plan.fields}:
-    problems.append(f'compressed moments {sorted(compressed)}')
-  for p in plan.leaves:
-    if p.compressed and p.rank != rsvd.factor_rank(
-        p.view.rows, p.view.cols, rank):
-      problems.append(f'rank {p.rank} for {p.path!r}, not {rank}')
-      break
-  if problems:
-    raise ValueError(
-        'The optimizer state was made by a transform with other settings ('
-        + '; '.join(problems) + '): initialise it with this transform.')

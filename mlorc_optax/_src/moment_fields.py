@@ -4,7 +4,8 @@ An optax state is a ``NamedTuple`` (``ScaleByAdamState(count, mu, nu)``), or
 tuples of them (``optax.chain``), or ``NamedTuple``\\s wrapping others
 (``optax.masked``, ``optax.inject_hyperparams``). A *moment field* is a field
 of such a ``NamedTuple`` whose value is a tree with the structure and leaf
-shapes of the params. :func:`find` locates them by name;
+shapes of the params (``optax.MaskedNode()`` standing for the leaves an inner
+``optax.masked`` leaves out). :func:`find` locates them by name;
 :func:`get` / :func:`replace` read and rebuild one, given its location (the
 indices through nested tuples to its ``NamedTuple``).
 """
@@ -12,6 +13,9 @@ indices through nested tuples to its ``NamedTuple``).
 from __future__ import annotations
 
 from typing import Any
+
+import jax
+import optax
 
 from mlorc_optax._src import plan as plan_lib
 
@@ -25,10 +29,12 @@ def _params_shaped(value: Any, treedef: Any, shapes: list[tuple]) -> bool:
     leaves = treedef.flatten_up_to(value)
   except (ValueError, TypeError):
     return False
+  # optax.masked keeps MaskedNode() for the leaves it leaves out.
   return all(
-      hasattr(x, 'shape') and tuple(x.shape) == s
+      isinstance(x, optax.MaskedNode)
+      or (hasattr(x, 'shape') and tuple(x.shape) == s)
       for x, s in zip(leaves, shapes)
-  )
+  ) and not (leaves and all(isinstance(x, optax.MaskedNode) for x in leaves))
 
 
 def find(state: Any, names: Any, treedef: Any,
@@ -83,3 +89,24 @@ def replace(state: Any, field: plan_lib.MomentField, value: Any) -> Any:
         x) else type(x)(items)
 
   return rebuild(state, field.location)
+
+
+def is_wrapped_leaf(x: Any) -> bool:
+  """Whether ``x`` is a node around exactly one leaf (not a container).
+
+  Such nodes (``nnx.Variable``, Flax Linen boxes) carry metadata of the one
+  array inside; a moment keeps them around each of its factor arrays, so
+  that a state made from ``Variable``-wrapped params has the layout of the
+  states ``update`` returns once ``nnx.Optimizer`` has wrapped them.
+  """
+  if x is None or isinstance(x, (dict, list, tuple)):
+    return False
+  treedef = jax.tree_util.tree_structure(x)
+  return treedef.num_leaves == 1 and not jax.tree_util.treedef_is_leaf(
+      treedef)
+
+
+def wrapped_like(unit: Any, factors: Any) -> Any:
+  """``factors`` with each array in the single-child nodes of ``unit``."""
+  return type(factors)(*(
+      jax.tree_util.tree_map(lambda _, a=a: a, unit) for a in factors))

@@ -24,8 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, NamedTuple, Union
 
 import jax
@@ -162,6 +161,8 @@ def _plan_leaf(
       return dense('axes do not fit ndim')
     if path and path[-1] in DEFAULT_EXCLUDED_NAMES:
       return dense(f'default mask excludes {path[-1]!r}')
+    if 0 in shape:
+      return dense('empty')
     if min(view.rows, view.cols) <= rank:
       return dense(f'min(rows, cols) = {min(view.rows, view.cols)} <= rank')
     reason = 'default mask'
@@ -276,6 +277,27 @@ def two_pass_blocker(
     return (f'compressed moments {compressed_fields} are not '
             f'{fast_fields}: a dense moment is kept')
   return None
+
+
+def sketches(compressor: compressors.MomentCompressor, p: LeafPlan) -> bool:
+  """Whether the compressor's RSVD of a leaf sketches (the two-pass step
+  computes only RSVDs with a sketch: :func:`compressors.streamable` ones).
+
+  The sketch is the identity (None) where ``rank + oversample >= cols``
+  (the RSVD is exact there) or where a compressor's ``sketch`` says so; its
+  shape is found abstractly, without drawing it.
+  """
+  if not compressors.streamable(compressor):
+    return False
+  v = p.view
+  width = rsvd.sketch_width(v.rows, v.cols, p.rank, compressor.oversample)
+  factors = compressor.factor_type(*(
+      jax.ShapeDtypeStruct(spec.shape, jnp.float32)
+      for spec in compressor.specs(v.batch_shape, v.rows, v.cols, p.rank)))
+  sketch = jax.eval_shape(
+      lambda f, k: compressor.sketch(f, k, v.batch_shape, v.cols, width),
+      factors, jax.ShapeDtypeStruct((2,), jnp.uint32))
+  return width < v.cols and sketch is not None
 
 
 def check_implementation(
@@ -412,158 +434,36 @@ def plan_node(plan: LowRankPlan) -> PlanNode:
   return _node_type(plan)()
 
 
-def _is_plan(x: Any) -> bool:
-  return isinstance(x, PlanNode)
-
-
-def compression_plan(tx: Any, params: Any) -> Any:
-  """Says, per leaf, whether and how an MLorc transform compresses it.
-
-  Traces ``tx.init(params)`` abstractly (``jax.eval_shape``: nothing is
-  allocated) and returns the plan that the transform made, with the
-  structure of ``params``: for each leaf, whether its moments are
-  compressed, its matrix view and rank, and the step that computes its
-  update, each with the reason (:class:`LeafPlan`). :func:`format_plan`
-  prints it as a table.
-
-  The default rule (``low_rank_mask=None``) compresses a leaf iff it is a
-  floating-point array with a matrix view (two or more axes; by default the
-  last two are the rows and columns and leading axes are batch axes), its
-  last path component is not one of :data:`DEFAULT_EXCLUDED_NAMES`
-  (``bias``, ``scale``, ``embedding``), and ``min(rows, cols) > rank``.
-  Every leaf that is not compressed is updated by the exact inner optimizer.
-
-  Args:
-    tx: a transform that contains exactly one
-      :func:`mlorc_optax.low_rank_moments` (for example
-      :func:`mlorc_optax.mlorc_adamw`, chained or wrapped in any way), or an
-      optimizer state of one.
-    params: the parameter pytree (arrays or ``jax.ShapeDtypeStruct``); not
-      needed when ``tx`` is a state.
-
-  Returns:
-    A pytree with the structure of ``params`` whose leaves are
-    :class:`LeafPlan`.
-
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> import mlorc_optax
-    >>> params = {'w': jnp.zeros((64, 32)), 'b': jnp.zeros(32)}
-    >>> plan = mlorc_optax.compression_plan(mlorc_optax.mlorc_adamw(1e-3),
-    ...                                     params)
-    >>> plan['w'].compressed, plan['b'].compressed
-    (True, False)
-    >>> plan['w'].step, plan['b'].step  # on a CPU
-    ('reference', 'dense')
-  """
-  if hasattr(tx, 'init') and callable(tx.init):
-    state = jax.eval_shape(tx.init, params)
-  else:
-    state = tx
-  plans = [x for x in jax.tree_util.tree_leaves(state, is_leaf=_is_plan)
-           if _is_plan(x)]
-  if len(plans) != 1:
+def check_matches(plan: PlanNode, paths: Any, grads: Any) -> None:
+  """Raises if the updates are not the leaves the state was made for."""
+  if len(grads) != len(plan.leaves):
     raise ValueError(
-        f'compression_plan needs a transform with exactly one '
-        f'low_rank_moments, found {len(plans)}.'
-    )
-  plan = plans[0].plan
-  if params is None:
-    return {p.path: p for p in plan.leaves}
-  treedef = jax.tree_util.tree_structure(params)
-  return jax.tree_util.tree_unflatten(treedef, plan.leaves)
+        f'The updates have {len(grads)} leaves but the optimizer state was '
+        f'made for {len(plan.leaves)}: was it initialised with a different '
+        'parameter tree?')
+  for path, g, p in zip(paths, grads, plan.leaves):
+    if '/'.join(path) != p.path or tuple(np.shape(g)) != p.shape:
+      raise ValueError(
+          f'The update of {"/".join(path)!r} has shape {np.shape(g)}, but the '
+          f'optimizer state was made for {p.path!r} of shape {p.shape}: was '
+          'it initialised with different params?')
 
 
-def format_plan(plan: Any) -> str:
-  """A markdown table of a :func:`compression_plan`, with state sizes.
-
-  One row per leaf: path, shape, dtype, whether it is compressed, its
-  matrix view and rank, the numbers the optimizer state keeps for its
-  moments against the inner optimizer's dense moments, why it is (not)
-  compressed, and the step that computes its update and why; then the
-  totals.
-
-  Args:
-    plan: the output of :func:`compression_plan`.
-
-  Returns:
-    The table as a string.
-
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> import mlorc_optax
-    >>> params = {'w': jnp.zeros((64, 32)), 'b': jnp.zeros(32)}
-    >>> tx = mlorc_optax.mlorc_adamw(1e-3, rank=4)
-    >>> table = mlorc_optax.format_plan(mlorc_optax.compression_plan(tx, params))
-    >>> print(table.splitlines()[3])
-    | w | (64, 32) | float32 | yes | [64x32] | 4 | 776 | 4,096 | default mask \
-| reference | automatic: not on an NVIDIA GPU |
-    >>> print(table.splitlines()[-1])  # Adam: two moments per leaf
-    | total | | | | | | 840 | 4,160 | 20.19% of dense | | |
-  """
-  plans = [p for p in jax.tree_util.tree_leaves(
-      plan, is_leaf=lambda x: isinstance(x, LeafPlan))
-           if isinstance(p, LeafPlan)]
-  rows = [
-      '| path | shape | dtype | compressed | matrix view | rank | state '
-      '(numbers) | dense state | reason | step | why |',
-      '|---|---|---|---|---|---|---|---|---|---|---|',
-  ]
-  total = dense_total = 0
-  for p in plans:
-    total += p.state_size
-    dense_total += p.dense_state_size
-    view = p.view.describe() if p.view is not None else '-'
-    rows.append(
-        f'| {p.path} | {p.shape} | {p.dtype} | '
-        f'{"yes" if p.compressed else "no"} | {view} | {p.rank or "-"} | '
-        f'{p.state_size:,} | {p.dense_state_size:,} | {p.reason} | '
-        f'{p.step} | {p.step_reason} |'
-    )
-  ratio = total / dense_total if dense_total else 0.0
-  rows.append(
-      f'| total | | | | | | {total:,} | {dense_total:,} | {ratio:.2%} of '
-      'dense | | |'
-  )
-  return '\n'.join(rows)
-
-
-def path_mask(
-    include: str | None = None, exclude: str | None = None
-) -> Callable[[Any], Any]:
-  """A ``low_rank_mask`` selecting matrix leaves by a regex on their path.
-
-  A leaf is selected iff it has two or more axes, ``re.search(include, path)``
-  matches (or ``include`` is None) and ``re.search(exclude, path)`` does not
-  (or ``exclude`` is None). Paths look like ``'layers/0/attn/query/kernel'``.
-
-  Args:
-    include: regex a selected path must match.
-    exclude: regex a selected path must not match.
-
-  Returns:
-    A callable ``params -> pytree of bools`` for ``low_rank_mask``.
-
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> from mlorc_optax import path_mask
-    >>> params = {'embed': {'embedding': jnp.zeros((100, 8))},
-    ...           'mlp': {'kernel': jnp.zeros((8, 16)), 'bias': jnp.zeros(16)}}
-    >>> path_mask(exclude='embed')(params)
-    {'embed': {'embedding': False}, 'mlp': {'bias': False, 'kernel': True}}
-  """
-  inc = re.compile(include) if include is not None else None
-  exc = re.compile(exclude) if exclude is not None else None
-
-  def mask_fn(params: Any) -> Any:
-    def select(keypath: Sequence[Any], leaf: Any) -> bool:
-      path = views.path_str(keypath)
-      return bool(
-          np.ndim(leaf) >= 2
-          and (inc is None or inc.search(path) is not None)
-          and (exc is None or exc.search(path) is None)
-      )
-
-    return jax.tree_util.tree_map_with_path(select, params)
-
-  return mask_fn
+def check_made_by(plan: PlanNode, *, compressor: Any, rank: int,
+                  compressed: set[str]) -> None:
+  """Raises if the state was made by a transform with other settings."""
+  held = {f.name for f in plan.fields if f.compressed}
+  problems = []
+  if plan.compressor != compressor:
+    problems.append(f'compressor {plan.compressor!r}, not {compressor!r}')
+  if held != compressed & {f.name for f in plan.fields}:
+    problems.append(f'compressed moments {sorted(held)}')
+  for p in plan.leaves:
+    if p.compressed and p.rank != rsvd.factor_rank(
+        p.view.rows, p.view.cols, rank):
+      problems.append(f'rank {p.rank} for {p.path!r}, not {rank}')
+      break
+  if problems:
+    raise ValueError(
+        'The optimizer state was made by a transform with other settings ('
+        + '; '.join(problems) + '): initialise it with this transform.')

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -289,3 +290,43 @@ def flatten_with_paths(tree: Any) -> tuple[list[tuple[str, ...]], list[Any], Any
   leaves = [leaf for _, leaf in entries]
   return paths, leaves, treedef
 
+
+def path_mask(
+    include: str | None = None, exclude: str | None = None
+) -> Callable[[Any], Any]:
+  """A ``low_rank_mask`` selecting matrix leaves by a regex on their path.
+
+  A leaf is selected iff it has two or more axes, ``re.search(include, path)``
+  matches (or ``include`` is None) and ``re.search(exclude, path)`` does not
+  (or ``exclude`` is None). Paths look like ``'layers/0/attn/query/kernel'``.
+
+  Args:
+    include: regex a selected path must match.
+    exclude: regex a selected path must not match.
+
+  Returns:
+    A callable ``params -> pytree of bools`` for ``low_rank_mask``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from mlorc_optax import path_mask
+    >>> params = {'embed': {'embedding': jnp.zeros((100, 8))},
+    ...           'mlp': {'kernel': jnp.zeros((8, 16)), 'bias': jnp.zeros(16)}}
+    >>> path_mask(exclude='embed')(params)
+    {'embed': {'embedding': False}, 'mlp': {'bias': False, 'kernel': True}}
+  """
+  inc = re.compile(include) if include is not None else None
+  exc = re.compile(exclude) if exclude is not None else None
+
+  def mask_fn(params: Any) -> Any:
+    def select(keypath: Sequence[Any], leaf: Any) -> bool:
+      path = path_str(keypath)
+      return bool(
+          np.ndim(leaf) >= 2
+          and (inc is None or inc.search(path) is not None)
+          and (exc is None or exc.search(path) is None)
+      )
+
+    return jax.tree_util.tree_map_with_path(select, params)
+
+  return mask_fn

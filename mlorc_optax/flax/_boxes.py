@@ -10,8 +10,9 @@ which needs every box's names to fit its array.
 The MLorc transforms work on plain arrays and know nothing of Flax. Given
 boxed parameters, the boxes are ordinary pytree nodes to them, kept around
 each array of a compressed moment's factors, ``LowRankFactors(Box(u),
-Box(s), Box(v))``, with the parameter's names, which fit none of them. :func:`boxed` fixes the boxes after ``init`` and
-runs ``update`` on unboxed trees.
+Box(s), Box(v))``, with the parameter's names, which fit none of them.
+:func:`boxed` renames the boxes after ``init`` and runs ``update`` on
+unboxed trees.
 """
 
 from __future__ import annotations

@@ -50,7 +50,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from mlorc_optax import plan as plan_lib
+from mlorc_optax._src import inspection
+from mlorc_optax._src import plan as plan_lib
 from mlorc_optax._src import views
 
 #: Logical name of the rank axis of every factor. No rule needs to mention
@@ -145,7 +146,7 @@ def _view_from_names(
     batch_names: tuple[str, ...],
     joined: tuple[tuple[str, ...], ...],
     where: str,
-) -> plan_lib.MatrixDimensionNumbers | None:
+) -> views.MatrixDimensionNumbers | None:
   """Rows and columns from logical names (see logical_dimension_numbers)."""
   groups: list[list[int]] = []
   group_of_last = None
@@ -169,7 +170,7 @@ def _view_from_names(
         'Join the axes that flatten together with joined_names, mark batch '
         'axes with batch_names, or give this leaf a MatrixDimensionNumbers.'
     )
-  return plan_lib.MatrixDimensionNumbers(tuple(groups[0]), tuple(groups[1]))
+  return views.MatrixDimensionNumbers(tuple(groups[0]), tuple(groups[1]))
 
 
 def logical_dimension_numbers(
@@ -177,8 +178,8 @@ def logical_dimension_numbers(
     *,
     batch_names: Sequence[str] = ('layers',),
     joined_names: Sequence[Sequence[str]] = DENSE_GENERAL_JOINED_NAMES,
-    unnamed: plan_lib.MatrixDimensionNumbers | None = (
-        plan_lib.MatrixDimensionNumbers()
+    unnamed: views.MatrixDimensionNumbers | None = (
+        views.MatrixDimensionNumbers()
     ),
 ) -> Callable[[Any], Any]:
   """A ``dimension_numbers`` that views leaves by their logical axis names.
@@ -247,7 +248,7 @@ def logical_dimension_numbers(
     )
   joined = tuple(_check_name_groups('joined_names', g) for g in joined_names)
   if unnamed is not None and not isinstance(
-      unnamed, plan_lib.MatrixDimensionNumbers
+      unnamed, views.MatrixDimensionNumbers
   ):
     raise TypeError(
         f'unnamed must be a MatrixDimensionNumbers or None, got {unnamed!r}.'
@@ -379,7 +380,7 @@ def factor_logical_axes(
   )
 
 
-def _describe_view(view: plan_lib.MatrixView, names: Names | None) -> str:
+def _describe_view(view: views.MatrixView, names: Names | None) -> str:
   def name(axis: int) -> str:
     if names is not None and names[axis] is not None:
       return names[axis]
@@ -452,17 +453,8 @@ state bytes | why | step |
       else names_by_path(logical_axes, 'logical_axes')
   )
   factor_itemsize = jnp.dtype(factor_dtype).itemsize
-  rows = [
-      '| path | logical axes | shape | matrix view | rank | state bytes | '
-      'dense state bytes | why | step |',
-      '|---|---|---|---|---|---|---|---|---|',
-  ]
-  total = dense_total = 0
-  for p in jax.tree_util.tree_leaves(
-      plan, is_leaf=lambda x: isinstance(x, plan_lib.LeafPlan)
-  ):
-    if not isinstance(p, plan_lib.LeafPlan):
-      continue
+  rows, total, dense_total = [], 0, 0
+  for p in inspection.leaf_plans(plan):
     names = table.get(p.path)
     itemsize = _itemsize(p.dtype)
     state = (len(p.moments) * p.factor_size * factor_itemsize
@@ -472,13 +464,11 @@ state bytes | why | step |
     total += state
     dense_total += dense
     shown = '-' if not names else f'({", ".join(str(n) for n in names)})'
-    rows.append(
-        f'| {p.path} | {shown} | {p.shape} | {view} | {p.rank or "-"} | '
-        f'{state:,} | {dense:,} | {p.reason} | {p.step} |'
-    )
+    rows.append([p.path, shown, str(p.shape), view, str(p.rank or '-'),
+                 f'{state:,}', f'{dense:,}', p.reason, p.step])
   ratio = total / dense_total if dense_total else 0.0
-  rows.append(
-      f'| total | | | | | {total:,} | {dense_total:,} | {ratio:.2%} of dense '
-      '| |'
-  )
-  return '\n'.join(rows)
+  rows.append(['total', '', '', '', '', f'{total:,}', f'{dense_total:,}',
+               f'{ratio:.2%} of dense', ''])
+  return inspection.markdown_table(
+      ['path', 'logical axes', 'shape', 'matrix view', 'rank', 'state bytes',
+       'dense state bytes', 'why', 'step'], rows)
