@@ -28,7 +28,9 @@ Everything decided about a leaf (compressed or not, its matrix view, which
 step computes it) is decided once in ``init`` and kept in the state as a
 :class:`~mlorc_optax._src.plan.LowRankPlan`. Leaves whose plan says
 ``'pallas'`` or ``'xla'`` are computed by an accelerated implementation of
-the same step (``fast_step``, for Adam and Lion: :mod:`.fast_steps`) instead
+the same step (``fast_step``, for Adam and Lion:
+:class:`~mlorc_optax.low_rank.AdamFastStep`,
+:class:`~mlorc_optax.low_rank.LionFastStep`) instead
 of steps 1-3, which never materialises their dense moments.
 
 Randomness: the state holds a raw ``uint32[2]`` PRNG key that never changes.
@@ -268,8 +270,11 @@ def low_rank_moments(
       ``fast_step``'s two passes in Pallas kernels (``'pallas'``) or
       ``jax.numpy`` (``'xla'``). See :func:`mlorc_optax.scale_by_mlorc_adam`.
     fast_step: an accelerated implementation of ``inner``'s step for
-      compressed leaves (:mod:`mlorc_optax._src.fast_steps`; the MLorc-Adam
-      and -Lion transforms pass theirs), or None.
+      compressed leaves, or None: ``low_rank.AdamFastStep(b1, b2, eps,
+      eps_root, nesterov)`` for ``optax.scale_by_adam`` with the same
+      hyperparameters, ``low_rank.LionFastStep(b1, b2)`` for
+      ``optax.scale_by_lion`` (the MLorc-Adam and -Lion transforms pass
+      theirs).
     kernel_config: tiles, warps, stages and precisions of the Pallas
       kernels (:class:`mlorc_optax.kernels.KernelConfig`; static).
 
