@@ -274,3 +274,20 @@ def test_lion_pallas_step_equals_reference_step(compressor):
   for ours, theirs in zip(jax.tree.leaves(results['pallas'][1]),
                           jax.tree.leaves(results['reference'][1])):
     assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
+
+
+def test_low_rank_moments_takes_a_public_fast_step():
+  """The wrapper around optax.scale_by_adam with low_rank.AdamFastStep is
+  scale_by_mlorc_adam, bit for bit."""
+  grads = grads_for({'w': (2, 64, 128)}, 3, seed=5)
+  wrapped = mlorc_optax.low_rank_moments(
+      optax.scale_by_adam(0.8, 0.99, 1e-2),
+      moments={'mu': mlorc_optax.low_rank.MomentSpec(decay=0.8),
+               'nu': mlorc_optax.low_rank.MomentSpec(True, 0.99)},
+      fast_step=mlorc_optax.low_rank.AdamFastStep(0.8, 0.99, 1e-2, 0.0, False),
+      implementation='xla')
+  ours, _ = run_steps(wrapped, grads)
+  theirs, _ = run_steps(mlorc_optax.scale_by_mlorc_adam(
+      0.8, 0.99, 1e-2, implementation='xla'), grads)
+  for a, b in zip(ours, theirs):
+    np.testing.assert_array_equal(a['w'], b['w'])
