@@ -10,6 +10,9 @@ LLaMA-7B-shaped matrices, with fixed random gradients:
   them; MLorc treats ``L`` as a batch of matrices);
 * ``small_32x1024x2816``: 32 matrices of ``1024 x 2816`` stacked, to expose
   per-matrix overhead;
+* ``minilm_L6_unstacked``: the 36 matrices of MiniLM-L6 (the fine-tuning
+  example's model), each its own leaf, as in an unstacked model: a step
+  bound by the fixed cost of each launch;
 * ``tiny``: a few small matrices, for CI.
 
 Optimizers: ``adamw``, ``lion``, ``adafactor`` (optax), ``mlorc_adamw`` and
@@ -63,11 +66,27 @@ LLAMA7B_LAYER = (
     ('w_down', (11008, 4096)),
 )
 
+#: The matrices of a MiniLM-L6 layer (BERT-style, hidden 384): the model of
+#: ``examples/finetune``.
+MINILM_LAYER = (
+    ('query', (384, 384)),
+    ('key', (384, 384)),
+    ('value', (384, 384)),
+    ('attention_out', (384, 384)),
+    ('intermediate', (384, 1536)),
+    ('output', (1536, 384)),
+)
+
+#: Cases whose layers are separate leaves, as in an unstacked (not scanned)
+#: model, for every optimizer.
+UNSTACKED = ('minilm_L6_unstacked',)
+
 CASES: dict[str, tuple[int, tuple[tuple[str, tuple[int, int]], ...]]] = {
     'llama7b_L1': (1, LLAMA7B_LAYER),
     'llama7b_L8': (8, LLAMA7B_LAYER),
     'small_32x1024x2816': (32, (('w', (1024, 2816)),)),
     'tiny': (2, (('wq', (64, 64)), ('w_up', (64, 160)), ('w_down', (160, 64)))),
+    'minilm_L6_unstacked': (6, MINILM_LAYER),
 }
 
 #: ``mlorc_adamw`` and ``mlorc_lion`` pick their implementation
@@ -78,11 +97,16 @@ MLORC_ADAMW_IMPLEMENTATIONS = ('mlorc_adamw_reference', 'mlorc_adamw_xla',
                                'mlorc_adamw_pallas')
 MLORC_LION_IMPLEMENTATIONS = ('mlorc_lion_reference', 'mlorc_lion_xla',
                               'mlorc_lion_pallas')
+#: The default step with every leaf launched on its own
+#: (``KernelConfig(group_max_elements=0)``): what equal-shaped leaves sharing
+#: one launch saves.
+MLORC_ALONE = ('mlorc_adamw_alone', 'mlorc_lion_alone')
 OPTIMIZERS = ('adamw', 'lion', 'adafactor', 'mlorc_adamw', 'mlorc_lion',
               'galore', *MLORC_ADAMW_IMPLEMENTATIONS,
-              *MLORC_LION_IMPLEMENTATIONS)
+              *MLORC_LION_IMPLEMENTATIONS, *MLORC_ALONE)
 LOW_RANK = ('mlorc_adamw', 'mlorc_lion', 'galore',
-            *MLORC_ADAMW_IMPLEMENTATIONS, *MLORC_LION_IMPLEMENTATIONS)
+            *MLORC_ADAMW_IMPLEMENTATIONS, *MLORC_LION_IMPLEMENTATIONS,
+            *MLORC_ALONE)
 GALORE_GAP = 200
 
 
@@ -112,6 +136,11 @@ def make_optimizer(name: str, rank: int | None):
   if name in MLORC_LION_IMPLEMENTATIONS:
     return mlorc_optax.mlorc_lion(
         lr, rank=rank, implementation=name.rsplit('_', 1)[1])
+  if name in MLORC_ALONE:
+    make = (mlorc_optax.mlorc_adamw if name == 'mlorc_adamw_alone'
+            else mlorc_optax.mlorc_lion)
+    return make(lr, rank=rank, kernel_config=mlorc_optax.kernels.KernelConfig(
+        group_max_elements=0))
   if name == 'galore':
     return optax.contrib.galore(lr, rank=rank, update_proj_gap=GALORE_GAP)
   raise ValueError(f'optimizer must be one of {OPTIMIZERS}, got {name!r}.')
@@ -179,7 +208,7 @@ def measure(case: str, dtype: str, optimizer: str, rank: int | None,
       optax_version=optax.__version__, status='error', error=None)
   try:
     tx = make_optimizer(optimizer, rank)
-    as_list = optimizer == 'galore'
+    as_list = optimizer == 'galore' or case in UNSTACKED
     params = make_tree(case, dtype, 0, as_list)
     grads = make_tree(case, dtype, 1, as_list)
     if optimizer.startswith('mlorc_'):

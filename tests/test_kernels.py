@@ -346,7 +346,8 @@ def test_kernel_config_is_static_and_hashable():
 @pytest.mark.parametrize('field,value', [
     ('block_rows', 48), ('block_rows', 8), ('block_cols', 0),
     ('block_cols', 64.0), ('num_warps', 3), ('num_warps', True),
-    ('num_stages', 0), ('target_programs', -1),
+    ('num_stages', 0), ('target_programs', -1), ('group_max_elements', -1),
+    ('group_max_elements', 2.0),
     ('reconstruct_precision', 'highest'), ('accumulate_precision', 'bf16'),
 ])
 def test_kernel_config_rejects_bad_values_naming_the_field(field, value):

@@ -291,3 +291,35 @@ def test_low_rank_moments_takes_a_public_fast_step():
       0.8, 0.99, 1e-2, implementation='xla'), grads)
   for a, b in zip(ours, theirs):
     np.testing.assert_array_equal(a['w'], b['w'])
+
+
+@pytest.mark.parametrize('make', [mlorc_optax.scale_by_mlorc_adam,
+                                  mlorc_optax.scale_by_mlorc_lion])
+def test_equal_shaped_leaves_share_one_launch_and_change_nothing(make):
+  """Unstacked models have many small leaves of a few shapes: each group of
+  equal shapes runs each pass once. Every computation is per matrix, so
+  only the summation order of XLA's batched small products changes with
+  the batch size: the two agree as two float32 implementations do (module
+  docstring)."""
+  shapes = {f'q{i}': (64, 64) for i in range(3)}
+  shapes.update({'up0': (64, 128), 'up1': (64, 128), 'big': (2, 64, 128)})
+  grads = grads_for(shapes, 3, seed=6)
+  outs, jaxprs = {}, {}
+  for name, config in (('grouped', FULL), ('alone', kernels.KernelConfig(
+      accumulate_precision='tf32x3', group_max_elements=0))):
+    kwargs = {'eps': 1e-2} if make is mlorc_optax.scale_by_mlorc_adam else {}
+    tx = make(implementation='pallas', kernel_config=config,
+              low_rank_mask=True, **kwargs)
+    outs[name] = run_steps(tx, grads)
+    params = jax.tree.map(jnp.zeros_like, grads[0])
+    jaxprs[name] = str(jax.make_jaxpr(tx.update)(
+        grads[0], tx.init(params), params))
+  for t, (ours, theirs) in enumerate(zip(outs['grouped'][0],
+                                         outs['alone'][0])):
+    for k in shapes:
+      assert_close_but_for_the_fix(ours[k], theirs[k], 5e-4,
+                                   f'step {t}, leaf {k}')
+  # 'big' and the 2 x 64x128 pair have equal matrices (batch aside): one
+  # group; the three 64x64 another. Two passes each.
+  assert jaxprs['grouped'].count('pallas_call[') == 4
+  assert jaxprs['alone'].count('pallas_call[') == 12

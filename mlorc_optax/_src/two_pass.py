@@ -162,34 +162,14 @@ class AdamLeafInputs(NamedTuple):
   use_kernel: bool
 
 
-def adam_step(
+def _adam_step(
     leaves: Sequence[AdamLeafInputs],
     coefficients: step_math.AdamCoefficients,
     *,
     config: KernelConfig,
     interpret: bool,
 ) -> list[tuple[jax.Array, rsvd.LowRankFactors, rsvd.LowRankFactors]]:
-  """One MLorc-AdamW step of several batches of matrices in two passes.
-
-  Pass 1 for every leaf, then all the ``Q`` factorizations together, then
-  pass 2 for every leaf, then all the small SVDs together (module
-  docstring).
-
-  Args:
-    leaves: :class:`AdamLeafInputs`, one per compressed leaf.
-    coefficients: :class:`~mlorc_optax._src.step_math.AdamCoefficients`
-      shared by all leaves (scalars, possibly traced). ``one_minus_b1`` and
-      ``one_minus_b2`` are used as given: compute them before any cast to
-      float32 (``1 - float32(0.999)`` is off by 5e-5 relative); ``b1`` and
-      ``b2`` are ``1 -`` them.
-    config: the Pallas passes' static settings.
-    interpret: run the Pallas passes in Pallas' interpreter.
-
-  Returns:
-    Per leaf ``(direction [B, m, n], new mu factors, new nu factors)``,
-    factors in float32 with ``k`` columns: the randomized SVD (with sketches
-    ``omega_m``, ``omega_v``) of the uncompressed new moments.
-  """
+  """:func:`adam_step` with every leaf launched on its own."""
   c = step_math.AdamCoefficients(*map(_f32, coefficients))
   b1, b2 = 1 - c.one_minus_b1, 1 - c.one_minus_b2
   firsts, ys = [], []
@@ -266,7 +246,7 @@ class LionLeafInputs(NamedTuple):
   use_kernel: bool
 
 
-def lion_step(
+def _lion_step(
     leaves: Sequence[LionLeafInputs],
     b1: Any,
     b2: Any,
@@ -274,26 +254,7 @@ def lion_step(
     config: KernelConfig,
     interpret: bool,
 ) -> list[tuple[jax.Array, rsvd.LowRankFactors]]:
-  """One MLorc-Lion step (paper Algorithm 2) of several leaves in two passes.
-
-  With ``m~ = U S V^T`` the previous momentum: the update is
-  ``sign(b1 m~ + (1 - b1) g)`` and the new momentum ``m = b2 m~ + (1 - b2) g``
-  is compressed by the randomized SVD with sketch ``omega``. Both ``m Omega``
-  and ``Q^T m`` are linear in ``g``: pass 1 streams ``g Omega``, pass 2
-  writes the update (rebuilding ``m~`` tile by tile) and accumulates
-  ``Q^T g``; the factors' parts are small products. ``Q`` and the small SVDs
-  as in :func:`adam_step`.
-
-  Args:
-    leaves: :class:`LionLeafInputs`, one per compressed leaf.
-    b1: Lion's update interpolation (scalar, possibly traced).
-    b2: Lion's momentum decay.
-    config: the Pallas passes' static settings.
-    interpret: run the Pallas passes in Pallas' interpreter.
-
-  Returns:
-    Per leaf ``(update [B, m, n], new factors)``.
-  """
+  """:func:`lion_step` with every leaf launched on its own."""
   # 1 - b computed before any cast (in float64 for Python floats), as the
   # reference step does: 1 - float32(0.999) is off by 5e-5 relative.
   coefficients = lion.LionCoefficients(_f32(b1), _f32(1 - b1))
@@ -324,3 +285,124 @@ def lion_step(
   factors = gram.svds_of_projections(
       qs, bs, [leaf.mu.s.shape[-1] for leaf in leaves])
   return list(zip(outs, factors))
+
+
+# ----------------------------------------------------------------------------
+# Leaves of equal shape share one launch.
+
+
+def _groups(leaves: Sequence[Any], config: KernelConfig) -> list[list[int]]:
+  """Indices of the leaves that share a launch (equal shapes and dtypes)."""
+  groups: list[list[int]] = []
+  where: dict[Any, int] = {}
+  for i, leaf in enumerate(leaves):
+    if leaf.g.size > config.group_max_elements:
+      groups.append([i])
+      continue
+    arrays = jax.tree_util.tree_leaves(leaf._replace(use_kernel=None))
+    key = (leaf.use_kernel,
+           tuple((tuple(x.shape[1:]), x.dtype) for x in arrays))
+    if key in where:
+      groups[where[key]].append(i)
+    else:
+      where[key] = len(groups)
+      groups.append([i])
+  return groups
+
+
+def _grouped(step: Callable[..., list[Any]], leaves: Sequence[Any],
+             config: KernelConfig, **kwargs: Any) -> list[Any]:
+  """``step`` over ``leaves``, equal-shaped small leaves in one batch.
+
+  Every computation of a step is per matrix, so concatenating leaves along
+  the batch axis changes no result; it only makes one launch of each pass
+  (and one of each small factorization) serve the whole group.
+  """
+  groups = _groups(leaves, config)
+  merged = []
+  for group in groups:
+    parts = [leaves[i] for i in group]
+    if len(parts) == 1:
+      merged.append(parts[0])
+      continue
+    arrays = jax.tree_util.tree_map(
+        lambda *xs: jnp.concatenate(xs),
+        *[leaf._replace(use_kernel=None) for leaf in parts])
+    merged.append(arrays._replace(use_kernel=parts[0].use_kernel))
+  results = step(merged, config=config, **kwargs)
+  out: list[Any] = [None] * len(leaves)
+  for group, result in zip(groups, results):
+    start = 0
+    for i in group:
+      stop = start + leaves[i].g.shape[0]
+      out[i] = result if len(group) == 1 else jax.tree_util.tree_map(
+          lambda x, a=start, b=stop: x[a:b], result)
+      start = stop
+  return out
+
+
+def adam_step(
+    leaves: Sequence[AdamLeafInputs],
+    coefficients: step_math.AdamCoefficients,
+    *,
+    config: KernelConfig,
+    interpret: bool,
+) -> list[tuple[jax.Array, rsvd.LowRankFactors, rsvd.LowRankFactors]]:
+  """One MLorc-AdamW step of several batches of matrices in two passes.
+
+  Pass 1 for every leaf, then all the ``Q`` factorizations together, then
+  pass 2 for every leaf, then all the small SVDs together (module
+  docstring). Small leaves of equal shapes and dtypes share one launch of
+  each pass (``config.group_max_elements``).
+
+  Args:
+    leaves: :class:`AdamLeafInputs`, one per compressed leaf.
+    coefficients: :class:`~mlorc_optax._src.step_math.AdamCoefficients`
+      shared by all leaves (scalars, possibly traced). ``one_minus_b1`` and
+      ``one_minus_b2`` are used as given: compute them before any cast to
+      float32 (``1 - float32(0.999)`` is off by 5e-5 relative); ``b1`` and
+      ``b2`` are ``1 -`` them.
+    config: the Pallas passes' static settings.
+    interpret: run the Pallas passes in Pallas' interpreter.
+
+  Returns:
+    Per leaf ``(direction [B, m, n], new mu factors, new nu factors)``,
+    factors in float32 with ``k`` columns: the randomized SVD (with sketches
+    ``omega_m``, ``omega_v``) of the uncompressed new moments.
+  """
+  return _grouped(_adam_step, leaves, config, coefficients=coefficients,
+                  interpret=interpret)
+
+
+def lion_step(
+    leaves: Sequence[LionLeafInputs],
+    b1: Any,
+    b2: Any,
+    *,
+    config: KernelConfig,
+    interpret: bool,
+) -> list[tuple[jax.Array, rsvd.LowRankFactors]]:
+  """One MLorc-Lion step (paper Algorithm 2) of several leaves in two passes.
+
+  With ``m~ = U S V^T`` the previous momentum: the update is
+  ``sign(b1 m~ + (1 - b1) g)`` and the new momentum ``m = b2 m~ + (1 - b2) g``
+  is compressed by the randomized SVD with sketch ``omega``. Both ``m Omega``
+  and ``Q^T m`` are linear in ``g``: pass 1 streams ``g Omega``, pass 2
+  writes the update (rebuilding ``m~`` tile by tile) and accumulates
+  ``Q^T g``; the factors' parts are small products. ``Q`` and the small SVDs
+  as in :func:`adam_step`. Small leaves of equal shapes and dtypes share
+  one launch of each pass
+  (``config.group_max_elements``).
+
+  Args:
+    leaves: :class:`LionLeafInputs`, one per compressed leaf.
+    b1: Lion's update interpolation (scalar, possibly traced).
+    b2: Lion's momentum decay.
+    config: the Pallas passes' static settings.
+    interpret: run the Pallas passes in Pallas' interpreter.
+
+  Returns:
+    Per leaf ``(update [B, m, n], new factors)``.
+  """
+  return _grouped(_lion_step, leaves, config, b1=b1, b2=b2,
+                  interpret=interpret)

@@ -67,6 +67,13 @@ class KernelConfig:
       each running up to 16 programs of 4 warps); a pass whose grid is
       smaller splits its inner loop into more programs and sums their partial
       results (:func:`splits`).
+    group_max_elements: leaves whose gradients have at most this many
+      entries and whose arrays agree in shape (but for the batch axis) and
+      dtype share one launch of each pass: their arrays are concatenated
+      along the batch axis (one copy of their gradients). Small unstacked
+      models are bound by the fixed cost of each launch, not by memory;
+      larger leaves are launched alone, where the copy would cost more than
+      the launch. 0 launches every leaf alone.
   """
 
   block_rows: int = 64
@@ -76,6 +83,7 @@ class KernelConfig:
   reconstruct_precision: str = 'tf32x3'
   accumulate_precision: str = 'tf32'
   target_programs: int = 2048
+  group_max_elements: int = 1 << 22
 
   def __post_init__(self):
     for name in ('block_rows', 'block_cols'):
@@ -92,6 +100,10 @@ class KernelConfig:
       if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f'KernelConfig.{name} must be an int >= 1, got '
                          f'{value!r}.')
+    value = self.group_max_elements
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+      raise ValueError('KernelConfig.group_max_elements must be an int >= 0, '
+                       f'got {value!r}.')
     for name in ('reconstruct_precision', 'accumulate_precision'):
       value = getattr(self, name)
       if value not in PRECISIONS:
