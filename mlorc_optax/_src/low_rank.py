@@ -26,7 +26,7 @@ leaf of a moment tree, the compressor's factors
 
 Everything decided about a leaf (compressed or not, its matrix view, which
 step computes it) is decided once in ``init`` and kept in the state as a
-:class:`~mlorc_optax._src.plan.LowRankPlan`. Leaves whose plan says
+:class:`~mlorc_optax.plan.LowRankPlan`. Leaves whose plan says
 ``'pallas'`` or ``'xla'`` are computed by an accelerated implementation of
 the same step (``fast_step``, for Adam and Lion:
 :class:`~mlorc_optax.low_rank.AdamFastStep`,

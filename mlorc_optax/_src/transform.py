@@ -2,9 +2,10 @@
 
 Each is :func:`mlorc_optax.low_rank_moments` around the optax transform of
 its base optimizer (``optax.scale_by_adam``, ``optax.scale_by_lion``), which
-computes the update from the reconstructed moments, with the two-pass step of
-:mod:`mlorc_optax._src.fast_steps` as its accelerated implementation
-(paper Algorithms 1 and 2 without learning rate and weight decay).
+computes the update from the reconstructed moments, with the two-pass step
+(:class:`mlorc_optax.low_rank.AdamFastStep` / ``LionFastStep``) as its
+accelerated implementation: paper Algorithms 1 and 2 without learning rate
+and weight decay.
 """
 
 from __future__ import annotations
@@ -110,16 +111,17 @@ def scale_by_mlorc_adam(
     (U_m, S_m, V_m) = \\mathrm{RSVD}(m, r),\\ (U_v, S_v, V_v) =
     \\mathrm{RSVD}(v, r),
 
-  where ``fix`` is :func:`nonnegative_second_moment`. The update ``u`` uses the
-  uncompressed ``m`` and ``v``; the factors start at zero, so the first step is
-  exactly Adam's first step. Leaves that are not compressed keep Adam's own
+  where ``fix`` is :func:`mlorc_optax.compressors.nonnegative_second_moment`.
+  The update ``u`` uses the uncompressed ``m`` and ``v``; the factors start
+  at zero, so the first step is exactly Adam's first step. Leaves that are not compressed keep Adam's own
   dense moments, so they are never skipped or frozen.
 
   It is :func:`mlorc_optax.low_rank_moments` around
   ``optax.scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov)``
   (which computes the update, bias correction included, from the
-  reconstructed moments), with the two-pass step of
-  :mod:`mlorc_optax._src.fast_steps` as its accelerated implementation.
+  reconstructed moments), with the two-pass step
+  (:class:`mlorc_optax.low_rank.AdamFastStep`) as its accelerated
+  implementation.
   ``compressor`` replaces how the factors are read and refreshed (the lines
   with ``RSVD`` and ``fix`` above): ``'rsvd'`` is the paper's; others are in
   :mod:`mlorc_optax.contrib` (see ``docs/compressors.md``).
