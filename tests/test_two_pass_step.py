@@ -31,6 +31,7 @@ import pytest
 
 import mlorc_optax
 from mlorc_optax import kernels
+from mlorc_optax._src import plan as plan_lib
 
 import numpy_reference as ref
 from closeness import assert_close, assert_close_but_for_the_fix, grads_for
@@ -195,6 +196,23 @@ def test_optimizers_without_a_two_pass_step_refuse_it():
   with pytest.raises(ValueError, match='no two-pass step'):
     mlorc_optax.low_rank_moments(optax.contrib.scale_by_adopt(),
                                  implementation='xla')
+
+
+def test_a_blocker_found_per_leaf_refuses_an_explicit_two_pass_step():
+  """The plan's per-leaf choice applies the same rule as the factory: an
+  explicit two-pass implementation the leaf cannot take is an error, not a
+  step run without one of its moments."""
+  leaf = mlorc_optax.compression_plan(
+      mlorc_optax.mlorc_adamw(1e-3), {'w': jnp.zeros((64, 128))})['w']
+  with pytest.raises(ValueError, match='implementation.*masks a moment'):
+    plan_lib.choose_step(
+        leaf, implementation='xla',
+        blocker='the inner optimizer masks a moment out', sketched=True,
+        kernel_config=kernels.KernelConfig())
+  assert plan_lib.choose_step(
+      leaf, implementation=None, blocker='the inner optimizer masks a '
+      'moment out', sketched=True, kernel_config=kernels.KernelConfig())[0] == (
+          'reference')
 
 
 def test_unknown_implementation_is_an_error_naming_it():

@@ -336,8 +336,11 @@ def choose_step(
   ``'pallas'`` falls back to ``'xla'`` (the same two passes in
   ``jax.numpy``) for a matrix the kernels cannot tile, and every two-pass
   choice falls back to ``'reference'`` where the sketch is the identity
-  (``rank + oversample >= cols``: the RSVD is exact there).
+  (``rank + oversample >= cols``: the RSVD is exact there). An explicit
+  two-pass ``implementation`` that ``blocker`` rules out is a ``ValueError``
+  (:func:`check_implementation`, which the factories also call early).
   """
+  check_implementation(implementation, blocker=blocker)
   if implementation is None:
     if blocker is not None:
       return 'reference', f'automatic: {blocker}'
