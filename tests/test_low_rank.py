@@ -58,6 +58,9 @@ INNER = {
                 ('exp_avg', 'exp_avg_sq', 'grad_sum')),
     'scale_by_adam_atan2': (
         lambda: mlorc_optax.contrib.scale_by_adam_atan2(), ('mu', 'nu')),
+    'scale_by_adam_atan2(nesterov)': (
+        lambda: mlorc_optax.contrib.scale_by_adam_atan2(nesterov=True),
+        ('mu', 'nu')),
 }
 
 
