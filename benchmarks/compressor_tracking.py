@@ -22,27 +22,35 @@ Step time: the jitted ``scale_by_mlorc_adam`` update of one ``--time-shape``
 matrix per compressor and rank, median of ``--time-reps`` calls interleaved
 across configurations, next to ``optax.scale_by_adam`` in the same run.
 
-Writes ``results.json``, ``results.md`` and ``results.png`` into ``--out``.
+Writes ``results.json``, ``results.md`` and ``results.png`` into ``--out``;
+``--render results.json`` writes the last two again from a saved run.
 
 Usage: python benchmarks/compressor_tracking.py [--help]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
+import dataclasses
 import sys
-import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+if not __package__:  # Run as a file (the usage above): find `benchmarks`.
+  sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import tyro
 
 import mlorc_optax
+from benchmarks.toolkit import environment
+from benchmarks.toolkit import figures
+from benchmarks.toolkit import results as results_lib
+from benchmarks.toolkit import timing
 from mlorc_optax import compressors
 from mlorc_optax import contrib
 
@@ -61,6 +69,39 @@ CONFIGS = (
     ('lorapre', 'lorapre', {}),
     ('lorapre, bias_matched=False', 'lorapre', {'bias_matched': False}),
 )
+
+#: The figure's color of each configuration.
+COLORS = dict(zip([c[0] for c in CONFIGS], ('tab:blue', 'tab:cyan',
+                                             'tab:orange', 'tab:green',
+                                             'tab:olive')))
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """How well each moment compressor tracks Adam's moments, and its cost."""
+
+  rows: int = 96
+  cols: int = 64
+  steps: int = 200
+  ranks: tuple[int, ...] = (4, 8)
+  true_rank: int = 16
+  """Rank of the gradients' signal."""
+  decay: float = 0.8
+  """Spectrum of the signal: decay**i."""
+  b1: float = 0.9
+  b2: float = 0.999
+  seeds: tuple[int, ...] = (0, 1, 2)
+  time_shape: tuple[int, int] = (768, 3072)
+  """Matrix timed for the step time."""
+  time_reps: int = 30
+  """Timed calls of each configuration (interleaved)."""
+  out: Path = Path('benchmarks/results/compressors')
+  """Folder of results.json, results.md and results.png."""
+  no_figure: bool = False
+  """Write no figure."""
+  render: Path | None = None
+  """Measure nothing: write results.md and results.png into --out from this
+  results.json."""
 
 
 def gradients(key, steps, rows, cols, true_rank, decay):
@@ -108,7 +149,9 @@ def track(grads, rank, compressor, kwargs, b1, b2, seed):
   return np.asarray(errs)
 
 
-def step_times(shape, configs, reps):
+def step_times(shape: tuple[int, int],
+               configs: dict[Any, optax.GradientTransformation],
+               reps: int) -> dict[Any, float]:
   """Median seconds of one jitted update of a ``shape`` matrix, per config.
 
   ``configs`` maps a name to a transformation. The calls are interleaved
@@ -116,22 +159,12 @@ def step_times(shape, configs, reps):
   slows every config alike instead of whichever ran during a busy spell.
   """
   g = {'w': jax.random.normal(jax.random.key(0), shape)}
-  calls = {}
+  steps = {}
   for name, tx in configs.items():
-    state = tx.init(g)
     update = jax.jit(tx.update)
-    for _ in range(3):  # compile, then warm up
-      _, state = update(g, state)
-    jax.block_until_ready(state)
-    calls[name] = [update, state]
-  times = {name: [] for name in configs}
-  for _ in range(reps):
-    for name, call in calls.items():
-      start = time.perf_counter()
-      _, call[1] = call[0](g, call[1])
-      jax.block_until_ready(call[1])
-      times[name].append(time.perf_counter() - start)
-  return {name: float(np.median(t)) for name, t in times.items()}
+    steps[name] = (lambda s, update=update: update(g, s)[1], tx.init(g))
+  times = timing.time_steps_interleaved(steps, calls=reps, warmup=3)
+  return {name: t.median_s for name, t in times.items()}
 
 
 def state_floats(shape, rank, compressor, kwargs):
@@ -144,95 +177,77 @@ def state_floats(shape, rank, compressor, kwargs):
   return int(sum(x.size for x in jax.tree.leaves((inner.mu, inner.nu))))
 
 
-def markdown(results) -> str:
+def markdown(results: dict[str, Any]) -> str:
+  """The table of the tracking errors, state sizes and step times."""
   cfg = results['config']
-  rows, cols = cfg['rows'], cfg['cols']
   tr, tc = cfg['time_shape']
-  lines = [
-      f'| compressor | r | m error | v error | direction error | '
-      f'state floats ({rows}x{cols}) | step ms ({tr}x{tc}) |',
-      '|---|---|---|---|---|---|---|',
+  adam = {'label': 'optax.scale_by_adam (exact)', 'm_error': 0.0,
+          'v_error': 0.0, 'direction_error': 0.0,
+          'state_floats': 2 * cfg['rows'] * cfg['cols'],
+          'step_s': results['adam_step_s']}
+  columns = [results_lib.Column('label', 'compressor'),
+             results_lib.Column('rank', 'r')]
+  for name, header in (('m', 'm error'), ('v', 'v error'),
+                       ('direction', 'direction error')):
+    columns.append(results_lib.Column(
+        lambda r, k=f'{name}_error': (r[k], r.get(k + '_std')), header,
+        lambda v: '0' if v[0] == 0 else results_lib.pm(*v, '.3f')))
+  columns += [
+      results_lib.Column('state_floats',
+                         f'state floats ({cfg["rows"]}x{cfg["cols"]})', ','),
+      results_lib.Column('step_s', f'step ms ({tr}x{tc})',
+                         lambda s: f'{1e3 * s:.2f}'),
   ]
-  for r in results['rows']:
-    lines.append(
-        f"| {r['label']} | {r['rank']} | {r['m_error']:.3f} ± "
-        f"{r['m_error_std']:.3f} | {r['v_error']:.3f} ± {r['v_error_std']:.3f}"
-        f" | {r['direction_error']:.3f} ± {r['direction_error_std']:.3f} | "
-        f"{r['state_floats']:,} | {1e3 * r['step_s']:.2f} |"
-    )
-  lines.append(
-      f"| optax.scale_by_adam (exact) | - | 0 | 0 | 0 | "
-      f"{2 * rows * cols:,} | {1e3 * results['adam_step_s']:.2f} |"
-  )
-  return '\n'.join(lines)
+  return results_lib.markdown_table([*results['rows'], adam], columns)
 
 
-def plot(results, path):
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
+def report(results: dict[str, Any]) -> str:
+  """``results.md``: what was run, how, and the table."""
+  cfg, versions = results['config'], results['versions']
+  return (
+      f"# Moment compressors: tracking error and step time\n\n"
+      f"Device: {results['device']}; jax {versions['jax']}, optax "
+      f"{versions['optax']}.\nCommand: `{results['command']}`\n\n"
+      f"Errors: relative Frobenius error vs the exact EMA (optax.scale_by_adam"
+      f"), mean over steps {cfg['steps'] // 2 + 1}-{cfg['steps']}, mean ± std "
+      f"over seeds {list(cfg['seeds'])}. Step times: median of "
+      f"{cfg['time_reps']} calls, interleaved across the configurations."
+      f"\n\n{markdown(results)}\n")
 
-  fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharex=True)
-  titles = ('first moment m', 'second moment v', 'update direction')
-  colors = dict(zip([c[0] for c in CONFIGS],
-                    ('tab:blue', 'tab:cyan', 'tab:orange', 'tab:green',
-                     'tab:olive')))
-  for r in results['rows']:
-    style = '-' if r['rank'] == results['config']['ranks'][0] else '--'
-    for ax, curve in zip(axes, r['curves']):
-      ax.plot(np.arange(1, len(curve) + 1), curve, style,
-              color=colors[r['label']], label=f"{r['label']}, r={r['rank']}")
-  for ax, title in zip(axes, titles):
-    ax.set_title(f'relative error: {title}')
-    ax.set_xlabel('step')
-    ax.set_yscale('log')
-    ax.grid(alpha=0.3)
-  axes[0].legend(fontsize=8)
+
+def plot(results: dict[str, Any], path: Path) -> None:
+  """The three error curves of every configuration, against the step."""
   cfg = results['config']
-  fig.suptitle(
-      f"{cfg['rows']}x{cfg['cols']} noisy rank-{cfg['true_rank']} gradients, "
-      f"b1={cfg['b1']}, b2={cfg['b2']}, mean of {len(cfg['seeds'])} seeds "
-      f"({results['device']})", fontsize=10)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  titles = ('first moment m', 'second moment v', 'update direction')
+  with figures.panels(
+      path, 3, figsize=(15, 4.2), sharex=True, title=(
+          f"{cfg['rows']}x{cfg['cols']} noisy rank-{cfg['true_rank']} "
+          f"gradients, b1={cfg['b1']}, b2={cfg['b2']}, mean of "
+          f"{len(cfg['seeds'])} seeds ({results['device']})")) as axes:
+    for i, (ax, title) in enumerate(zip(axes, titles)):
+      series, styles = {}, {}
+      for r in results['rows']:
+        label = f"{r['label']}, r={r['rank']}"
+        curve = r['curves'][i]
+        series[label] = (np.arange(1, len(curve) + 1), curve)
+        styles[label] = dict(color=COLORS[r['label']], linestyle=(
+            '-' if r['rank'] == cfg['ranks'][0] else '--'))
+      figures.draw_lines(ax, series, xlabel='step', logy=True,
+                         title=f'relative error: {title}', styles=styles,
+                         legend=i == 0)
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(
-      description=__doc__.split('\n\n')[0],
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  parser.add_argument('--rows', type=int, default=96)
-  parser.add_argument('--cols', type=int, default=64)
-  parser.add_argument('--steps', type=int, default=200)
-  parser.add_argument('--ranks', type=int, nargs='+', default=[4, 8])
-  parser.add_argument('--true-rank', type=int, default=16,
-                      help='rank of the gradients\' signal')
-  parser.add_argument('--decay', type=float, default=0.8,
-                      help='spectrum of the signal: decay**i')
-  parser.add_argument('--b1', type=float, default=0.9)
-  parser.add_argument('--b2', type=float, default=0.999)
-  parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
-  parser.add_argument('--time-shape', type=int, nargs=2, default=[768, 3072],
-                      help='matrix timed for the step time')
-  parser.add_argument('--time-reps', type=int, default=30)
-  parser.add_argument('--out', type=Path,
-                      default=Path('benchmarks/results/compressors'))
-  parser.add_argument('--no-figure', action='store_true')
-  args = parser.parse_args(argv)
-
-  device = (f'{jax.devices()[0].platform.upper()} '
-            f'({platform.processor() or platform.machine()}, '
-            f'{os.cpu_count()} cores)')
+def run(cfg: Config) -> dict[str, Any]:
+  """Tracks every configuration and times it; returns the results dict."""
   rows_out = []
-  half = args.steps // 2
-  for rank in args.ranks:
+  half = cfg.steps // 2
+  for rank in cfg.ranks:
     for label, compressor, kwargs in CONFIGS:
       errs = []
-      for seed in args.seeds:
-        grads = gradients(jax.random.key(1000 + seed), args.steps, args.rows,
-                          args.cols, args.true_rank, args.decay)
-        errs.append(track(grads, rank, compressor, kwargs, args.b1, args.b2,
+      for seed in cfg.seeds:
+        grads = gradients(jax.random.key(1000 + seed), cfg.steps, cfg.rows,
+                          cfg.cols, cfg.true_rank, cfg.decay)
+        errs.append(track(grads, rank, compressor, kwargs, cfg.b1, cfg.b2,
                           seed))
       errs = np.stack(errs)  # [seeds, steps, 3]
       tail = errs[:, half:].mean(axis=1)  # [seeds, 3]
@@ -240,12 +255,12 @@ def main(argv=None):
           'label': label, 'compressor': compressor, 'kwargs': kwargs,
           'rank': rank,
           'curves': errs.mean(axis=0).T.tolist(),
-          'state_floats': state_floats((args.rows, args.cols), rank,
+          'state_floats': state_floats((cfg.rows, cfg.cols), rank,
                                        compressor, kwargs),
       }
       for i, name in enumerate(('m_error', 'v_error', 'direction_error')):
         row[name] = float(tail[:, i].mean())
-        row[name + '_std'] = float(tail[:, i].std())
+        row[name + '_std'] = float(tail[:, i].std())  # over seeds (ddof 0)
       rows_out.append(row)
       print(f"{label:28s} r={rank}: m {row['m_error']:.3f} v "
             f"{row['v_error']:.3f} dir {row['direction_error']:.3f}",
@@ -255,34 +270,35 @@ def main(argv=None):
     timed[row['label'], row['rank']] = mlorc_optax.scale_by_mlorc_adam(
         rank=row['rank'], low_rank_mask=True,
         compressor=COMPRESSORS[row['compressor']](**row['kwargs']))
-  seconds = step_times(tuple(args.time_shape), timed, args.time_reps)
+  seconds = step_times(cfg.time_shape, timed, cfg.time_reps)
   for row in rows_out:
     row['step_s'] = seconds[row['label'], row['rank']]
-  results = {
-      'config': {**{k: v for k, v in vars(args).items() if k != 'out'},
-                 'time_shape': list(args.time_shape)},
+  device = environment.device_description()
+  return {
+      'config': {k: v for k, v in dataclasses.asdict(cfg).items()
+                 if k not in ('out', 'render')},
       'command': ' '.join(['python', *sys.argv]),
-      'device': device,
-      'versions': {'jax': jax.__version__, 'optax': optax.__version__,
-                   'numpy': np.__version__,
-                   'python': platform.python_version()},
+      'device': f"{device['platform'].upper()} "
+                f"({environment.host_description()})",
+      'versions': environment.versions(),
       'rows': rows_out,
       'adam_step_s': seconds['adam'],
   }
-  args.out.mkdir(parents=True, exist_ok=True)
-  (args.out / 'results.json').write_text(json.dumps(results, indent=1) + '\n')
-  table = markdown(results)
-  (args.out / 'results.md').write_text(
-      f"# Moment compressors: tracking error and step time\n\n"
-      f"Device: {device}; jax {jax.__version__}, optax {optax.__version__}.\n"
-      f"Command: `{results['command']}`\n\n"
-      f"Errors: relative Frobenius error vs the exact EMA (optax.scale_by_adam"
-      f"), mean over steps {half + 1}-{args.steps}, mean ± std over seeds "
-      f"{args.seeds}. Step times: median of {args.time_reps} calls, "
-      f"interleaved across the configurations.\n\n{table}\n")
-  print(table)
-  if not args.no_figure:
-    plot(results, args.out / 'results.png')
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+  cfg = tyro.cli(Config, args=argv)
+  if cfg.render:
+    results = results_lib.read_json(cfg.render)
+  else:
+    results = run(cfg)
+    results_lib.write_json(results, cfg.out / 'results.json')
+  cfg.out.mkdir(parents=True, exist_ok=True)
+  (cfg.out / 'results.md').write_text(report(results))
+  print(markdown(results))
+  if not cfg.no_figure:
+    plot(results, cfg.out / 'results.png')
+  return results
 
 
 if __name__ == '__main__':

@@ -20,30 +20,40 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
-import os
-import statistics
-import time
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import tyro
+
+from benchmarks.toolkit import results as results_lib
+from benchmarks.toolkit import timing
 
 SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))
 
 
-def median_time(fn, *args, calls: int) -> float:
-  """Median seconds of ``calls`` warm calls of ``jit(fn)(*args)``."""
-  compiled = jax.jit(fn).lower(*args).compile()
-  jax.block_until_ready(compiled(*args))
-  times = []
-  for _ in range(calls):
-    t0 = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Where an MLorc step's time goes: its dense products and factorizations."""
+
+  batch: int = 8
+  """Matrices per stack (layers)."""
+  shapes: tuple[tuple[int, int], ...] = SHAPES
+  """Matrix shapes ``M N`` (default: LLaMA-7B's)."""
+  ranks: tuple[int, ...] = (4, 32)
+  """Sketch widths."""
+  calls: int = 10
+  """Timed calls (median)."""
+  json: str | None = None
+  """Write the results here (after every entry)."""
+
+
+def median_ms(fn, *args, calls: int) -> float:
+  """Milliseconds: the median of ``calls`` warm calls of ``jit(fn)(*args)``."""
+  return 1e3 * timing.time_calls(jax.jit(fn), *args, calls=calls).median_s
 
 
 def _mT(x):
@@ -82,31 +92,32 @@ def gram_svd(b: jax.Array):
 
 
 def run(batch: int, ranks: Sequence[int], calls: int,
-        json_path: str | None = None) -> list[dict[str, Any]]:
+        json_path: str | None = None,
+        shapes: Sequence[tuple[int, int]] = SHAPES) -> list[dict[str, Any]]:
   """Times every shape and rank; rewrites ``json_path`` after each."""
   results = []
   key = jax.random.key(0)
-  for m, n in SHAPES:
+  for m, n in shapes:
     big = jax.random.normal(key, (batch, m, n), jnp.float32)
     row = dict(m=m, n=n, batch=batch)
-    row['copy_ms'] = 1e3 * median_time(lambda a: a * 1.0, big, calls=calls)
+    row['copy_ms'] = median_ms(lambda a: a * 1.0, big, calls=calls)
     for r in ranks:
       omega = jax.random.normal(key, (n, r), jnp.float32)
       y = big @ omega
       q = jnp.linalg.qr(y)[0]
       b = _mT(q) @ big
       entry = dict(row, rank=r)
-      entry['sketch_ms'] = 1e3 * median_time(lambda a, o: a @ o, big, omega,
-                                       calls=calls)
-      entry['project_ms'] = 1e3 * median_time(lambda q, a: _mT(q) @ a, q, big,
-                                        calls=calls)
-      entry['qr_ms'] = 1e3 * median_time(lambda y: jnp.linalg.qr(y)[0], y,
-                                   calls=calls)
-      entry['cholesky_qr2_ms'] = 1e3 * median_time(cholesky_qr2, y, calls=calls)
-      entry['svd_ms'] = 1e3 * median_time(
+      entry['sketch_ms'] = median_ms(lambda a, o: a @ o, big, omega,
+                                     calls=calls)
+      entry['project_ms'] = median_ms(lambda q, a: _mT(q) @ a, q, big,
+                                      calls=calls)
+      entry['qr_ms'] = median_ms(lambda y: jnp.linalg.qr(y)[0], y,
+                                 calls=calls)
+      entry['cholesky_qr2_ms'] = median_ms(cholesky_qr2, y, calls=calls)
+      entry['svd_ms'] = median_ms(
           lambda b: jnp.linalg.svd(b, full_matrices=False), b, calls=calls)
-      entry['gram_svd_ms'] = 1e3 * median_time(gram_svd, b, calls=calls)
-      entry['qr_then_small_svd_ms'] = 1e3 * median_time(
+      entry['gram_svd_ms'] = median_ms(gram_svd, b, calls=calls)
+      entry['qr_then_small_svd_ms'] = median_ms(
           qr_then_small_svd, b, calls=calls)  # the reference step's way
       q2 = cholesky_qr2(y)
       entry['cholesky_qr2_orthogonality'] = float(jnp.max(jnp.abs(
@@ -121,25 +132,13 @@ def run(batch: int, ranks: Sequence[int], calls: int,
       results.append(entry)
       print(json.dumps(entry), flush=True)
       if json_path:  # after every entry: a cut-off run keeps data
-        os.makedirs(os.path.dirname(os.path.abspath(json_path)),
-                    exist_ok=True)
-        with open(json_path, 'w') as f:
-          json.dump(results, f, indent=2)
+        results_lib.write_json(results, json_path)
   return results
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
-  parser = argparse.ArgumentParser(
-      description=__doc__.splitlines()[0],
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  parser.add_argument('--batch', type=int, default=8,
-                      help='Matrices per stack (layers).')
-  parser.add_argument('--ranks', nargs='+', type=int, default=[4, 32],
-                      help='Sketch widths.')
-  parser.add_argument('--calls', type=int, default=10, help='Timed calls.')
-  parser.add_argument('--json', default=None, help='Write results here.')
-  args = parser.parse_args(argv)
-  return run(args.batch, args.ranks, args.calls, args.json)
+  cfg = tyro.cli(Config, args=argv)
+  return run(cfg.batch, cfg.ranks, cfg.calls, cfg.json, cfg.shapes)
 
 
 if __name__ == '__main__':

@@ -20,21 +20,49 @@ each as the median of ``--calls`` warm calls, with its achieved bandwidth
 tile sizes, warp and stage counts, dot precisions and program targets (the
 fields of :class:`mlorc_optax.kernels.KernelConfig`, recorded with each
 row). The kernels are compiled through Triton on a GPU and interpreted
-elsewhere (CI times nothing). Writes JSON lines.
+elsewhere (CI times nothing). Prints one JSON line per row and appends them
+to ``--json``.
 
-  python -m benchmarks.fused_passes --dtype float32 --ranks 4 32 --sweep
+Usage::
+
+  python -m benchmarks.fused_passes --dtype float32 --ranks 4 32 --sweep \
+      --json benchmarks/results/fused_passes/RUN.jsonl
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
-from benchmarks.decompositions import median_time
+import jax
+import jax.numpy as jnp
+import tyro
+
+import mlorc_optax
+from benchmarks.toolkit import results
+from benchmarks.toolkit import timing
+from mlorc_optax import kernels
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Where the two-pass MLorc-AdamW step spends its time, kernel by kernel."""
+
+  shape: tuple[int, int, int] = (8, 4096, 11008)
+  """The stack ``B M N``: B matrices of M x N."""
+  ranks: tuple[int, ...] = (4,)
+  """Ranks to time."""
+  dtype: Literal['float32', 'bfloat16'] = 'float32'
+  """Gradient and weight dtype."""
+  calls: int = 10
+  """Timed calls per piece (median)."""
+  sweep: bool = False
+  """Also try other tiles, warps, stages, precisions and program targets."""
+  json: str | None = None
+  """Append the rows here as JSON lines."""
 
 
 def sweep_configs(sweep: bool) -> list[Any]:
@@ -43,8 +71,6 @@ def sweep_configs(sweep: bool) -> list[Any]:
   The default alone, or with ``sweep`` also other tiles, warps and stages,
   dot precisions and program targets, one setting group at a time.
   """
-  from mlorc_optax import kernels  # pylint: disable=g-import-not-at-top
-
   default = kernels.KernelConfig()
   configs = [default]
   if sweep:
@@ -61,11 +87,7 @@ def sweep_configs(sweep: bool) -> list[Any]:
 
 def measure(batch: int, rows: int, cols: int, rank: int, dtype: str,
             calls: int, sweep: bool) -> list[dict[str, Any]]:
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import mlorc_optax  # pylint: disable=g-import-not-at-top
-  from mlorc_optax import kernels  # pylint: disable=g-import-not-at-top
-
+  """Times every piece of one stack at one rank; returns the rows."""
   # The benchmark's choice, not the library's: Triton on a GPU.
   interpret = jax.default_backend() != 'gpu'
   dt = jnp.dtype(dtype)
@@ -103,7 +125,7 @@ def measure(batch: int, rows: int, cols: int, rank: int, dtype: str,
 
   def record(name, fn, args, nbytes, **extra):
     try:
-      s = median_time(fn, *args, calls=calls)
+      s = timing.time_calls(jax.jit(fn), *args, calls=calls).median_s
       r = dict(base, kernel=name, ms=1e3 * s, **extra)
       if nbytes:
         r['gb_per_s'] = nbytes / s / 1e9
@@ -141,26 +163,12 @@ def measure(batch: int, rows: int, cols: int, rank: int, dtype: str,
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
-  parser = argparse.ArgumentParser(
-      description=__doc__.split('\n\n')[0],
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  parser.add_argument('--shape', nargs=3, type=int, default=[8, 4096, 11008],
-                      metavar=('B', 'M', 'N'))
-  parser.add_argument('--ranks', nargs='+', type=int, default=[4])
-  parser.add_argument('--dtype', default='float32',
-                      choices=('float32', 'bfloat16'))
-  parser.add_argument('--calls', type=int, default=10)
-  parser.add_argument('--sweep', action='store_true',
-                      help='Also try other tiles and warp counts.')
-  parser.add_argument('--json', default=None, help='Append JSON lines here.')
-  args = parser.parse_args(argv)
+  cfg = tyro.cli(Config, args=argv)
   out = []
-  for rank in args.ranks:
-    out += measure(*args.shape, rank, args.dtype, args.calls, args.sweep)
-  if args.json:
-    with open(args.json, 'a') as f:
-      for r in out:
-        f.write(json.dumps(r) + '\n')
+  for rank in cfg.ranks:
+    out += measure(*cfg.shape, rank, cfg.dtype, cfg.calls, cfg.sweep)
+  if cfg.json:
+    results.append_json_lines(out, cfg.json)
   return out
 
 

@@ -8,46 +8,66 @@ Usage: python benchmarks/memory_table.py [--rank 4] [--dtype float32]
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
 
+if not __package__:  # Run as a file (the usage above): find `benchmarks`.
+  sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 import jax
 import jax.numpy as jnp
 import optax
+import tyro
 
 import mlorc_optax
+from benchmarks.toolkit import memory
+from benchmarks.toolkit import results
+
+#: LLaMA-7B's matrix shapes: attention (q, k, v, o) and the MLP.
+SHAPES = ((4096, 4096), (4096, 11008))
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Optimizer-state bytes of optax.adamw vs mlorc_adamw."""
+
+  rank: int = 4
+  """MLorc rank r."""
+  dtype: Literal['float32', 'bfloat16'] = 'float32'
+  """Parameter dtype."""
 
 
 def state_bytes(tx: optax.GradientTransformation, params) -> int:
   """Bytes of every array in ``tx.init(params)`` (shapes only, no allocation)."""
-  state = jax.eval_shape(tx.init, params)
-  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+  return memory.tree_bytes(jax.eval_shape(tx.init, params))
 
 
-def table(shapes, rank: int, dtype) -> str:
-  rows = [
-      f'| matrix | params | optax.adamw state | mlorc_adamw state (r={rank}) '
-      '| ratio |',
-      '|---|---|---|---|---|',
-  ]
+def table(shapes: Sequence[tuple[int, int]], rank: int, dtype) -> str:
+  """The markdown table of the state bytes of each ``m x n`` matrix."""
+  rows = []
   for m, n in shapes:
     params = {'w': jax.ShapeDtypeStruct((m, n), dtype)}
-    adam = state_bytes(optax.adamw(1e-3), params)
-    mlorc = state_bytes(mlorc_optax.mlorc_adamw(1e-3, rank=rank), params)
-    size = m * n * jnp.dtype(dtype).itemsize
-    rows.append(
-        f'| {m} x {n} | {size / 2**20:,.1f} MiB | {adam / 2**20:,.1f} MiB '
-        f'| {mlorc / 2**10:,.1f} KiB | {mlorc / adam:.3%} |'
-    )
-  return '\n'.join(rows)
+    rows.append(dict(
+        matrix=f'{m} x {n}', params=memory.tree_bytes(params),
+        adam=state_bytes(optax.adamw(1e-3), params),
+        mlorc=state_bytes(mlorc_optax.mlorc_adamw(1e-3, rank=rank), params)))
+  return results.markdown_table(rows, [
+      results.Column('matrix', 'matrix'),
+      results.Column('params', 'params', results.fmt_bytes),
+      results.Column('adam', 'optax.adamw state', results.fmt_bytes),
+      results.Column('mlorc', f'mlorc_adamw state (r={rank})',
+                     results.fmt_bytes),
+      results.Column(lambda r: r['mlorc'] / r['adam'], 'ratio', '.3%'),
+  ])
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--rank', type=int, default=4, help='MLorc rank r.')
-  parser.add_argument('--dtype', default='float32',
-                      help='Parameter dtype (float32 or bfloat16).')
-  args = parser.parse_args()
-  print(table([(4096, 4096), (4096, 11008)], args.rank, jnp.dtype(args.dtype)))
+def main(argv: Sequence[str] | None = None) -> None:
+  cfg = tyro.cli(Config, args=argv)
+  print(table(SHAPES, cfg.rank, jnp.dtype(cfg.dtype)))
 
 
 if __name__ == '__main__':

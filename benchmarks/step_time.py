@@ -27,8 +27,8 @@ of ``[m, n]`` leaves.
 
 Reported per configuration: median warm step time (``block_until_ready``
 after each call), its ratio to ``optax.adamw``'s in the same run and dtype,
-XLA's compiled memory (``memory_analysis()``: temporaries, and arguments +
-outputs - aliased + temporaries as the step's estimated peak),
+XLA's compiled memory (``memory_analysis()``: temporaries, and the step's
+estimated peak, :func:`benchmarks.toolkit.memory.compiled_memory`),
 optimizer-state bytes and, with ``--isolate`` (one process per
 configuration; the device's peak counter never resets), the device's
 ``peak_bytes_in_use``. Writes JSON, a markdown table and a plot of step time
@@ -40,20 +40,30 @@ Usage (GPU; both dtypes in parallel on two GPUs, or one after the other)::
       small_32x1024x2816 --dtypes float32 --isolate \\
       --json benchmarks/results/step_time/h100_float32.json
   python -m benchmarks.step_time --cases tiny --dtypes float32  # CPU, CI
+  python -m benchmarks.step_time --render RESULTS.json ... --table T.md \
+      --plot P.png  # re-render saved results, measuring nothing
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import statistics
-import subprocess
-import sys
-import tempfile
+import dataclasses
+import functools
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import optax
+import tyro
+
+import mlorc_optax
+from benchmarks.toolkit import environment
+from benchmarks.toolkit import figures
+from benchmarks.toolkit import isolation
+from benchmarks.toolkit import memory
+from benchmarks.toolkit import results as results_lib
+from benchmarks.toolkit import timing
 
 #: Matrices per case: (name, count, (m, n)) stacked as [count, m, n].
 LLAMA7B_LAYER = (
@@ -109,41 +119,71 @@ LOW_RANK = ('mlorc_adamw', 'mlorc_lion', 'galore',
             *MLORC_ALONE)
 GALORE_GAP = 200
 
+# The command line's choices, from the tables above.
+Case = Literal[tuple(CASES)]  # pytype: disable=invalid-annotation
+Optimizer = Literal[OPTIMIZERS]  # pytype: disable=invalid-annotation
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Optimizer step time and memory: MLorc against optax's optimizers."""
+
+  cases: tuple[Case, ...] = ('tiny',)
+  """Parameter trees."""
+  dtypes: tuple[Literal['float32', 'bfloat16'], ...] = ('float32',)
+  """Parameter (and gradient) dtypes."""
+  optimizers: tuple[Optimizer, ...] = OPTIMIZERS[:6]
+  """Optimizers to measure."""
+  ranks: tuple[int, ...] = (4, 32)
+  """Ranks of the low-rank optimizers."""
+  galore_ranks: tuple[int, ...] | None = None
+  """Ranks of GaLore (default: --ranks)."""
+  calls: int = 10
+  """Timed calls per configuration (median)."""
+  warmup: int = 2
+  """Untimed calls after compiling."""
+  isolate: bool = False
+  """One process per configuration (exact device peak; OOM-safe)."""
+  timeout: float = 300
+  """Seconds per isolated configuration."""
+  json: str | None = None
+  """Write the results here (after every configuration)."""
+  table: str | None = None
+  """Write the markdown table here."""
+  plot: str | None = None
+  """Write the figure here."""
+  quiet: bool = False
+  """Less output."""
+  render: tuple[str, ...] = ()
+  """Measure nothing: merge these result files and write --json, --table and
+  --plot from them."""
+  result_json: str | None = None
+  """Write the one configuration's result here (set by --isolate's parent)."""
+
 
 def param_count(case: str) -> int:
   layers, mats = CASES[case]
   return layers * sum(m * n for _, (m, n) in mats)
 
 
-def make_optimizer(name: str, rank: int | None):
-  import optax  # pylint: disable=g-import-not-at-top
-  import mlorc_optax  # pylint: disable=g-import-not-at-top
-
+def make_optimizer(name: str, rank: int | None) -> optax.GradientTransformation:
+  """The optimizer called ``name`` (see :data:`OPTIMIZERS`) at ``rank``."""
   lr = 1e-4
-  if name == 'adamw':
-    return optax.adamw(lr)
-  if name == 'lion':
-    return optax.lion(lr)
-  if name == 'adafactor':
-    return optax.adafactor(lr)
-  if name == 'mlorc_adamw':
-    return mlorc_optax.mlorc_adamw(lr, rank=rank)
-  if name in MLORC_ADAMW_IMPLEMENTATIONS:
-    return mlorc_optax.mlorc_adamw(
-        lr, rank=rank, implementation=name.rsplit('_', 1)[1])
-  if name == 'mlorc_lion':
-    return mlorc_optax.mlorc_lion(lr, rank=rank)
-  if name in MLORC_LION_IMPLEMENTATIONS:
-    return mlorc_optax.mlorc_lion(
-        lr, rank=rank, implementation=name.rsplit('_', 1)[1])
-  if name in MLORC_ALONE:
-    make = (mlorc_optax.mlorc_adamw if name == 'mlorc_adamw_alone'
-            else mlorc_optax.mlorc_lion)
-    return make(lr, rank=rank, kernel_config=mlorc_optax.kernels.KernelConfig(
-        group_max_elements=0))
+  implementation = name.rsplit('_', 1)[-1]
+  if name in ('adamw', 'lion', 'adafactor'):
+    return getattr(optax, name)(lr)
   if name == 'galore':
     return optax.contrib.galore(lr, rank=rank, update_proj_gap=GALORE_GAP)
-  raise ValueError(f'optimizer must be one of {OPTIMIZERS}, got {name!r}.')
+  if name not in OPTIMIZERS:
+    raise ValueError(f'optimizer must be one of {OPTIMIZERS}, got {name!r}.')
+  make = (mlorc_optax.mlorc_lion if name.startswith('mlorc_lion')
+          else mlorc_optax.mlorc_adamw)
+  if name in MLORC_ALONE:
+    return make(lr, rank=rank, kernel_config=mlorc_optax.kernels.KernelConfig(
+        group_max_elements=0))
+  if implementation in mlorc_optax.plan.IMPLEMENTATIONS:
+    return make(lr, rank=rank, implementation=implementation)
+  return make(lr, rank=rank)
 
 
 def implementation_of(tx: Any, params: Any) -> str:
@@ -153,9 +193,6 @@ def implementation_of(tx: Any, params: Any) -> str:
   made once in ``init``): the steps of the compressed leaves, e.g.
   ``'pallas'``, or ``'pallas+xla'`` when some matrix cannot be tiled.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  import mlorc_optax  # pylint: disable=g-import-not-at-top
-
   plan = mlorc_optax.compression_plan(tx, params)
   steps = {p.step for p in jax.tree.leaves(plan) if p.compressed}
   return '+'.join(sorted(steps)) or 'dense'
@@ -163,8 +200,6 @@ def implementation_of(tx: Any, params: Any) -> str:
 
 def make_tree(case: str, dtype: str, seed: int, as_list: bool) -> Any:
   """Random arrays of ``case`` (stacked, or a list of matrices if as_list)."""
-  import jax  # pylint: disable=g-import-not-at-top
-
   layers, mats = CASES[case]
   keys = iter(jax.random.split(jax.random.key(seed), len(mats) * layers))
 
@@ -178,29 +213,17 @@ def make_tree(case: str, dtype: str, seed: int, as_list: bool) -> Any:
   return {name: draw((layers, m, n)) for name, (m, n) in mats}
 
 
-def _tree_bytes(tree: Any) -> int:
-  import jax  # pylint: disable=g-import-not-at-top
-
-  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)
-             if hasattr(x, 'dtype'))
-
-
-def _peak() -> int | None:
-  import jax  # pylint: disable=g-import-not-at-top
-
-  try:
-    stats = jax.local_devices()[0].memory_stats()
-  except Exception:  # pylint: disable=broad-except
-    return None
-  return int(stats['peak_bytes_in_use']) if stats else None
+def _step(tx, params, state, grads, count=None):
+  """One optimizer step; ``count`` pins the step counter (GaLore's SVD)."""
+  if count is not None:
+    state = optax.tree_utils.tree_set(state, count=count)
+  updates, state = tx.update(grads, state, params)
+  return optax.apply_updates(params, updates), state
 
 
 def measure(case: str, dtype: str, optimizer: str, rank: int | None,
             calls: int, warmup: int) -> dict[str, Any]:
   """Times one configuration in this process."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
-
   result: dict[str, Any] = dict(
       case=case, dtype=dtype, optimizer=optimizer, rank=rank,
       params=param_count(case), backend=jax.default_backend(),
@@ -214,241 +237,157 @@ def measure(case: str, dtype: str, optimizer: str, rank: int | None,
     if optimizer.startswith('mlorc_'):
       result['implementation'] = implementation_of(tx, params)
     state = tx.init(params)
-    result['param_bytes'] = _tree_bytes(params)
-    result['opt_state_bytes'] = _tree_bytes(state)
-
-    def step(params, state, grads, count=None):
-      if count is not None:  # pin the step counter (GaLore's SVD steps)
-        state = optax.tree_utils.tree_set(state, count=count)
-      updates, state = tx.update(grads, state, params)
-      return optax.apply_updates(params, updates), state
-
-    jitted = jax.jit(step, donate_argnums=(0, 1))
-    count = None
+    result['param_bytes'] = memory.tree_bytes(params)
+    result['opt_state_bytes'] = memory.tree_bytes(state)
+    # GaLore: a step that keeps the projectors; its SVD step is timed apart.
+    count = jnp.asarray(1, jnp.int32) if optimizer == 'galore' else None
+    start = time.perf_counter()
+    compiled = jax.jit(functools.partial(_step, tx), donate_argnums=(0, 1)
+                       ).lower(params, state, grads, count).compile()
+    result['compile_s'] = time.perf_counter() - start
+    analysis = memory.compiled_memory(compiled)
+    if analysis is not None:
+      result['temp_bytes'] = analysis.get('temp_size_in_bytes')
+      result['estimated_peak_bytes'] = analysis['estimated_peak_bytes']
+    times, carry = timing.time_steps(
+        lambda c: compiled(*c, grads, count), (params, state), calls=calls,
+        warmup=warmup)
+    result['step_s'], result['step_min_s'] = times.median_s, times.min_s
     if optimizer == 'galore':
-      import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-      count = jnp.asarray(1, jnp.int32)  # a step that keeps the projectors
-    t0 = time.perf_counter()
-    compiled = jitted.lower(params, state, grads, count).compile()
-    result['compile_s'] = time.perf_counter() - t0
-    mem = compiled.memory_analysis()
-    if mem is not None:
-      result['temp_bytes'] = int(mem.temp_size_in_bytes)
-      result['estimated_peak_bytes'] = int(
-          mem.argument_size_in_bytes + mem.output_size_in_bytes
-          - mem.alias_size_in_bytes + mem.temp_size_in_bytes)
-
-    def timed(n, count, warmup=warmup):
-      nonlocal params, state
-      times = []
-      for i in range(n + warmup):
-        t0 = time.perf_counter()
-        params, state = jax.block_until_ready(
-            compiled(params, state, grads, count))
-        if i >= warmup:
-          times.append(time.perf_counter() - t0)
-      return times
-
-    times = timed(calls, count)
-    result['step_s'] = statistics.median(times)
-    result['step_min_s'] = min(times)
-    if optimizer == 'galore':
-      svd = timed(1, jnp.asarray(0, jnp.int32), warmup=1)
-      result['svd_step_s'] = statistics.median(svd)
+      svd_count = jnp.asarray(0, jnp.int32)
+      svd, carry = timing.time_steps(
+          lambda c: compiled(*c, grads, svd_count), carry, calls=1, warmup=1)
+      result['svd_step_s'] = svd.median_s
       result['regular_step_s'] = result['step_s']
-      result['step_s'] = (result['svd_step_s']
-                          + (GALORE_GAP - 1) * result['regular_step_s']
+      result['step_s'] = (svd.median_s + (GALORE_GAP - 1) * times.median_s
                           ) / GALORE_GAP
-    result['peak_bytes'] = _peak()
+    result['peak_bytes'] = memory.device_peak_bytes()
     result['status'] = 'ok'
   except Exception as e:  # pylint: disable=broad-except
-    text = f'{type(e).__name__}: {e}'
-    result['error'] = text[:500]
-    result['status'] = 'oom' if 'RESOURCE_EXHAUSTED' in text else 'error'
+    result['error'] = f'{type(e).__name__}: {e}'[:500]
+    result['status'] = 'oom' if memory.is_oom(e) else 'error'
   return result
 
 
-def measure_isolated(case, dtype, optimizer, rank, calls, warmup,
-                     timeout) -> dict[str, Any]:
+def measure_isolated(case: str, dtype: str, optimizer: str, rank: int | None,
+                     calls: int, warmup: int,
+                     timeout: float | None) -> dict[str, Any]:
   """:func:`measure` in a fresh process (exact device peak; OOM-safe)."""
-  with tempfile.TemporaryDirectory() as tmp:
-    path = os.path.join(tmp, 'r.json')
-    args = [sys.executable, '-m', 'benchmarks.step_time', '--cases', case,
-            '--dtypes', dtype, '--optimizers', optimizer, '--calls',
-            str(calls), '--warmup', str(warmup), '--json', path, '--quiet']
-    if rank is not None:
-      args += ['--ranks', str(rank)]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ)
-    env['PYTHONPATH'] = os.pathsep.join(
-        p for p in (root, env.get('PYTHONPATH')) if p)
-    try:
-      proc = subprocess.run(args, cwd=root, env=env, timeout=timeout,
-                            capture_output=True, text=True, check=False)
-      tail = (proc.stdout + proc.stderr)[-500:]
-    except subprocess.TimeoutExpired:
-      tail = f'timed out after {timeout}s'
-    if os.path.exists(path):
-      with open(path) as f:
-        return json.load(f)[0]
+  argv = ['--cases', case, '--dtypes', dtype, '--optimizers', optimizer,
+          '--calls', str(calls), '--warmup', str(warmup), '--quiet']
+  if rank is not None:
+    argv += ['--ranks', str(rank)]
+  out = isolation.run_isolated('benchmarks.step_time', argv, timeout=timeout)
+  if 'status' in out:
+    return out
   return dict(case=case, dtype=dtype, optimizer=optimizer, rank=rank,
-              params=param_count(case), status='error', error=tail)
+              params=param_count(case), status='error', error=out['error'])
 
 
-def add_ratios(results: Sequence[dict[str, Any]]) -> None:
-  """``ratio_vs_adamw``: step time over adamw's (same case and dtype)."""
-  base = {(r['case'], r['dtype']): r['step_s'] for r in results
-          if r['optimizer'] == 'adamw' and r['status'] == 'ok'}
-  for r in results:
-    b = base.get((r['case'], r['dtype']))
-    r['ratio_vs_adamw'] = (r['step_s'] / b if b and r['status'] == 'ok'
-                           else None)
+def _ok(key: str):
+  """A table cell that shows ``key`` of successful rows only."""
+  return lambda r: r.get(key) if r['status'] == 'ok' else None
 
 
-def _gib(x):
-  return '-' if x is None else f'{x / 2**30:.2f}'
+def _temp_per_param(r: dict[str, Any]) -> float | None:
+  temp, params = _ok('temp_bytes')(r), r.get('param_bytes')
+  return None if temp is None or not params else temp / params
+
+
+TABLE = (
+    results_lib.Column('case', 'case'),
+    results_lib.Column('dtype', 'dtype'),
+    results_lib.Column('optimizer', 'optimizer'),
+    results_lib.Column('rank', 'rank'),
+    results_lib.Column(lambda r: r['status'] if r['status'] == 'ok' else
+                       f'{r["status"]}: {str(r["error"])[:60]}', 'status'),
+    results_lib.Column(_ok('step_s'), 'step ms', lambda s: f'{1e3 * s:.2f}'),
+    results_lib.Column(_ok('ratio_vs_adamw'), 'ratio vs adamw', '.2f'),
+    results_lib.Column(_ok('temp_bytes'), 'temp GiB', results_lib.fmt_gib),
+    results_lib.Column(_temp_per_param, 'temp / params', '.2f'),
+    results_lib.Column(_ok('estimated_peak_bytes'), 'estimated peak GiB',
+                       results_lib.fmt_gib),
+    results_lib.Column(_ok('peak_bytes'), 'device peak GiB',
+                       results_lib.fmt_gib),
+    results_lib.Column(_ok('opt_state_bytes'), 'state GiB',
+                       results_lib.fmt_gib),
+)
 
 
 def format_table(results: Sequence[dict[str, Any]]) -> str:
   """A markdown table of the results."""
-  rows = ['| case | dtype | optimizer | rank | status | step ms | ratio vs '
-          'adamw | temp GiB | temp / params | estimated peak GiB | device '
-          'peak GiB | state GiB |',
-          '|---|---|---|---|---|---|---|---|---|---|---|---|']
-  for r in results:
-    cells = [r['case'], r['dtype'], r['optimizer'], r['rank'] or '-']
-    if r['status'] != 'ok':
-      cells += [f'{r["status"]}: {str(r["error"])[:60]}'] + ['-'] * 7
-    else:
-      temp, pb = r.get('temp_bytes'), r.get('param_bytes')
-      ratio = r.get('ratio_vs_adamw')
-      cells += [
-          'ok',
-          f'{r["step_s"] * 1e3:.2f}',
-          '-' if ratio is None else f'{ratio:.2f}',
-          _gib(temp),
-          '-' if temp is None or not pb else f'{temp / pb:.2f}',
-          _gib(r.get('estimated_peak_bytes')),
-          _gib(r.get('peak_bytes')),
-          _gib(r.get('opt_state_bytes')),
-      ]
-    rows.append('| ' + ' | '.join(str(c) for c in cells) + ' |')
-  return '\n'.join(rows)
+  return results_lib.markdown_table(results, TABLE)
 
 
 def plot(results: Sequence[dict[str, Any]], path: str) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-
-  fig, axes = plt.subplots(1, 2, figsize=(12.5, 4.2), sharey=True)
-  for ax, dtype in zip(axes, ('float32', 'bfloat16')):
-    series: dict[str, list[tuple[int, float]]] = {}
-    for r in results:
-      if r['status'] != 'ok' or r['dtype'] != dtype:
-        continue
-      label = r['optimizer'] + (f' r={r["rank"]}' if r['rank'] else '')
-      series.setdefault(label, []).append((r['params'], r['step_s'] * 1e3))
-    for label, pts in sorted(series.items()):
-      pts.sort()
-      ax.plot([p for p, _ in pts], [t for _, t in pts], 'o-', label=label)
-    ax.set_xscale('log')
-    ax.set_yscale('log')
-    ax.set_xlabel('parameters')
-    ax.set_title(dtype)
-    ax.grid(True, which='both', alpha=0.3)
-  axes[0].set_ylabel('optimizer step (ms)')
-  axes[1].legend(fontsize=7, loc='center left', bbox_to_anchor=(1.02, 0.5))
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  """Step time against parameter count, one panel per dtype (log-log)."""
+  dtypes = [d for d in ('float32', 'bfloat16')
+            if any(r['dtype'] == d for r in results)] or ['float32']
+  with figures.panels(path, len(dtypes), figsize=(6.5 * len(dtypes), 4.2),
+                      sharey=True) as axes:
+    for i, (ax, dtype) in enumerate(zip(axes, dtypes)):
+      points: dict[str, list[tuple[int, float]]] = {}
+      for r in results:
+        if r['status'] == 'ok' and r['dtype'] == dtype:
+          label = r['optimizer'] + (f' r={r["rank"]}' if r['rank'] else '')
+          points.setdefault(label, []).append((r['params'], 1e3 * r['step_s']))
+      series = {label: tuple(zip(*sorted(pts)))
+                for label, pts in sorted(points.items())}
+      figures.draw_lines(ax, series, xlabel='parameters', title=dtype,
+                         ylabel='optimizer step (ms)' if i == 0 else None,
+                         logx=True, logy=True, marker='o',
+                         legend=i == len(dtypes) - 1)
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
-  parser = argparse.ArgumentParser(
-      description=__doc__.splitlines()[0],
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  parser.add_argument('--cases', nargs='+', default=['tiny'],
-                      choices=sorted(CASES), help='Parameter trees.')
-  parser.add_argument('--dtypes', nargs='+', default=['float32'],
-                      choices=('float32', 'bfloat16'),
-                      help='Parameter (and gradient) dtypes.')
-  parser.add_argument('--optimizers', nargs='+', default=list(OPTIMIZERS[:6]),
-                      choices=OPTIMIZERS, help='Optimizers to measure.')
-  parser.add_argument('--ranks', nargs='+', type=int, default=[4, 32],
-                      help='Ranks of the low-rank optimizers.')
-  parser.add_argument('--galore-ranks', nargs='+', type=int, default=None,
-                      help='Ranks of GaLore (default: --ranks).')
-  parser.add_argument('--calls', type=int, default=10,
-                      help='Timed calls per configuration (median).')
-  parser.add_argument('--warmup', type=int, default=2,
-                      help='Untimed calls after compiling.')
-  parser.add_argument('--isolate', action='store_true',
-                      help='One process per configuration (device peak).')
-  parser.add_argument('--timeout', type=float, default=300,
-                      help='Seconds per isolated configuration.')
-  parser.add_argument('--json', default=None, help='Write results here.')
-  parser.add_argument('--table', default=None,
-                      help='Write the markdown table here.')
-  parser.add_argument('--plot', default=None, help='Write the figure here.')
-  parser.add_argument('--quiet', action='store_true', help='Less output.')
-  parser.add_argument('--render', nargs='+', default=None, metavar='JSON',
-                      help='Measure nothing: merge these result files and '
-                      'write --json/--table/--plot from them.')
-  args = parser.parse_args(argv)
-  if args.render:
-    results = []
-    for path in args.render:
-      with open(path) as f:
-        results.extend(json.load(f))
-    return _write(results, args)
-
-  os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
-  os.environ.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.95')
+  cfg = tyro.cli(Config, args=argv)
+  if cfg.render:
+    return _write([r for path in cfg.render
+                   for r in results_lib.read_json(path)], cfg)
+  environment.configure_xla()
   results = []
-  for case in args.cases:
-    for dtype in args.dtypes:
-      for optimizer in args.optimizers:
+  for case in cfg.cases:
+    for dtype in cfg.dtypes:
+      for optimizer in cfg.optimizers:
         ranks = [None]
         if optimizer in LOW_RANK:
-          ranks = args.ranks
-          if optimizer == 'galore' and args.galore_ranks:
-            ranks = args.galore_ranks
+          ranks = cfg.ranks
+          if optimizer == 'galore' and cfg.galore_ranks:
+            ranks = cfg.galore_ranks
         for rank in ranks:
-          if args.isolate:
-            r = measure_isolated(case, dtype, optimizer, rank, args.calls,
-                                 args.warmup, args.timeout)
+          if cfg.isolate:
+            r = measure_isolated(case, dtype, optimizer, rank, cfg.calls,
+                                 cfg.warmup, cfg.timeout)
           else:
-            r = measure(case, dtype, optimizer, rank, args.calls, args.warmup)
+            r = measure(case, dtype, optimizer, rank, cfg.calls, cfg.warmup)
           results.append(r)
-          if args.json:  # after every configuration: a cut-off run keeps data
-            _dump(results, args.json)
-          if not args.quiet:
+          if cfg.json:  # after every configuration: a cut-off run keeps data
+            results_lib.write_json(results, cfg.json)
+          if not cfg.quiet:
             print(f'{case} {dtype} {optimizer} r={rank}: {r["status"]} '
                   + (f'{r["step_s"] * 1e3:.2f} ms' if r['status'] == 'ok'
                      else str(r['error'])[:200]), flush=True)
-  return _write(results, args)
+  if cfg.result_json:  # an isolated child: its one configuration
+    results_lib.write_json(results[0], cfg.result_json)
+  return _write(results, cfg)
 
 
-def _dump(results: list[dict[str, Any]], path: str) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, 'w') as f:
-    json.dump(results, f, indent=2)
-
-
-def _write(results: list[dict[str, Any]], args: Any) -> list[dict[str, Any]]:
-  """Adds the ratios, prints and writes the outputs named in ``args``."""
-  add_ratios(results)
+def _write(results: list[dict[str, Any]], cfg: Config) -> list[dict[str, Any]]:
+  """Adds the ratios, prints and writes the outputs ``cfg`` names."""
+  results_lib.add_ratios(
+      results, value='step_s', group_by=('case', 'dtype'),
+      baseline=lambda r: r['optimizer'] == 'adamw' and r['status'] == 'ok',
+      key='ratio_vs_adamw')
   table = format_table(results)
-  if not args.quiet:
+  if not cfg.quiet:
     print(table)
-  if args.json:
-    _dump(results, args.json)
-  if args.table:
-    with open(args.table, 'w') as f:
+  if cfg.json:
+    results_lib.write_json(results, cfg.json)
+  if cfg.table:
+    with open(cfg.table, 'w') as f:
       f.write(table + '\n')
-  if args.plot:
-    plot(results, args.plot)
+  if cfg.plot:
+    plot(results, cfg.plot)
   return results
 
 

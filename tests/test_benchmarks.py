@@ -1,15 +1,33 @@
 """The benchmark tools run end to end on a tiny shape (no timing is checked).
 
 Speed and memory are measured on the GPU and committed under
-``benchmarks/results``; CI only proves the tools work.
+``benchmarks/results``; CI only proves the tools work and that the committed
+results still render.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import runpy
+import sys
+from pathlib import Path
 
+import pytest
+
+from benchmarks import compressor_tracking
 from benchmarks import decompositions
+from benchmarks import memory_table
 from benchmarks import step_time
+
+RESULTS = Path(__file__).resolve().parents[1] / 'benchmarks' / 'results'
+
+
+def _rows(table: str) -> list[list[str]]:
+  """The cells of a markdown table's body lines."""
+  return [[c.strip() for c in line.strip().strip('|').split('|')]
+          for line in table.splitlines()[2:]]
 
 
 def test_step_time_tool_measures_every_optimizer_on_a_tiny_tree(tmp_path):
@@ -40,8 +58,31 @@ def test_step_time_tool_measures_every_optimizer_on_a_tiny_tree(tmp_path):
   assert json.loads(out.read_text())[0]['optimizer'] == 'adamw'
   rendered = step_time.main(['--render', str(out), '--quiet'])
   assert len(rendered) == len(results)
-  assert '| tiny | float32 | mlorc_adamw | 4 | ok |' in (
-      tmp_path / 'r.md').read_text()
+  assert ['tiny', 'float32', 'mlorc_adamw', '4', 'ok'] in [
+      row[:5] for row in _rows((tmp_path / 'r.md').read_text())]
+
+
+def test_step_time_child_writes_its_one_configuration(tmp_path):
+  # What `--isolate` runs in each fresh process (here in this one).
+  out = tmp_path / 'child.json'
+  step_time.main(['--cases', 'tiny', '--optimizers', 'adamw', '--calls', '1',
+                  '--warmup', '0', '--quiet', '--result-json', str(out)])
+  child = json.loads(out.read_text())
+  assert (child['optimizer'], child['status']) == ('adamw', 'ok')
+
+
+def test_the_committed_step_times_render(tmp_path):
+  parts = sorted(RESULTS.glob('step_time/h100_fused_*.json'))
+  assert parts
+  rendered = step_time.main([
+      '--render', *map(str, parts), '--table', str(tmp_path / 't.md'),
+      '--plot', str(tmp_path / 't.png'), '--quiet'])
+  rows = _rows((tmp_path / 't.md').read_text())
+  assert len(rows) == len(rendered) == sum(
+      len(json.loads(p.read_text())) for p in parts)
+  adamw = [r for r in rendered if r['optimizer'] == 'adamw']
+  assert adamw and all(r['ratio_vs_adamw'] == 1.0 for r in adamw)
+  assert (tmp_path / 't.png').read_bytes().startswith(b'\x89PNG')
 
 
 def test_matmul_only_factorizations_match_the_library_ones():
@@ -68,8 +109,22 @@ def test_matmul_only_factorizations_match_the_library_ones():
   assert float(jnp.linalg.norm(recon - b) / jnp.linalg.norm(b)) < 1e-5
 
 
+def test_decompositions_tool_times_every_piece_on_a_tiny_stack(tmp_path):
+  out = tmp_path / 'd.json'
+  rows = decompositions.main(['--batch', '1', '--shapes', '32', '48',
+                              '--ranks', '4', '--calls', '1', '--json',
+                              str(out)])
+  assert [(r['m'], r['n'], r['rank']) for r in rows] == [(32, 48, 4)]
+  for key in ('copy_ms', 'sketch_ms', 'project_ms', 'qr_ms',
+              'cholesky_qr2_ms', 'svd_ms', 'gram_svd_ms',
+              'qr_then_small_svd_ms'):
+    assert rows[0][key] > 0, key
+  assert rows[0]['cholesky_qr2_orthogonality'] < 1e-4
+  assert json.loads(out.read_text()) == rows
+
+
 def test_fused_passes_tool_times_every_piece_on_a_tiny_stack(tmp_path):
-  from benchmarks import fused_passes
+  from benchmarks import fused_passes  # pylint: disable=g-import-not-at-top
 
   out = tmp_path / 'p.jsonl'
   rows = fused_passes.main(['--shape', '1', '32', '64', '--calls', '1',
@@ -80,3 +135,58 @@ def test_fused_passes_tool_times_every_piece_on_a_tiny_stack(tmp_path):
     assert 'error' not in r, r
     assert r['ms'] > 0
   assert len(out.read_text().splitlines()) == len(rows)
+
+
+def test_memory_table_counts_the_states_of_both_optimizers():
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  import mlorc_optax  # pylint: disable=g-import-not-at-top
+
+  params = {'w': jax.ShapeDtypeStruct((64, 32), jnp.float32)}
+  # adamw: two dense float32 moments and an int32 step count.
+  assert memory_table.state_bytes(optax.adamw(1e-3), params) == (
+      2 * 64 * 32 * 4 + 4)
+  # mlorc_adamw: two moments of (m + n) r + r floats, plus a few scalars
+  # (step counts, the sketch key).
+  mlorc = memory_table.state_bytes(mlorc_optax.mlorc_adamw(1e-3, rank=4),
+                                   params)
+  assert 0 <= mlorc - 2 * ((64 + 32) * 4 + 4) * 4 < 64
+  rows = _rows(memory_table.table([(64, 32)], 4, jnp.float32))
+  assert rows[0][:3] == ['64 x 32', '8.0 KiB', '16.0 KiB']
+  assert rows[0][4] == f'{mlorc / (2 * 64 * 32 * 4 + 4):.3%}'
+
+
+def test_memory_table_runs_as_a_file_as_the_docs_build_does(monkeypatch):
+  # docs/conf.py runs `benchmarks/memory_table.py` with runpy, as a script.
+  script = Path(memory_table.__file__)
+  monkeypatch.setattr(sys, 'argv', [str(script), '--rank', '8'])
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    runpy.run_path(str(script), run_name='__main__')
+  assert [row[0] for row in _rows(out.getvalue())] == [
+      '4096 x 4096', '4096 x 11008']
+
+
+def test_compressor_tracking_is_exact_at_full_rank_with_rsvd():
+  import jax  # pylint: disable=g-import-not-at-top
+
+  grads = compressor_tracking.gradients(jax.random.key(0), steps=5, rows=12,
+                                        cols=8, true_rank=3, decay=0.8)
+  errors = compressor_tracking.track(grads, 8, 'rsvd', {}, 0.9, 0.999, seed=0)
+  assert errors.shape == (5, 3)
+  # Rank 8 = min(rows, cols): the factors hold the moments to float32
+  # rounding (m, v, and the update direction), far from rank 2's ~0.5.
+  assert float(errors.max()) < 1e-4
+
+
+def test_the_committed_compressor_results_render(tmp_path):
+  saved = RESULTS / 'compressors' / 'results.json'
+  results = compressor_tracking.main(['--render', str(saved), '--out',
+                                      str(tmp_path)])
+  rows = _rows((tmp_path / 'results.md').read_text().split('\n\n')[-1])
+  assert len(rows) == len(results['rows']) + 1  # and the exact Adam row
+  assert rows[0][:3] == ['rsvd', '4', '0.767 ± 0.018']
+  assert (tmp_path / 'results.png').read_bytes().startswith(b'\x89PNG')
+  assert not (tmp_path / 'results.json').exists()  # nothing was measured
+

@@ -1,0 +1,121 @@
+"""What a result was measured on: the devices, the host and the versions.
+
+Every result file records :func:`device_description` and :func:`versions`,
+so a committed number says where it came from. :func:`configure_xla` sets the
+XLA client variables a measuring program wants; it must run before JAX
+creates its backends (before the first computation or device query).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+#: Appended to ``XLA_FLAGS`` by :func:`configure_xla`. With jaxlib 0.10,
+#: XLA:CPU's concurrency-optimised scheduler can deadlock a program that runs
+#: several independent batched QR + SVD chains (MLorc's update of stacked
+#: layers, e.g. two ``(8, 768, 768)`` kernels): the executable waits forever
+#: with every worker idle. Turning that scheduler off avoids it; GPUs are
+#: unaffected.
+CPU_DEADLOCK_FLAG = '--xla_cpu_enable_concurrency_optimized_scheduler=false'
+
+#: The distributions :func:`versions` reports (``flax`` only if installed).
+PACKAGES = ('jax', 'jaxlib', 'optax', 'flax', 'numpy', 'mlorc_optax')
+
+
+def configure_xla(*, mem_fraction: float = 0.95) -> dict[str, str]:
+  """Sets the XLA client variables a measuring program wants, if unset.
+
+  * ``XLA_PYTHON_CLIENT_PREALLOCATE=false``: the device's peak counter then
+    shows what the program used, not a preallocated pool;
+  * ``XLA_PYTHON_CLIENT_MEM_FRACTION=mem_fraction``: the allocator's limit
+    (75% of the device by default, even without preallocation), so large
+    models may use (almost) the whole device;
+  * :data:`CPU_DEADLOCK_FLAG` appended to ``XLA_FLAGS``.
+
+  A variable (or the scheduler flag) that is already set is kept. XLA reads
+  them when JAX creates its backends, so call this first thing in ``main``,
+  before any computation or device query; child processes
+  (:func:`~benchmarks.toolkit.isolation.run_isolated`) inherit them.
+
+  Args:
+    mem_fraction: the allocator's share of each device's memory.
+
+  Returns:
+    The effective values of the three variables.
+  """
+  os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
+  os.environ.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', f'{mem_fraction:g}')
+  flags = os.environ.get('XLA_FLAGS', '')
+  if CPU_DEADLOCK_FLAG.split('=')[0] not in flags:
+    os.environ['XLA_FLAGS'] = f'{flags} {CPU_DEADLOCK_FLAG}'.strip()
+  return {k: os.environ[k] for k in ('XLA_PYTHON_CLIENT_PREALLOCATE',
+                                     'XLA_PYTHON_CLIENT_MEM_FRACTION',
+                                     'XLA_FLAGS')}
+
+
+def repo_root() -> Path:
+  """The checkout's root: the folder that holds the ``benchmarks`` package."""
+  return Path(__file__).resolve().parents[2]
+
+
+def host_description() -> str:
+  """The host CPU in a few words, e.g. ``'x86_64, 16 cores'``."""
+  return f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores'
+
+
+def device_description() -> dict[str, Any]:
+  """The devices this process computes on, and its host.
+
+  Returns:
+    ``platform`` (JAX's default backend: ``'cpu'``, ``'gpu'``, ``'tpu'``),
+    ``device_kind`` (of the first local device, e.g. ``'NVIDIA H100 80GB
+    HBM3'``), ``count`` (devices in the whole job), ``local_count`` (this
+    process's), ``process_count``, ``host_cpus`` and ``host`` (the CPU and
+    operating system).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+
+  return {
+      'platform': jax.default_backend(),
+      'device_kind': jax.local_devices()[0].device_kind,
+      'count': jax.device_count(),
+      'local_count': jax.local_device_count(),
+      'process_count': jax.process_count(),
+      'host_cpus': os.cpu_count(),
+      'host': f'{host_description()}; {platform.platform()}',
+  }
+
+
+def device_line(description: dict[str, Any] | None = None) -> str:
+  """One line for a report, e.g. ``'1 x NVIDIA H100 80GB HBM3 (gpu)'``.
+
+  Args:
+    description: a :func:`device_description` (e.g. read back from a result
+      file); None: this process's.
+  """
+  d = description or device_description()
+  if d['platform'] == 'cpu':
+    return f'CPU ({d["host_cpus"]} cores)'
+  return f'{d["count"]} x {d["device_kind"]} ({d["platform"]})'
+
+
+def versions() -> dict[str, str]:
+  """Versions of Python and of the libraries a result depends on.
+
+  ``mlorc_optax`` is the imported module's ``__version__`` when it runs from
+  a checkout that is not installed; ``flax`` is left out if not installed.
+  """
+  out = {'python': platform.python_version()}
+  for name in PACKAGES:
+    try:
+      out[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      if name == 'mlorc_optax':
+        import mlorc_optax  # pylint: disable=g-import-not-at-top
+
+        out[name] = mlorc_optax.__version__
+  return out
