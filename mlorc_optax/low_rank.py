@@ -6,8 +6,14 @@ from mlorc_optax._src.low_rank import DEFAULT_MOMENTS
 from mlorc_optax._src.low_rank import LowRankMomentsState
 from mlorc_optax._src.low_rank import MomentSpec
 from mlorc_optax._src.low_rank import low_rank_moments
+from mlorc_optax._src.step_math import adam_update_bound
+from mlorc_optax._src.step_math import complement_weight
+from mlorc_optax._src.step_math import out_of_span
 
 __all__ = (
+    'adam_update_bound',
+    'complement_weight',
+    'out_of_span',
     'AdamFastStep',
     'LionFastStep',
     'DEFAULT_MOMENTS',

@@ -48,13 +48,34 @@ def zeta_fix(v):
   return v
 
 
+def adam_bound(b1, b2, t):
+  """The largest ``|m_hat| / sqrt(v_hat)`` of dense Adam at step ``t``.
+
+  Cauchy-Schwarz on the two EMAs' weights, summed term by term.
+  """
+  c2 = sum((1 - b1)**2 * b1**(2 * j) / ((1 - b2) * b2**j) for j in range(t))
+  return np.sqrt(c2) * np.sqrt(1 - b2**t) / (1 - b1**t)
+
+
+def complement(g, u):
+  """``(I - U U^T) g`` per matrix."""
+  return g - u @ (np.swapaxes(u, -1, -2) @ g)
+
+
 class MLorcAdamW:
-  """Algorithm 1 on a dict of matrices ``[..., m, n]`` (lr = 1, no decay)."""
+  """Algorithm 1 on a dict of matrices ``[..., m, n]`` (lr = 1, no decay).
+
+  With ``bounded``, every entry of the update is clipped to
+  :func:`adam_bound`; with ``lam > 0``, ``lam (1 - b1^(t-1)) (I - U U^T) g``
+  is added to the previous first moment for the update only (the library's
+  ``update_bound='adam'`` and ``complement=lam``).
+  """
 
   def __init__(self, shapes, key, rank, b1, b2, eps, oversample=0,
-               power_iters=0):
+               power_iters=0, bounded=True, lam=0.0):
     self.key, self.rank, self.b1, self.b2, self.eps = key, rank, b1, b2, eps
     self.oversample, self.power_iters = oversample, power_iters
+    self.bounded, self.lam = bounded, lam
     self.t = 0
     self.factors = {}
     for name, shape in shapes.items():
@@ -77,8 +98,13 @@ class MLorcAdamW:
       mom = b1 * m_prev + (1 - b1) * g
       var = b2 * v_prev + (1 - b2) * g**2
       t = self.t + 1
-      m_hat, v_hat = mom / (1 - b1**t), var / (1 - b2**t)
+      credit = self.lam * (1 - b1**(t - 1)) * complement(
+          g, self.factors[name]['mu'][0])
+      m_hat, v_hat = (mom + b1 * credit) / (1 - b1**t), var / (1 - b2**t)
       out[name] = m_hat / (np.sqrt(v_hat) + self.eps)
+      if self.bounded:
+        bound = adam_bound(b1, b2, t)
+        out[name] = np.clip(out[name], -bound, bound)
       for j, (moment, x) in enumerate((('mu', mom), ('nu', var))):
         omega = sketch(self.key, self.t, i, j, batch, n, l)
         self.factors[name][moment] = rsvd(x, omega, k, self.power_iters)
@@ -87,10 +113,14 @@ class MLorcAdamW:
 
 
 class MLorcLion:
-  """Algorithm 2 on a dict of matrices (lr = 1, no decay)."""
+  """Algorithm 2 on a dict of matrices (lr = 1, no decay).
 
-  def __init__(self, shapes, key, rank, b1, b2):
-    self.key, self.rank, self.b1, self.b2 = key, rank, b1, b2
+  With ``lam > 0``, ``lam (1 - b2^(t-1)) (I - U U^T) g`` is added to the
+  previous momentum in ``c`` only (the library's ``complement=lam``).
+  """
+
+  def __init__(self, shapes, key, rank, b1, b2, lam=0.0):
+    self.key, self.rank, self.b1, self.b2, self.lam = key, rank, b1, b2, lam
     self.t = 0
     self.factors = {}
     for name, shape in shapes.items():
@@ -106,7 +136,9 @@ class MLorcLion:
       *batch, m, n = g.shape
       k = min(self.rank, m, n)
       m_prev = reconstruct(*self.factors[name])
-      c = self.b1 * m_prev + (1 - self.b1) * g
+      credit = self.lam * (1 - self.b2**self.t) * complement(
+          g, self.factors[name][0])
+      c = self.b1 * (m_prev + credit) + (1 - self.b1) * g
       mom = self.b2 * m_prev + (1 - self.b2) * g
       out[name] = np.sign(c)
       omega = sketch(self.key, self.t, i, 0, batch, n, k)

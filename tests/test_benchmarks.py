@@ -20,6 +20,7 @@ from benchmarks import compressor_tracking
 from benchmarks import decompositions
 from benchmarks import memory_table
 from benchmarks import step_time
+from benchmarks import update_size
 
 RESULTS = Path(__file__).resolve().parents[1] / 'benchmarks' / 'results'
 
@@ -190,3 +191,14 @@ def test_the_committed_compressor_results_render(tmp_path):
   assert (tmp_path / 'results.png').read_bytes().startswith(b'\x89PNG')
   assert not (tmp_path / 'results.json').exists()  # nothing was measured
 
+
+def test_update_size_tool_reports_every_variant(tmp_path):
+  out = tmp_path / 'update_size.json'
+  rows = update_size.main(['--steps', '3', '--json', str(out)])
+  assert [r['optimizer'] for r in rows] == list(update_size.VARIANTS)
+  # Dense Adam never exceeds its own bound, and the default MLorc step is
+  # clipped to it.
+  by_name = {r['optimizer']: r for r in rows}
+  assert by_name['adamw']['steps_over_adam_bound'] == 0
+  assert by_name['mlorc_adamw default']['steps_over_adam_bound'] == 0
+  assert json.loads(out.read_text())['rows'] == rows

@@ -176,6 +176,38 @@ def test_sharded_low_rank_run_equals_single_device(mesh, make_tx):
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.parametrize('make_tx', [
+    lambda: mlorc_optax.mlorc_adamw(1e-2, rank=4, complement=1.0),
+    lambda: mlorc_optax.mlorc_lion(1e-3, rank=4),
+])
+def test_meshes_with_explicit_axes_give_the_single_device_update(make_tx):
+  """``jax.make_mesh``'s default axes are ``Explicit`` in recent jax: the
+  sharding is part of each array's type, and the decompositions must see
+  unsharded matrix axes (``step_math.unsharded_matrix``)."""
+  explicit = jax.sharding.AxisType.Explicit
+  mesh = jax.make_mesh((2, 4), ('data', 'model'),
+                       axis_types=(explicit, explicit),
+                       devices=jax.devices()[:8])
+  tx = make_tx()
+  sharded = jax.device_put(PARAMS, shardings(mesh))
+  state, single_state = tx.init(sharded), tx.init(PARAMS)
+  update = jax.jit(tx.update)
+  for t in range(4):
+    grads = jax.tree.map(
+        lambda p, k: jax.random.normal(jax.random.fold_in(k, t), p.shape),
+        PARAMS, jax.tree.unflatten(jax.tree.structure(PARAMS), list(
+            jax.random.split(jax.random.key(5), len(jax.tree.leaves(PARAMS))))))
+    ours, state = update(jax.device_put(grads, shardings(mesh)), state,
+                         sharded)
+    theirs, single_state = update(grads, single_state, PARAMS)
+  for a, b, spec in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs),
+                        jax.tree.leaves(SPECS, is_leaf=lambda x: isinstance(
+                            x, P))):
+    # Updates come back sharded like their params.
+    assert a.sharding.is_equivalent_to(NamedSharding(mesh, spec), a.ndim)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
 def test_sharded_update_never_gathers_a_dense_moment(mesh):
   tx = mlorc_optax.mlorc_adamw(1e-2, rank=4)
   shard = shardings(mesh)

@@ -295,18 +295,20 @@ def test_lion_pallas_step_equals_reference_step(compressor):
 
 
 def test_low_rank_moments_takes_a_public_fast_step():
-  """The wrapper around optax.scale_by_adam with low_rank.AdamFastStep is
-  scale_by_mlorc_adam, bit for bit."""
+  """The wrapper around optax.scale_by_adam with low_rank.AdamFastStep, the
+  complement and Adam's update bound is scale_by_mlorc_adam, bit for bit."""
   grads = grads_for({'w': (2, 64, 128)}, 3, seed=5)
+  low_rank = mlorc_optax.low_rank
   wrapped = mlorc_optax.low_rank_moments(
       optax.scale_by_adam(0.8, 0.99, 1e-2),
-      moments={'mu': mlorc_optax.low_rank.MomentSpec(decay=0.8),
-               'nu': mlorc_optax.low_rank.MomentSpec(True, 0.99)},
-      fast_step=mlorc_optax.low_rank.AdamFastStep(0.8, 0.99, 1e-2, 0.0, False),
-      implementation='xla')
+      moments={'mu': low_rank.MomentSpec(decay=0.8, complement=0.5),
+               'nu': low_rank.MomentSpec(True, 0.99)},
+      fast_step=low_rank.AdamFastStep(0.8, 0.99, 1e-2, 0.0, False),
+      implementation='xla',
+      update_bound=lambda t: low_rank.adam_update_bound(0.8, 0.99, t, False))
   ours, _ = run_steps(wrapped, grads)
   theirs, _ = run_steps(mlorc_optax.scale_by_mlorc_adam(
-      0.8, 0.99, 1e-2, implementation='xla'), grads)
+      0.8, 0.99, 1e-2, implementation='xla', complement=0.5), grads)
   for a, b in zip(ours, theirs):
     np.testing.assert_array_equal(a['w'], b['w'])
 

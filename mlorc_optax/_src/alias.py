@@ -55,6 +55,8 @@ def mlorc_adamw(
     compressor: str | compressors.MomentCompressor = 'rsvd',
     implementation: str | None = None,
     kernel_config: launch.KernelConfig | None = None,
+    complement: jax.typing.ArrayLike = 0.0,
+    update_bound: str | float | None = 'adam',
 ) -> optax.GradientTransformationExtraArgs:
   """AdamW whose moments are stored as low-rank factors (MLorc-AdamW).
 
@@ -129,6 +131,11 @@ def mlorc_adamw(
       ``'pallas'`` or ``'xla'``; see :func:`mlorc_optax.scale_by_mlorc_adam`.
     kernel_config: the Pallas kernels' settings
       (:class:`mlorc_optax.kernels.KernelConfig`; static).
+    complement: weight of the first moment's complement (0: the paper's
+      step); see :func:`mlorc_optax.scale_by_mlorc_adam`.
+    update_bound: ``'adam'`` (default: no update entry larger than dense
+      Adam's can be), a number, or None (the paper's Algorithm 1 exactly);
+      see :func:`mlorc_optax.scale_by_mlorc_adam`.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -174,6 +181,8 @@ def mlorc_adamw(
           compressor=compressor,
           implementation=implementation,
           kernel_config=kernel_config,
+          complement=complement,
+          update_bound=update_bound,
       ),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),
@@ -198,6 +207,7 @@ def mlorc_lion(
     compressor: str | compressors.MomentCompressor = 'rsvd',
     implementation: str | None = None,
     kernel_config: launch.KernelConfig | None = None,
+    complement: jax.typing.ArrayLike = 0.0,
 ) -> optax.GradientTransformationExtraArgs:
   """Lion whose momentum is stored as low-rank factors (MLorc-Lion).
 
@@ -247,6 +257,8 @@ def mlorc_lion(
     implementation: ``None`` (automatic), ``'reference'``, ``'pallas'`` or
       ``'xla'``; see :func:`mlorc_optax.scale_by_mlorc_lion`.
     kernel_config: the Pallas kernels' settings (static).
+    complement: weight of the momentum's complement (0: the paper's step);
+      see :func:`mlorc_optax.scale_by_mlorc_lion`.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -280,6 +292,7 @@ def mlorc_lion(
           compressor=compressor,
           implementation=implementation,
           kernel_config=kernel_config,
+          complement=complement,
       ),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),

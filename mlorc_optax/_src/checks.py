@@ -64,6 +64,16 @@ def check_nonnegative(name: str, value: Any) -> None:
     raise ValueError(f'{name} must be >= 0, got {x}.')
 
 
+def check_positive(name: str, value: Any) -> None:
+  """Raises unless ``value > 0`` (tracers pass unchecked)."""
+  try:
+    x = _concrete_float(value)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f'{name} must be a scalar > 0, got {value!r}.') from e
+  if x is not None and not x > 0.0:  # also rejects NaN
+    raise ValueError(f'{name} must be > 0, got {x}.')
+
+
 def check_float_dtype(name: str, value: Any) -> np.dtype:
   """Returns ``value`` as a floating numpy dtype or raises naming ``name``."""
   if isinstance(value, jax.Array):

@@ -172,6 +172,17 @@ class MomentCompressor(abc.ABC):
         steps ago, ``1 - decay**count``, as Adam's bias correction expects.
     """
 
+  def left_basis(self, factors: Any) -> jax.Array | None:
+    """An orthonormal basis ``[*batch, rows, k]`` of the moment's column span.
+
+    The span in which the compressed moment keeps its history; the first
+    moment's complement (``MomentSpec.complement``) is the gradient's part
+    outside it. None (the default): the factors have no such basis, and the
+    complement cannot be used with this compressor.
+    """
+    del factors
+    return None
+
   @abc.abstractmethod
   def update(
       self,
@@ -256,6 +267,11 @@ class RSVDCompressor(MomentCompressor):
     del decay, count
     x = rsvd.reconstruct(factors)
     return nonnegative_second_moment(x) if nonnegative else x
+
+  def left_basis(self, factors):
+    """``U``: orthonormal columns from the SVD (zeros before the first step).
+    """
+    return jnp.asarray(factors.u, jnp.float32)
 
   def sketch(
       self,

@@ -19,7 +19,7 @@ step, so it is written nowhere else.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -109,14 +109,26 @@ class AdamFastStep:
 
   def __call__(self, leaves: Sequence[LeafInputs], *, count: jax.Array,
                compressor: compressors.RSVDCompressor,
-               config: launch.KernelConfig, interpret: bool):
+               config: launch.KernelConfig, interpret: bool,
+               complement: Mapping[str, Any] | None = None,
+               bound: Any = None):
+    """The update and new factors of each leaf.
+
+    ``complement`` maps a field to the weight of its complement this step
+    (``MomentSpec.complement``; only ``mu`` can have one), ``bound`` is the
+    largest magnitude of an update entry (None: unbounded).
+    """
     inputs = []
     for leaf in leaves:
       g, (mu, nu), (om, ov) = _inputs(leaf, compressor)
       inputs.append(two_pass.AdamLeafInputs(
           g, mu, nu, om, ov, use_kernel=leaf[0].step == 'pallas'))
-    results = two_pass.adam_step(inputs, self.coefficients(count),
-                                 config=config, interpret=interpret)
+    c = self.coefficients(count)
+    if bound is not None:
+      c = c._replace(bound=jnp.asarray(bound, jnp.float32))
+    results = two_pass.adam_step(inputs, c, config=config,
+                                 interpret=interpret,
+                                 complement=(complement or {}).get('mu'))
     return [_outputs(leaf, d, (mu, nu))
             for leaf, (d, mu, nu) in zip(leaves, results)]
 
@@ -136,7 +148,10 @@ class LionFastStep:
 
   def __call__(self, leaves: Sequence[LeafInputs], *, count: jax.Array,
                compressor: compressors.RSVDCompressor,
-               config: launch.KernelConfig, interpret: bool):
+               config: launch.KernelConfig, interpret: bool,
+               complement: Mapping[str, Any] | None = None,
+               bound: Any = None):
+    """As :meth:`AdamFastStep.__call__`."""
     del count
     inputs = []
     for leaf in leaves:
@@ -144,6 +159,9 @@ class LionFastStep:
       inputs.append(two_pass.LionLeafInputs(
           g, mu, omega, use_kernel=leaf[0].step == 'pallas'))
     results = two_pass.lion_step(inputs, self.b1, self.b2, config=config,
-                                 interpret=interpret)
+                                 interpret=interpret,
+                                 complement=(complement or {}).get('mu'))
+    if bound is not None:
+      results = [(jnp.clip(d, -bound, bound), mu) for d, mu in results]
     return [_outputs(leaf, d, (mu,))
             for leaf, (d, mu) in zip(leaves, results)]

@@ -62,6 +62,7 @@ from mlorc_optax._src import compressors as compressors_lib
 from mlorc_optax._src import moment_fields
 from mlorc_optax._src import plan as plan_lib
 from mlorc_optax._src import sharding
+from mlorc_optax._src import step_math
 from mlorc_optax._src import views
 from mlorc_optax._src.kernels import launch
 
@@ -72,17 +73,36 @@ class MomentSpec(NamedTuple):
   Attributes:
     nonnegative: the moment is non-negative (an EMA of ``g**2``): its
       reconstruction gets the fix of paper equation 2.
-    decay: the moment's EMA decay, where known. Only compressors that model
-      the EMA itself need it (LoRA-Pre, :mod:`mlorc_optax.contrib`).
+    decay: the moment's EMA decay, where known. Compressors that model the
+      EMA itself (LoRA-Pre, :mod:`mlorc_optax.contrib`) and ``complement``
+      need it.
+    complement: weight ``lambda >= 0`` of the moment's *complement* (0: the
+      paper's step). The compressed moment keeps its history only in the
+      span of its left factor ``U``; a gradient direction outside it gets
+      ``(1 - decay) g`` per step however long it persists, where a dense
+      EMA would build up to ``g``. With ``lambda > 0``, the gradient's part
+      outside the span, ``(I - U U^T) g``, is credited with the history a
+      gradient present in every earlier step would have built:
+      ``lambda (1 - decay^(t-1)) (I - U U^T) g`` is added to the
+      reconstructed moment handed to the inner optimizer (which computes its
+      update from it), and ``decay`` times it is removed from the new moment
+      before recompression, so the stored moment is the paper's. With
+      ``lambda = 1`` such a direction gets the update of a persistent
+      gradient (for Adam, ``m_hat = g`` outside the span: every direction a
+      momentum-free full step, as FRUGAL and Fira do for GaLore); the first
+      step is unchanged. Needs ``decay``, a moment that may be negative and
+      a compressor with an orthonormal
+      :meth:`~mlorc_optax.compressors.MomentCompressor.left_basis`.
 
   Examples:
     >>> import mlorc_optax
     >>> mlorc_optax.low_rank.DEFAULT_MOMENTS['nu']
-    MomentSpec(nonnegative=True, decay=None)
+    MomentSpec(nonnegative=True, decay=None, complement=0.0)
   """
 
   nonnegative: bool = False
   decay: Any = None
+  complement: Any = 0.0
 
 
 #: The moment fields of optax's own states that :func:`low_rank_moments`
@@ -170,6 +190,36 @@ def _moment_specs(moments: Any) -> dict[str, MomentSpec]:
   return out
 
 
+def _uses(weight: Any) -> bool:
+  """Whether a complement weight is in use: anything but a Python zero.
+
+  A traced weight (``optax.inject_hyperparams``) is in use, even if 0.
+  """
+  return not (isinstance(weight, (int, float, np.number)) and weight == 0)
+
+
+def _check_complements(specs: Mapping[str, MomentSpec],
+                       compressor: compressors_lib.MomentCompressor) -> None:
+  """Raises, naming ``moments``, where a complement cannot be computed."""
+  for name, spec in specs.items():
+    if not _uses(spec.complement):
+      continue
+    checks.check_nonnegative(f'moments[{name!r}].complement',
+                             spec.complement)
+    why = None
+    if spec.nonnegative:
+      why = 'it is a non-negative moment (an EMA of g**2)'
+    elif spec.decay is None:
+      why = 'it has no decay (set MomentSpec(decay=...))'
+    elif (type(compressor).left_basis
+          is compressors_lib.MomentCompressor.left_basis):
+      why = (f'the compressor {type(compressor).__name__} has no orthonormal '
+             'left_basis')
+    if why:
+      raise ValueError(
+          f'moments[{name!r}].complement is {spec.complement!r}, but {why}.')
+
+
 # ----------------------------------------------------------------------------
 # The transform.
 
@@ -206,6 +256,7 @@ def low_rank_moments(
     implementation: str | None = None,
     fast_step: FastStep | None = None,
     kernel_config: launch.KernelConfig | None = None,
+    update_bound: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Stores ``inner``'s moments as low-rank factors between steps (MLorc).
 
@@ -277,6 +328,13 @@ def low_rank_moments(
       theirs).
     kernel_config: tiles, warps, stages and precisions of the Pallas
       kernels (:class:`mlorc_optax.kernels.KernelConfig`; static).
+    update_bound: None, or a function of the step number ``t`` (``1`` at
+      the first update; a traced int32) giving the largest magnitude an
+      entry of a compressed leaf's update may have: ``inner``'s update of
+      those leaves is clipped to it (``scale_by_mlorc_adam`` passes the
+      bound that dense Adam's own update never exceeds,
+      ``step_math.adam_update_bound``). Leaves that are not compressed are
+      never clipped.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state
@@ -311,6 +369,11 @@ def low_rank_moments(
     raise TypeError(
         f'compressor must be a MomentCompressor, got {compressor!r}.')
   specs = _moment_specs(moments)
+  _check_complements(specs, compressor)
+  if update_bound is not None and not callable(update_bound):
+    raise TypeError(
+        f'update_bound must be None or a function of the step number, got '
+        f'{update_bound!r}.')
   factor_dtype = checks.check_float_dtype('factor_dtype', factor_dtype)
   if isinstance(low_rank_mask, (bool, np.bool_)):
     low_rank_mask = bool(low_rank_mask)
@@ -428,15 +491,30 @@ def low_rank_moments(
     stored = {
         f.name: treedef.flatten_up_to(moment_fields.get(state.inner_state, f))
         for f in fields}
+    t = optax.safe_increment(state.step)
+    # Per field, the weight of its complement this step (MomentSpec).
+    weights = {f.name: step_math.complement_weight(
+        specs[f.name].complement, specs[f.name].decay, t)
+               for f in fields if _uses(specs[f.name].complement)}
+    # The complement of each reference leaf, as a matrix: what is added to
+    # the moment read back, and removed (times the decay) from the new one.
+    credit = {name: {} for name in weights}
     dense_state = state.inner_state
     for f in fields:
-      dense = [
-          p.view.from_matrix(plan.compressor.read(
-              x, nonnegative=f.nonnegative, decay=specs[f.name].decay,
-              count=state.step))
-          if p.step == 'reference' and f.name in p.moments else x
-          for p, x in zip(plan.leaves, stored[f.name])
-      ]
+      dense = []
+      for k, (p, x) in enumerate(zip(plan.leaves, stored[f.name])):
+        if p.step != 'reference' or f.name not in p.moments:
+          dense.append(x)
+          continue
+        moment = plan.compressor.read(
+            x, nonnegative=f.nonnegative, decay=specs[f.name].decay,
+            count=state.step)
+        if f.name in weights:
+          credit[f.name][k] = weights[f.name] * step_math.out_of_span(
+              p.view.to_matrix(grads[k]).astype(jnp.float32),
+              plan.compressor.left_basis(x))
+          moment = moment + credit[f.name][k]
+        dense.append(p.view.from_matrix(moment))
       dense_state = moment_fields.replace(dense_state, f, masked(dense))
     inner_params = None if params is None else masked(
         treedef.flatten_up_to(params))
@@ -449,19 +527,26 @@ def low_rank_moments(
     out = treedef.flatten_up_to(out)
 
     keys = lambda k: _leaf_keys(state.key, state.step, leaf_index[k])
+    bound = None if update_bound is None else jnp.asarray(
+        update_bound(t), jnp.float32)
     new = {f.name: treedef.flatten_up_to(moment_fields.get(new_inner, f))
            for f in fields}
     for k, p in enumerate(plan.leaves):
       if p.step != 'reference':
         continue
       g32 = p.view.to_matrix(grads[k]).astype(jnp.float32)
+      if update_bound is not None:
+        out[k] = jnp.clip(out[k], -bound, bound)
       out[k] = out[k].astype(grads[k].dtype)
       for f in fields:
         if f.name not in p.moments:
           continue
+        moment = p.view.to_matrix(new[f.name][k]).astype(jnp.float32)
+        if k in credit.get(f.name, {}):
+          moment = moment - specs[f.name].decay * credit[f.name][k]
         factors = plan.compressor.update(
             stored[f.name][k],
-            moment=p.view.to_matrix(new[f.name][k]).astype(jnp.float32),
+            moment=moment,
             grad=g32, key=jax.random.fold_in(keys(k), f.index),
             decay=specs[f.name].decay, nonnegative=f.nonnegative)
         new[f.name][k] = type(factors)(
@@ -470,12 +555,13 @@ def low_rank_moments(
       idx = [k for k, f in enumerate(fast) if f]
 
       @jax.custom_jvp
-      def two_pass(gs, factors, leaf_keys, count):
+      def two_pass(gs, factors, leaf_keys, count, weights, bound):
         return fast_step(
             [(plan.leaves[k], g, f, kk)
              for k, g, f, kk in zip(idx, gs, factors, leaf_keys)],
             count=count, compressor=plan.compressor,
-            config=kernel_config, interpret=plan.interpret)
+            config=kernel_config, interpret=plan.interpret,
+            complement=weights, bound=bound)
 
       @two_pass.defjvp
       def _(primals, tangents):
@@ -490,7 +576,7 @@ def low_rank_moments(
           [[stored[f.name][k] for f in fields] for k in idx],
           [[jax.random.fold_in(keys(k), f.index) for f in fields]
            for k in idx],
-          state.step)
+          state.step, weights, bound)
       for k, (direction, factors) in zip(idx, results):
         out[k] = direction
         for f, x in zip(fields, factors):

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from mlorc_optax._src.checks import check_int
 from mlorc_optax._src.step_math import max_abs
 from mlorc_optax._src.step_math import mT
+from mlorc_optax._src.step_math import unsharded_matrix
 
 
 class LowRankFactors(NamedTuple):
@@ -97,7 +98,7 @@ def gaussian_sketch(
 def _orthonormal_basis(y: jax.Array) -> jax.Array:
   # Householder QR: a zero or rank-deficient ``y`` still yields orthonormal
   # columns (no division by a zero norm), so a zero moment never makes NaNs.
-  q, _ = jnp.linalg.qr(y, mode='reduced')
+  q, _ = jnp.linalg.qr(unsharded_matrix(y), mode='reduced')
   return q
 
 
@@ -124,6 +125,7 @@ def _short_wide_svd(
   (``benchmarks/decompositions.py``).
   """
   l, n = b.shape[-2:]
+  b = unsharded_matrix(b)
   if l >= n:
     return jnp.linalg.svd(b, full_matrices=False)
   q_b, r_b = jnp.linalg.qr(mT(b), mode='reduced')

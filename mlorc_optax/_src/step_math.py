@@ -36,6 +36,24 @@ def mT(x: jax.Array) -> jax.Array:  # pylint: disable=invalid-name
   return jnp.swapaxes(x, -1, -2)
 
 
+def unsharded_matrix(x: jax.Array) -> jax.Array:
+  """``x [..., m, n]`` with its last two axes unsharded, where that is typed.
+
+  Under a mesh with ``Explicit`` axes (``jax.make_mesh``'s default in recent
+  jax) an array's sharding is part of its type, and the decompositions (QR,
+  SVD, ``eigh``) reject one sharded along a matrix axis; this reshards such
+  an array so that only its batch axes stay sharded. Under ``Auto`` axes
+  (and on one device) the type carries no sharding, and ``x`` is returned as
+  it is: XLA's partitioner places the decomposition itself.
+  """
+  sharding = getattr(jax.typeof(x), 'sharding', None)
+  spec = getattr(sharding, 'spec', None)
+  if spec is None or len(spec) < 2 or (spec[-1] is None and spec[-2] is None):
+    return x
+  return jax.sharding.reshard(x, sharding.update(
+      spec=jax.sharding.PartitionSpec(*spec[:-2], None, None)))
+
+
 def max_abs(x: jax.Array) -> jax.Array:
   """Per-matrix largest magnitude ``[..., 1, 1]``; 1 where 0 or not finite.
 
@@ -87,8 +105,8 @@ class AdamCoefficients(NamedTuple):
 
   .. math::
 
-    d = \\frac{k_m\\, m + k_g\\, g}{\\sqrt{c_v\\, v + \\epsilon_{root}}
-    + \\epsilon} ,
+    d = \\operatorname{clip}\\Big(\\frac{k_m\\, m + k_g\\, g}{\\sqrt{c_v\\, v
+    + \\epsilon_{root}} + \\epsilon},\\ -b,\\ b\\Big) ,
 
   with Adam's bias corrections ``k_m = 1 / (1 - b1^t)``, ``k_g = 0``,
   ``c_v = 1 / (1 - b2^t)``, or Nadam's ``k_m = b1 / (1 - b1^(t+1))``,
@@ -107,6 +125,8 @@ class AdamCoefficients(NamedTuple):
     c_v: bias correction of the second moment.
     eps: added to ``sqrt(c_v v + eps_root)``.
     eps_root: added to ``c_v v`` under the square root.
+    bound: the largest magnitude of an entry of ``d`` (``inf``: no bound;
+      see :func:`adam_update_bound`).
   """
 
   one_minus_b1: Any
@@ -116,6 +136,7 @@ class AdamCoefficients(NamedTuple):
   c_v: Any
   eps: Any
   eps_root: Any
+  bound: Any = float('inf')
 
 
 def adam_new_moments(
@@ -155,8 +176,80 @@ def adam_new_moments(
 def adam_direction(
     m: jax.Array, v: jax.Array, g: jax.Array, c: AdamCoefficients
 ) -> jax.Array:
-  """``(k_m m + k_g g) / (sqrt(c_v v + eps_root) + eps)`` (float32)."""
-  return (c.k_m * m + c.k_g * g) / (jnp.sqrt(c.c_v * v + c.eps_root) + c.eps)
+  """``(k_m m + k_g g) / (sqrt(c_v v + eps_root) + eps)``, clipped to
+  ``[-bound, bound]`` (float32)."""
+  d = (c.k_m * m + c.k_g * g) / (jnp.sqrt(c.c_v * v + c.eps_root) + c.eps)
+  return jnp.clip(d, -c.bound, c.bound)
+
+
+def adam_update_bound(b1: Any, b2: Any, count: Any, nesterov: bool) -> Any:
+  """The largest entry that dense Adam's update can have at step ``count``.
+
+  With ``m_t = sum_i (1 - b1) b1^(t-i) g_i`` and ``v_t = sum_i (1 - b2)
+  b2^(t-i) g_i^2`` (both started at zero), Cauchy-Schwarz gives, for every
+  gradient sequence and every entry,
+
+  .. math::
+
+    m_t^2 \\le C_t^2\\, v_t,\\qquad C_t^2 = \\frac{(1 - b_1)^2}{1 - b_2}
+    \\sum_{j < t} \\Big(\\frac{b_1^2}{b_2}\\Big)^j ,
+
+  so Adam's ``|m_hat| / sqrt(v_hat)`` is at most ``C_t sqrt(1 - b2^t) /
+  (1 - b1^t)`` (1 at ``t = 1``; about 7.27 for ``b1 = 0.9``, ``b2 = 0.999``
+  and 10.5 for ``b1 = 0.8`` once ``t`` is large), and ``eps``,
+  ``eps_root`` only make it smaller. For Nadam's ``b1 m_t / (1 - b1^(t+1)) +
+  (1 - b1) g_t / (1 - b1^t)``, ``|g_t| <= sqrt(v_t / (1 - b2))`` bounds the
+  second term. MLorc's reconstructed second moment can be far smaller than
+  ``m^2`` where the compression errs, which gives steps dense Adam can never
+  take; clipping to this bound removes exactly those.
+
+  Args:
+    b1, b2: Adam's decays (scalars, possibly traced).
+    count: the step number ``t >= 1`` (after the increment).
+    nesterov: the bound of Nadam's update instead.
+
+  Returns:
+    A float32 scalar.
+  """
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  t = f32(count)
+  b1, b2 = f32(b1), f32(b2)
+  rho = b1 * b1 / b2
+  # sum_{j<t} rho^j, also where rho = 1 (b1^2 = b2).
+  series = jnp.where(jnp.abs(1 - rho) > 1e-6,
+                     (1 - rho**t) / jnp.where(rho == 1, 1.0, 1 - rho), t)
+  c_t = (1 - b1) * jnp.sqrt(series / (1 - b2))
+  root = jnp.sqrt(1 - b2**t)
+  if not nesterov:
+    return c_t * root / (1 - b1**t)
+  return root * (b1 * c_t / (1 - b1**(t + 1))
+                 + (1 - b1) / ((1 - b1**t) * jnp.sqrt(1 - b2)))
+
+
+def complement_weight(scale: Any, decay: Any, count: Any) -> Any:
+  """Weight of the first moment's complement at step ``count`` (float32).
+
+  ``scale (1 - decay^(t-1))``: the share of the gradient that an EMA with
+  this decay, started at zero, holds after ``t - 1`` steps of a gradient
+  present in every one of them (0 at ``t = 1``). See :func:`out_of_span`.
+  """
+  t = jnp.asarray(count, jnp.float32)
+  return jnp.asarray(scale, jnp.float32) * (
+      1 - jnp.asarray(decay, jnp.float32)**(t - 1))
+
+
+def out_of_span(g: jax.Array, u: jax.Array) -> jax.Array:
+  """``(I - U U^T) g``: the part of ``g [..., m, n]`` outside ``span(U)``.
+
+  ``U [..., m, k]`` has orthonormal columns (or zero columns, which span
+  nothing). This is what MLorc's compressed first moment cannot hold: its
+  history lives in ``span(U)`` (paper Algorithm 1), so a direction outside
+  it gets only ``(1 - b1) g`` per step, where a dense EMA would build up to
+  ``g`` for a gradient that persists.
+  """
+  u = unsharded_matrix(u)  # small; so that U^T g is a well-typed product
+  p = jnp.einsum('...mk,...mn->...kn', u, g, precision=HIGHEST)
+  return g - jnp.einsum('...mk,...kn->...mn', u, p, precision=HIGHEST)
 
 
 class AdamSketchTerms(NamedTuple):

@@ -21,6 +21,7 @@ from mlorc_optax._src import compressors
 from mlorc_optax._src import fast_steps
 from mlorc_optax._src import low_rank
 from mlorc_optax._src import plan
+from mlorc_optax._src import step_math
 from mlorc_optax._src.kernels import launch
 
 _MOMENTS = ('mu', 'nu')
@@ -92,6 +93,8 @@ def scale_by_mlorc_adam(
     compressor: str | compressors.MomentCompressor = 'rsvd',
     implementation: str | None = None,
     kernel_config: launch.KernelConfig | None = None,
+    complement: jax.typing.ArrayLike = 0.0,
+    update_bound: str | float | None = 'adam',
 ) -> optax.GradientTransformationExtraArgs:
   """Rescales updates by Adam with low-rank compressed moments (MLorc).
 
@@ -113,7 +116,13 @@ def scale_by_mlorc_adam(
 
   where ``fix`` is :func:`mlorc_optax.compressors.nonnegative_second_moment`.
   The update ``u`` uses the uncompressed ``m`` and ``v``; the factors start
-  at zero, so the first step is exactly Adam's first step. Leaves that are not compressed keep Adam's own
+  at zero, so the first step is exactly Adam's first step. Beyond the paper
+  (each one argument away from it, ``docs/quality.md``): every entry of
+  ``u`` is clipped to the largest value dense Adam's update can take
+  (``update_bound='adam'``, the default; ``update_bound=None`` is the
+  paper's Algorithm 1 exactly), and ``complement`` credits the gradient's
+  part outside the first moment's rank-``r`` span with the history of a
+  persistent gradient. Leaves that are not compressed keep Adam's own
   dense moments, so they are never skipped or frozen.
 
   It is :func:`mlorc_optax.low_rank_moments` around
@@ -174,6 +183,23 @@ def scale_by_mlorc_adam(
       :func:`mlorc_optax.format_plan` shows the choice per leaf and why.
     kernel_config: the Pallas kernels' settings
       (:class:`mlorc_optax.kernels.KernelConfig`; static).
+    complement: weight ``lambda >= 0`` of the first moment's complement (0,
+      the default: the paper's step). With ``U`` the previous first moment's
+      left factor, ``lambda (1 - b1^(t-1)) (I - U U^T) g`` is added to
+      ``tilde m`` for the update only (the stored moment stays the paper's),
+      so that at ``lambda = 1`` a gradient direction outside the rank-``r``
+      span gets ``m_hat = g``, the step of a persistent gradient, instead of
+      ``(1 - b1) g / (1 - b1^t)``. See
+      :class:`mlorc_optax.low_rank.MomentSpec`. Costs one more read of the
+      gradient per step.
+    update_bound: the largest magnitude of an update entry of a compressed
+      leaf: ``'adam'`` (default) the bound that dense Adam's own update
+      never exceeds with these ``b1``, ``b2`` at step ``t`` (1 at ``t = 1``,
+      about 7.3 for the defaults and 10.6 for ``b1 = 0.8`` as ``t`` grows;
+      :func:`mlorc_optax.low_rank.adam_update_bound`), a number, or None
+      (no bound: the paper's step). A reconstructed second moment that is
+      too small (the compression's error) gives steps dense Adam can never
+      take; the bound removes exactly those.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a
@@ -201,8 +227,12 @@ def scale_by_mlorc_adam(
   checks.check_nonnegative('eps', eps)
   checks.check_nonnegative('eps_root', eps_root)
   nesterov = checks.check_bool('nesterov', nesterov)
-  specs = {'mu': low_rank.MomentSpec(decay=b1),
+  specs = {'mu': low_rank.MomentSpec(decay=b1, complement=complement),
            'nu': low_rank.MomentSpec(nonnegative=True, decay=b2)}
+  if 'mu' not in _compress(compress) and low_rank._uses(complement):  # pylint: disable=protected-access
+    raise ValueError(
+        f'complement is {complement!r}, but compress={tuple(compress)!r} '
+        'keeps the first moment dense: it has no complement.')
   return low_rank.low_rank_moments(
       optax.scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov),
       rank=rank,
@@ -216,7 +246,22 @@ def scale_by_mlorc_adam(
       implementation=implementation,
       fast_step=fast_steps.AdamFastStep(b1, b2, eps, eps_root, nesterov),
       kernel_config=kernel_config,
+      update_bound=_update_bound(update_bound, b1, b2, nesterov),
   )
+
+
+def _update_bound(update_bound, b1, b2, nesterov):
+  """``update_bound=`` as a function of the step number; raises naming it."""
+  if update_bound is None:
+    return None
+  if isinstance(update_bound, str):
+    if update_bound != 'adam':
+      raise ValueError(
+          f"update_bound must be 'adam', a positive number or None, got "
+          f'{update_bound!r}.')
+    return lambda t: step_math.adam_update_bound(b1, b2, t, nesterov)
+  checks.check_positive('update_bound', update_bound)
+  return lambda t: jnp.asarray(update_bound, jnp.float32)
 
 
 def scale_by_mlorc_lion(
@@ -234,6 +279,7 @@ def scale_by_mlorc_lion(
     compressor: str | compressors.MomentCompressor = 'rsvd',
     implementation: str | None = None,
     kernel_config: launch.KernelConfig | None = None,
+    complement: jax.typing.ArrayLike = 0.0,
 ) -> optax.GradientTransformationExtraArgs:
   """Rescales updates by Lion with a low-rank compressed momentum (MLorc).
 
@@ -273,6 +319,12 @@ def scale_by_mlorc_lion(
       passes need only ``g Omega`` and ``Q^T g`` besides the update, since
       its momentum is linear in ``g``.
     kernel_config: the Pallas kernels' settings (static).
+    complement: weight ``lambda >= 0`` of the momentum's complement (0, the
+      default: the paper's step): ``lambda (1 - b2^(t-1)) (I - U U^T) g`` is
+      added to ``tilde m`` in ``c`` (not to the stored momentum), so that at
+      ``lambda = 1`` a direction outside the rank-``r`` span gets the sign
+      of a persistent gradient's ``c`` instead of ``sign((1 - b1) g)`` alone
+      (see :func:`scale_by_mlorc_adam`). One more read of the gradient.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a
@@ -300,7 +352,7 @@ def scale_by_mlorc_lion(
       rank=rank,
       compressor=_compressor(compressor, oversample=oversample,
                              power_iters=power_iters),
-      moments={'mu': low_rank.MomentSpec(decay=b2)},
+      moments={'mu': low_rank.MomentSpec(decay=b2, complement=complement)},
       seed=seed,
       factor_dtype=factor_dtype,
       low_rank_mask=low_rank_mask,

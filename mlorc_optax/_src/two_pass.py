@@ -125,6 +125,20 @@ def _padded_factors(
   return (pad_cols(scale * u * s[..., None, :], width), pad_cols(v, width))
 
 
+def _credited(factors: rsvd.LowRankFactors, p: jax.Array,
+              alpha: Any) -> rsvd.LowRankFactors:
+  """Factors of ``U S V^T - alpha U P`` for ``P = U^T g`` ``[B, k, n]``.
+
+  The previous moment with its complement credited is
+  ``m~ + alpha (I - U U^T) g = U (S V^T - alpha P) + alpha g``: these factors
+  are its low-rank part, and the pass adds ``alpha g`` through the
+  gradient's coefficient (``MomentSpec.complement``).
+  """
+  u, s, v = map(_f32, factors)
+  return rsvd.LowRankFactors(
+      u, jnp.ones_like(s), v * s[..., None, :] - alpha * step_math.mT(p))
+
+
 def _sketch_of(a: jax.Array, v: jax.Array, omega: jax.Array) -> jax.Array:
   """``a v^T omega`` ``[B, m, l]``: a factored matrix's sketch, cheaply."""
   return jnp.einsum('bmk,bnk,bnl->bml', a, v, omega, precision=_HI)
@@ -168,6 +182,7 @@ def _adam_step(
     *,
     config: KernelConfig,
     interpret: bool,
+    complement: Any = None,
 ) -> list[tuple[jax.Array, rsvd.LowRankFactors, rsvd.LowRankFactors]]:
   """:func:`adam_step` with every leaf launched on its own."""
   c = step_math.AdamCoefficients(*map(_f32, coefficients))
@@ -198,9 +213,27 @@ def _adam_step(
     q_m, q_v = (pad_cols(q, l_pad) for q in qs[2 * i:2 * i + 2])
     project = _pass(leaf.use_kernel, adam.project_pass,
                     adam.project_pass_reference, config, interpret)
-    p2 = project(leaf.g, a_m, v_m, a_v, v_v, q_m, q_v, c, zeta)
     l = leaf.omega_m.shape[-1]
-    bs += [p2.b_m[:, :l], p2.b_v[:, :l]]
+    if complement is None:
+      p2 = project(leaf.g, a_m, v_m, a_v, v_v, q_m, q_v, c, zeta)
+      b_m = p2.b_m[:, :l]
+    else:
+      # Pass 2 rebuilds m' = m + b1 alpha (I - U U^T) g, from which the
+      # direction comes; its projection Q^T m' is corrected back to Q^T m
+      # with Q^T g, which one more read of g gives with P = U^T g.
+      u, k = _f32(leaf.mu.u), leaf.mu.u.shape[-1]
+      both = jnp.einsum('bmj,bmn->bjn', jnp.concatenate([u, qs[2 * i]], -1),
+                        leaf.g.astype(_F32), precision=_HI)
+      p, q_g = both[:, :k], both[:, k:]
+      a_c, v_c = _padded_factors(_credited(leaf.mu, p, complement), b1,
+                                 a_m.shape[-1])
+      p2 = project(leaf.g, a_c, v_c, a_v, v_v, q_m, q_v,
+                   c._replace(one_minus_b1=c.one_minus_b1 + b1 * complement),
+                   zeta)
+      q_u = jnp.einsum('bml,bmk->blk', qs[2 * i], u, precision=_HI)
+      b_m = p2.b_m[:, :l] - b1 * complement * (
+          q_g - jnp.einsum('blk,bkn->bln', q_u, p, precision=_HI))
+    bs += [b_m, p2.b_v[:, :l]]
     outs.append(p2.direction.astype(leaf.g.dtype))
   ranks = [leaf.mu.s.shape[-1] for leaf in leaves for _ in range(2)]
   factors = gram.svds_of_projections(qs, bs, ranks)
@@ -253,6 +286,7 @@ def _lion_step(
     *,
     config: KernelConfig,
     interpret: bool,
+    complement: Any = None,
 ) -> list[tuple[jax.Array, rsvd.LowRankFactors]]:
   """:func:`lion_step` with every leaf launched on its own."""
   # 1 - b computed before any cast (in float64 for Python floats), as the
@@ -276,7 +310,18 @@ def _lion_step(
   for leaf, q, (a, v, l_pad) in zip(leaves, qs, firsts):
     project = _pass(leaf.use_kernel, lion.lion_project_pass,
                     lion.lion_project_pass_reference, config, interpret)
-    p2 = project(leaf.g, a, v, pad_cols(q, l_pad), coefficients)
+    if complement is None:
+      p2 = project(leaf.g, a, v, pad_cols(q, l_pad), coefficients)
+    else:
+      # The direction from m~ + alpha (I - U U^T) g (MomentSpec.complement);
+      # Q^T g, and so the new factors, do not depend on it.
+      p = jnp.einsum('bmk,bmn->bkn', _f32(leaf.mu.u), leaf.g.astype(_F32),
+                     precision=_HI)
+      a_c, v_c = _padded_factors(_credited(leaf.mu, p, complement), 1.0,
+                                 a.shape[-1])
+      p2 = project(leaf.g, a_c, v_c, pad_cols(q, l_pad), coefficients._replace(
+          one_minus_b1=coefficients.one_minus_b1
+          + coefficients.b1 * complement))
     l = leaf.omega.shape[-1]
     qa = jnp.einsum('bml,bmk->blk', q, a, precision=_HI)
     bs.append(b2 * jnp.einsum('blk,bnk->bln', qa, v, precision=_HI)
@@ -347,6 +392,7 @@ def adam_step(
     *,
     config: KernelConfig,
     interpret: bool,
+    complement: Any = None,
 ) -> list[tuple[jax.Array, rsvd.LowRankFactors, rsvd.LowRankFactors]]:
   """One MLorc-AdamW step of several batches of matrices in two passes.
 
@@ -364,6 +410,10 @@ def adam_step(
       ``b2`` are ``1 -`` them.
     config: the Pallas passes' static settings.
     interpret: run the Pallas passes in Pallas' interpreter.
+    complement: None, or the weight ``alpha`` (scalar) of the first
+      moment's complement: the direction is computed from ``m + b1 alpha
+      (I - U_m U_m^T) g`` (``MomentSpec.complement``; one more read of
+      ``g`` for ``U_m^T g`` and ``Q_m^T g``), the new factors from ``m``.
 
   Returns:
     Per leaf ``(direction [B, m, n], new mu factors, new nu factors)``,
@@ -371,7 +421,7 @@ def adam_step(
     ``omega_m``, ``omega_v``) of the uncompressed new moments.
   """
   return _grouped(_adam_step, leaves, config, coefficients=coefficients,
-                  interpret=interpret)
+                  interpret=interpret, complement=complement)
 
 
 def lion_step(
@@ -381,6 +431,7 @@ def lion_step(
     *,
     config: KernelConfig,
     interpret: bool,
+    complement: Any = None,
 ) -> list[tuple[jax.Array, rsvd.LowRankFactors]]:
   """One MLorc-Lion step (paper Algorithm 2) of several leaves in two passes.
 
@@ -400,9 +451,12 @@ def lion_step(
     b2: Lion's momentum decay.
     config: the Pallas passes' static settings.
     interpret: run the Pallas passes in Pallas' interpreter.
+    complement: None, or the weight ``alpha`` of the momentum's complement:
+      the update is ``sign(b1 (m~ + alpha (I - U U^T) g) + (1 - b1) g)``
+      (``MomentSpec.complement``; one more read of ``g`` for ``U^T g``).
 
   Returns:
     Per leaf ``(update [B, m, n], new factors)``.
   """
   return _grouped(_lion_step, leaves, config, b1=b1, b2=b2,
-                  interpret=interpret)
+                  interpret=interpret, complement=complement)
