@@ -68,14 +68,16 @@ class MLorcAdamW:
   With ``bounded``, every entry of the update is clipped to
   :func:`adam_bound`; with ``lam > 0``, ``lam (1 - b1^(t-1)) (I - U U^T) g``
   is added to the previous first moment for the update only (the library's
-  ``update_bound='adam'`` and ``complement=lam``).
+  ``update_bound='adam'`` and ``complement=lam``). With ``factored``, the
+  second moment is kept as its row and column sums and read back as
+  ``R C^T / sum(R)`` (``contrib.FactoredSecondMoment``).
   """
 
   def __init__(self, shapes, key, rank, b1, b2, eps, oversample=0,
-               power_iters=0, bounded=True, lam=0.0):
+               power_iters=0, bounded=True, lam=0.0, factored=False):
     self.key, self.rank, self.b1, self.b2, self.eps = key, rank, b1, b2, eps
     self.oversample, self.power_iters = oversample, power_iters
-    self.bounded, self.lam = bounded, lam
+    self.bounded, self.lam, self.factored = bounded, lam, factored
     self.t = 0
     self.factors = {}
     for name, shape in shapes.items():
@@ -94,7 +96,13 @@ class MLorcAdamW:
       *batch, m, n = g.shape
       k, l = min(self.rank, m, n), min(self.rank + self.oversample, m, n)
       m_prev = reconstruct(*self.factors[name]['mu'])
-      v_prev = zeta_fix(reconstruct(*self.factors[name]['nu']))
+      if self.factored:
+        row, col = self.factors[name].get('rows_cols', (0.0, 0.0))
+        total = np.sum(row, axis=-1, keepdims=True)[..., None]
+        v_prev = (np.zeros(g.shape) if np.all(total == 0) else
+                  row[..., :, None] * col[..., None, :] / total)
+      else:
+        v_prev = zeta_fix(reconstruct(*self.factors[name]['nu']))
       mom = b1 * m_prev + (1 - b1) * g
       var = b2 * v_prev + (1 - b2) * g**2
       t = self.t + 1
@@ -106,6 +114,9 @@ class MLorcAdamW:
         bound = adam_bound(b1, b2, t)
         out[name] = np.clip(out[name], -bound, bound)
       for j, (moment, x) in enumerate((('mu', mom), ('nu', var))):
+        if moment == 'nu' and self.factored:
+          self.factors[name]['rows_cols'] = (x.sum(-1), x.sum(-2))
+          continue
         omega = sketch(self.key, self.t, i, j, batch, n, l)
         self.factors[name][moment] = rsvd(x, omega, k, self.power_iters)
     self.t += 1

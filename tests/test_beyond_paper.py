@@ -211,17 +211,57 @@ def test_two_pass_complement_equals_the_reference_step(make, implementation):
             results['reference'][1].inner_state.mu[k]), 1e-4)
 
 
-def test_complement_is_an_injectable_hyperparameter():
+def test_complement_is_static_under_inject_hyperparams():
+  """STATIC_ARGS lists complement: 0 must stay a Python 0 (no complement
+  computed), and every other value works as given."""
+  assert 'complement' in mlorc_optax.STATIC_ARGS
   grads = grads_for({'w': (24, 16)}, 3, seed=6)
-  direct = mlorc_optax.mlorc_adamw(1e-2, complement=0.5)
-  injected = optax.inject_hyperparams(
-      mlorc_optax.mlorc_adamw, static_args=mlorc_optax.STATIC_ARGS)(
-          learning_rate=1e-2, complement=0.5)
   params = {'w': jnp.zeros((24, 16))}
-  a, _ = run_steps(direct, grads, params)
-  b, _ = run_steps(injected, grads, params)
-  for x, y in zip(a, b):
-    assert_close(x['w'], y['w'], 1e-5)
+  for weight in (0.0, 0.5):
+    direct = mlorc_optax.mlorc_adamw(1e-2, complement=weight)
+    injected = optax.inject_hyperparams(
+        mlorc_optax.mlorc_adamw, static_args=mlorc_optax.STATIC_ARGS)(
+            learning_rate=1e-2, complement=weight)
+    a, _ = run_steps(direct, grads, params)
+    b, _ = run_steps(injected, grads, params)
+    for x, y in zip(a, b):
+      assert_close(x['w'], y['w'], 1e-5)
+
+
+# ----------------------------------------------------------------------------
+# The factored second moment (contrib.FactoredSecondMoment).
+
+
+def test_factored_second_moment_matches_dense_numpy():
+  shapes = {'a': (20, 12), 'b': (2, 10, 16)}
+  rank, seed, eps = 3, 42, 1e-2
+  grads = grads_for(shapes, 5)
+  tx = mlorc_optax.scale_by_mlorc_adam(
+      0.9, 0.999, eps, rank=rank, seed=seed, low_rank_mask=True,
+      compressor=mlorc_optax.contrib.FactoredSecondMoment())
+  outs, state = run_steps(tx, grads)
+  reference = ref.MLorcAdamW(shapes, jax.random.PRNGKey(seed), rank, 0.9,
+                             0.999, eps, factored=True)
+  for t, (g, ours) in enumerate(zip(grads, outs)):
+    theirs = reference.step(g)
+    for k in shapes:  # no fix, so no entry may flip: plain closeness
+      assert_close(ours[k], theirs[k], 5e-4, f'step {t}, leaf {k}')
+  for k, (*batch, m, n) in shapes.items():
+    nu = state.inner_state.nu[k]
+    assert isinstance(nu, mlorc_optax.contrib.FactoredMoment)
+    assert nu.row.shape == (*batch, m, 1) and nu.col.shape == (*batch, n, 1)
+    row, col = reference.factors[k]['rows_cols']
+    assert_close(nu.row[..., 0], row, 1e-5)
+    assert_close(nu.col[..., 0], col, 1e-5)
+
+
+def test_factored_second_moment_state_size_is_m_plus_n():
+  tx = mlorc_optax.mlorc_adamw(
+      1e-3, rank=4, compressor=mlorc_optax.contrib.FactoredSecondMoment())
+  plan = mlorc_optax.compression_plan(tx, {'w': jnp.zeros((3, 64, 32))})
+  assert plan['w'].factor_sizes == (3 * ((64 + 32) * 4 + 4), 3 * (64 + 32))
+  assert plan['w'].state_size == sum(plan['w'].factor_sizes)
+  assert plan['w'].step == 'reference'  # the two passes compute RSVDs only
 
 
 # ----------------------------------------------------------------------------

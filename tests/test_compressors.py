@@ -193,7 +193,7 @@ def test_state_size(compressor, per_moment):
   # The plan's sizes (and its table's total) are the state's.
   plan = mlorc_optax.compression_plan(tx, params)
   for k, size in sizes.items():
-    assert plan[k].factor_size == size, k
+    assert plan[k].factor_sizes == (size, size), k
     assert plan[k].state_size == 2 * size, k
   total = sum(x.size for x in jax.tree.leaves(
       (state.inner_state.mu, state.inner_state.nu)))
@@ -512,8 +512,9 @@ def test_lorapre_matches_dense_numpy_lorapre():
   rank, seed, damping = 3, 5, 1e-3
   grads = noisy_low_rank(shapes, 10, seed=2)
   c = contrib.LoRAPreCompressor(damping=damping, init_scale=0.1)
+  # The reference is Algorithm 1 with LoRA-Pre's factors: no update bound.
   tx = mlorc_optax.scale_by_mlorc_adam(B1, B2, EPS, rank=rank, seed=seed,
-                                       compressor=c)
+                                       compressor=c, update_bound=None)
   reference = NumpyLoRAPreAdam(shapes, jax.random.PRNGKey(seed), rank, B1, B2,
                                EPS, damping, 0.1)
   params = {k: jnp.zeros(s) for k, s in shapes.items()}

@@ -78,7 +78,7 @@ def test_state_holds_only_factors_of_the_documented_size(params):
     assert p.dense_state_size == 2 * p.size
     if p.compressed:
       assert p.moments == ('mu', 'nu') and p.dense_moments == 0
-      assert p.state_size == 2 * p.factor_size
+      assert p.state_size == p.factor_size == 2 * p.factor_sizes[0]
 
 
 def test_uncompressed_leaves_are_updated_by_the_exact_base_adam(params):

@@ -60,9 +60,10 @@ def test_default_rule_is_as_documented():
 
 def test_state_size_is_b_times_m_plus_n_times_r_plus_r_per_moment():
   plan = plan_of({'w': jnp.zeros((5, 30, 20)), 'b': jnp.zeros(20)}, rank=4)
-  assert plan['w'].factor_size == 5 * ((30 + 20) * 4 + 4)
+  assert plan['w'].factor_sizes == (5 * ((30 + 20) * 4 + 4),) * 2
   assert plan['w'].moments == ('mu', 'nu') and plan['w'].dense_moments == 0
-  assert plan['w'].state_size == 2 * plan['w'].factor_size
+  assert plan['w'].state_size == plan['w'].factor_size == sum(
+      plan['w'].factor_sizes)
   assert plan['w'].dense_state_size == 2 * 5 * 30 * 20
   assert plan['b'].state_size == plan['b'].dense_state_size == 2 * 20
   # The paper's ablation: one moment compressed, the other kept dense.

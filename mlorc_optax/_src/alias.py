@@ -27,10 +27,11 @@ from mlorc_optax._src.kernels import launch
 #: as numbers and callables (dtypes such as ``jnp.float32``, masks) as
 #: schedules; bools, strings, None and compressor or kernel-config objects
 #: stay static without it. ``mask`` and ``mu_dtype`` are listed for the same
-#: reasons as for ``optax.adamw``.
+#: reasons as for ``optax.adamw``; ``complement`` because 0 (the paper's
+#: step) skips its computation, which a traced 0 cannot.
 STATIC_ARGS: tuple[str, ...] = (
     'rank', 'oversample', 'power_iters', 'factor_dtype', 'low_rank_mask',
-    'dimension_numbers', 'mask', 'mu_dtype',
+    'dimension_numbers', 'mask', 'mu_dtype', 'complement',
 )
 
 def mlorc_adamw(

@@ -143,11 +143,15 @@ class MomentCompressor(abc.ABC):
 
   @abc.abstractmethod
   def specs(
-      self, batch_shape: tuple[int, ...], rows: int, cols: int, rank: int
+      self, batch_shape: tuple[int, ...], rows: int, cols: int, rank: int,
+      *, nonnegative: bool = False,
   ) -> tuple[FactorSpec, ...]:
-    """A ``factor_type`` of :class:`FactorSpec` for ``[*batch, rows, cols]``.
+    """A ``NamedTuple`` of :class:`FactorSpec` for ``[*batch, rows, cols]``.
 
-    The initial factors are zeros of these shapes: an all-zero moment.
+    The initial factors are zeros of these shapes: an all-zero moment. Its
+    type is the type of the factors this compressor stores for such a
+    moment: ``factor_type``, unless the compressor stores non-negative
+    moments (``nonnegative=True``) differently.
     """
 
   @abc.abstractmethod
@@ -256,7 +260,8 @@ class RSVDCompressor(MomentCompressor):
     checks.check_int('oversample', self.oversample, 0)
     checks.check_int('power_iters', self.power_iters, 0)
 
-  def specs(self, batch_shape, rows, cols, rank):
+  def specs(self, batch_shape, rows, cols, rank, *, nonnegative=False):
+    del nonnegative
     return rsvd.LowRankFactors(
         u=FactorSpec((*batch_shape, rows, rank), 'rows'),
         s=FactorSpec((*batch_shape, rank), 'batch'),

@@ -191,11 +191,14 @@ def _moment_specs(moments: Any) -> dict[str, MomentSpec]:
 
 
 def _uses(weight: Any) -> bool:
-  """Whether a complement weight is in use: anything but a Python zero.
+  """Whether a complement weight is in use: anything but a concrete zero.
 
-  A traced weight (``optax.inject_hyperparams``) is in use, even if 0.
+  A traced weight (``optax.inject_hyperparams`` without
+  ``mlorc_optax.STATIC_ARGS``) is in use, even if 0.
   """
-  return not (isinstance(weight, (int, float, np.number)) and weight == 0)
+  if isinstance(weight, jax.core.Tracer):
+    return True
+  return not (np.ndim(weight) == 0 and float(weight) == 0)
 
 
 def _check_complements(specs: Mapping[str, MomentSpec],
@@ -216,8 +219,12 @@ def _check_complements(specs: Mapping[str, MomentSpec],
       why = (f'the compressor {type(compressor).__name__} has no orthonormal '
              'left_basis')
     if why:
+      hint = ('' if not isinstance(spec.complement, jax.core.Tracer) else
+              ' (it is traced: under optax.inject_hyperparams pass '
+              'static_args=mlorc_optax.STATIC_ARGS, which lists complement)')
       raise ValueError(
-          f'moments[{name!r}].complement is {spec.complement!r}, but {why}.')
+          f'moments[{name!r}].complement is {spec.complement!r}{hint}, but '
+          f'{why}.')
 
 
 # ----------------------------------------------------------------------------
@@ -228,7 +235,8 @@ def _leaf_keys(key: jax.Array, step: jax.Array, index: int) -> jax.Array:
   return jax.random.fold_in(jax.random.fold_in(key, step), index)
 
 
-def _zero_factors(p: plan_lib.LeafPlan, leaf: Any, compressor, dtype) -> Any:
+def _zero_factors(p: plan_lib.LeafPlan, leaf: Any, compressor, dtype,
+                  nonnegative: bool) -> Any:
   """Zero factors of a compressed leaf, placed like a sharded parameter."""
   placed = None
   if not isinstance(leaf, jax.core.Tracer):
@@ -236,8 +244,9 @@ def _zero_factors(p: plan_lib.LeafPlan, leaf: Any, compressor, dtype) -> Any:
   u_sh, s_sh, v_sh, _ = placed or (None,) * 4
   where = {'rows': u_sh, 'batch': s_sh, 'cols': v_sh}
   view = p.view
-  specs = compressor.specs(view.batch_shape, view.rows, view.cols, p.rank)
-  return compressor.factor_type(*(
+  specs = compressor.specs(view.batch_shape, view.rows, view.cols, p.rank,
+                           nonnegative=nonnegative)
+  return type(specs)(*(
       jnp.zeros(spec.shape, dtype, device=where[spec.placement])
       for spec in specs
   ))
@@ -434,10 +443,14 @@ def low_rank_moments(
           blocker=blocker_now or (None if mine == compressed else
                                   'the inner optimizer masks a moment out'),
           sketched=sketched, kernel_config=kernel_config)
-      factor_size = sum(int(np.prod(s.shape)) for s in compressor.specs(
-          v.batch_shape, v.rows, v.cols, p.rank))
+      nonnegative = {f.name: f.nonnegative for f in fields}
+      factor_sizes = tuple(
+          sum(int(np.prod(s.shape)) for s in compressor.specs(
+              v.batch_shape, v.rows, v.cols, p.rank,
+              nonnegative=nonnegative[name]))
+          for name in mine)
       out.append(dataclasses.replace(
-          p, moments=mine, dense_moments=dense, factor_size=factor_size,
+          p, moments=mine, dense_moments=dense, factor_sizes=factor_sizes,
           step=step, step_reason=why))
     return plan_lib.plan_node(plan_lib.LowRankPlan(
         leaves=tuple(out), fields=fields, compressor=compressor,
@@ -457,7 +470,8 @@ def low_rank_moments(
       dense = units.flatten_up_to(moment_fields.get(inner_state, field))
       stored = [
           moment_fields.wrapped_like(
-              x, _zero_factors(p, leaf, compressor, factor_dtype))
+              x, _zero_factors(p, leaf, compressor, factor_dtype,
+                               field.nonnegative))
           if field.name in p.moments else x
           for p, leaf, x in zip(plan.leaves, param_leaves, dense)
       ]

@@ -71,8 +71,8 @@ class LeafPlan:
       factors (empty if the leaf is not compressed).
     dense_moments: how many of the inner state's moment fields keep this
       leaf's moment dense.
-    factor_size: numbers stored per compressed moment (the compressor's
-      factors; 0 if dense).
+    factor_sizes: numbers stored as factors for each compressed moment, in
+      the order of ``moments`` (the compressor's factors).
     step: ``'dense'``, ``'reference'``, ``'xla'`` or ``'pallas'`` (module
       docstring).
     step_reason: why the leaf takes that step.
@@ -85,8 +85,8 @@ class LeafPlan:
     >>> p = plan['w']
     >>> p.path, p.compressed, p.rank, p.reason, p.moments
     ('w', True, 4, 'default mask', ('mu', 'nu'))
-    >>> p.factor_size, p.size  # per moment: (64 + 32) * 4 + 4 vs 64 * 32
-    (388, 2048)
+    >>> p.factor_sizes, p.size  # per moment: (64 + 32) * 4 + 4 vs 64 * 32
+    ((388, 388), 2048)
   """
 
   path: str
@@ -97,7 +97,7 @@ class LeafPlan:
   reason: str
   moments: tuple[str, ...] = ()
   dense_moments: int = 0
-  factor_size: int = 0
+  factor_sizes: tuple[int, ...] = ()
   step: str = 'dense'
   step_reason: str = 'not compressed'
 
@@ -112,9 +112,14 @@ class LeafPlan:
     return math.prod(self.shape)
 
   @property
+  def factor_size(self) -> int:
+    """Numbers stored as factors for all of the leaf's compressed moments."""
+    return sum(self.factor_sizes)
+
+  @property
   def state_size(self) -> int:
     """Numbers the optimizer state keeps for this leaf's moments."""
-    return len(self.moments) * self.factor_size + self.dense_moments * self.size
+    return self.factor_size + self.dense_moments * self.size
 
   @property
   def dense_state_size(self) -> int:

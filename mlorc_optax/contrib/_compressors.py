@@ -224,7 +224,8 @@ class LoRAPreCompressor(compressors.MomentCompressor):
     if not float(self.init_scale) > 0:
       raise ValueError(f'init_scale must be > 0, got {self.init_scale}.')
 
-  def specs(self, batch_shape, rows, cols, rank):
+  def specs(self, batch_shape, rows, cols, rank, *, nonnegative=False):
+    del nonnegative
     return LoRAPreFactors(
         b=compressors.FactorSpec((*batch_shape, rows, rank), 'rows'),
         a=compressors.FactorSpec((*batch_shape, cols, rank), 'cols'),
@@ -284,3 +285,87 @@ class LoRAPreCompressor(compressors.MomentCompressor):
     b = keep * b + gamma * self._regress(target, a)
     a = keep * a + gamma * self._regress(step_math.mT(target), b)
     return LoRAPreFactors(b=b, a=a)
+
+
+class FactoredMoment(NamedTuple):
+  """Row and column sums of a non-negative moment (Adafactor's statistics).
+
+  The moment is read back as ``row col^T / sum(row)``, the non-negative
+  rank-1 matrix with those row and column sums.
+
+  Attributes:
+    row: row sums ``[..., m, 1]`` (placed like the parameter's rows).
+    col: column sums ``[..., n, 1]`` (placed like its columns).
+  """
+
+  row: jax.Array
+  col: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class FactoredSecondMoment(compressors.RSVDCompressor):
+  """Adafactor's factored statistics for the second moment, RSVD for the rest.
+
+  Non-negative moments (Adam's ``nu``) are stored as their row and column
+  sums (:class:`FactoredMoment`: ``m + n`` numbers per matrix, fewer than
+  the ``(m + n) r + r`` of rank-``r`` factors) and read back as
+
+  .. math::
+
+    \\tilde v = \\frac{R\\, C^\\top}{\\mathbf 1^\\top R},\\qquad
+    R = v\\,\\mathbf 1,\\quad C = v^\\top \\mathbf 1 ,
+
+  non-negative by construction, so the fix of paper equation 2 is not
+  needed; since the reconstruction keeps the row and column sums, ``R`` and
+  ``C`` are exactly the moving averages of the row and column sums of
+  ``g**2`` that Adafactor keeps (without its update clipping and relative
+  step size). Every other moment (the first) is compressed by the paper's
+  randomized SVD with ``oversample`` and ``power_iters``.
+
+  The two-pass step computes only the randomized SVD, so leaves compressed
+  with this compressor take the reference step.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import mlorc_optax
+    >>> from mlorc_optax.contrib import FactoredSecondMoment
+    >>> tx = mlorc_optax.mlorc_adamw(1e-3, compressor=FactoredSecondMoment())
+    >>> state = tx.init({'w': jnp.zeros((64, 32))})
+    >>> mu, nu = state[0].inner_state.mu['w'], state[0].inner_state.nu['w']
+    >>> mu.u.shape, nu.row.shape, nu.col.shape
+    ((64, 4), (64, 1), (32, 1))
+
+  References:
+    Shazeer & Stern, *Adafactor: Adaptive Learning Rates with Sublinear
+    Memory Cost*, https://arxiv.org/abs/1804.04235; Shen et al.,
+    https://arxiv.org/abs/2506.01897 (the first moment).
+  """
+
+  name: ClassVar[str] = 'factored'
+
+  def specs(self, batch_shape, rows, cols, rank, *, nonnegative=False):
+    if not nonnegative:
+      return super().specs(batch_shape, rows, cols, rank)
+    return FactoredMoment(
+        row=compressors.FactorSpec((*batch_shape, rows, 1), 'rows'),
+        col=compressors.FactorSpec((*batch_shape, cols, 1), 'cols'),
+    )
+
+  def read(self, factors, *, nonnegative, decay=None, count=None):
+    if not nonnegative:
+      return super().read(factors, nonnegative=False)
+    row = jnp.asarray(factors.row, jnp.float32)
+    col = jnp.asarray(factors.col, jnp.float32)
+    total = jnp.sum(row, axis=(-2, -1), keepdims=True)
+    return jnp.where(total > 0, row * step_math.mT(col)
+                     / jnp.where(total > 0, total, 1.0), 0.0)
+
+  def update(self, factors, *, moment, grad, key, decay, nonnegative):
+    if not nonnegative:
+      return super().update(factors, moment=moment, grad=grad, key=key,
+                            decay=decay, nonnegative=False)
+    # Entries at most overflow_bound: sums of up to max(m, n) stay finite.
+    bound = step_math.overflow_bound(*moment.shape[-2:])
+    v = jnp.minimum(moment, bound)
+    return FactoredMoment(row=jnp.sum(v, axis=-1, keepdims=True),
+                          col=step_math.mT(jnp.sum(v, axis=-2, keepdims=True)))

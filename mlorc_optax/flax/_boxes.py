@@ -68,7 +68,8 @@ def _placement_names(
 
 
 def _box_factors(
-    x: Any, leaf: mlorc_optax.plan.LeafPlan, compressor: Any
+    x: Any, leaf: mlorc_optax.plan.LeafPlan, compressor: Any,
+    nonnegative: bool
 ) -> Any:
   """A compressed leaf's factors, each in the parameter's box, renamed.
 
@@ -76,14 +77,17 @@ def _box_factors(
   parameter's names, which fit none of them); each box gets the names of
   the axes its factor spans, or is dropped for other box types.
   """
-  if not (leaf.compressed and isinstance(x, compressor.factor_type)):
+  if not leaf.compressed:
+    return x
+  view = leaf.view
+  specs = compressor.specs(view.batch_shape, view.rows, view.cols, leaf.rank,
+                           nonnegative=nonnegative)
+  if not isinstance(x, type(specs)):
     return x
   box = next((a for a in x if _logical.is_box(a)), None)
   if box is None:
     return x
   names = _placement_names(box, leaf)
-  view = leaf.view
-  specs = compressor.specs(view.batch_shape, view.rows, view.cols, leaf.rank)
   return type(x)(*(
       _logical.box_value(a) if names is None
       else a.replace(names=tuple(names[spec.placement]))
@@ -100,17 +104,20 @@ def _fix_state(state: mlorc_optax.LowRankMomentsState) -> Any:
     if not field.compressed:
       continue
     moment = moment_fields.get(inner, field)
+    # The type of this field's factors (a compressor may store non-negative
+    # moments in other factors than the rest).
+    factor_type = type(compressor.specs(
+        (), 2, 2, 1, nonnegative=field.nonnegative))
     leaves, treedef = jax.tree_util.tree_flatten(
         moment,
-        is_leaf=lambda x: _logical.is_box(x) or isinstance(
-            x, compressor.factor_type))
+        is_leaf=lambda x: _logical.is_box(x) or isinstance(x, factor_type))
     if len(leaves) != len(plan.leaves):
       raise ValueError(
           f'The moment {field.name!r} has {len(leaves)} leaves but the plan '
           f'{len(plan.leaves)}: mlorc_optax.flax.boxed expects the state '
           'made by low_rank_moments.init.')
     moment = treedef.unflatten([
-        _box_factors(x, leaf, compressor)
+        _box_factors(x, leaf, compressor, field.nonnegative)
         for x, leaf in zip(leaves, plan.leaves)])
     inner = moment_fields.replace(inner, field, moment)
   return state._replace(inner_state=inner)

@@ -457,7 +457,7 @@ state bytes | why | step |
   for p in inspection.leaf_plans(plan):
     names = table.get(p.path)
     itemsize = _itemsize(p.dtype)
-    state = (len(p.moments) * p.factor_size * factor_itemsize
+    state = (p.factor_size * factor_itemsize
              + p.dense_moments * p.size * itemsize)
     dense = p.dense_state_size * itemsize
     view = '-' if p.view is None else _describe_view(p.view, names)
