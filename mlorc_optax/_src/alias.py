@@ -127,9 +127,10 @@ def mlorc_adamw(
       :class:`mlorc_optax.compressors.MomentCompressor`, for example
       :class:`mlorc_optax.contrib.WarmStartCompressor` (see
       ``docs/compressors.md``).
-    implementation: ``None`` (automatic: the fused two-pass Pallas step on a
-      single NVIDIA GPU, the reference step elsewhere), ``'reference'``,
-      ``'pallas'`` or ``'xla'``; see :func:`mlorc_optax.scale_by_mlorc_adam`.
+    implementation: ``None`` (automatic: the fused two-pass Pallas step on
+      NVIDIA GPUs, sharded where ``init`` sees a mesh; the reference step
+      elsewhere), ``'reference'``, ``'pallas'`` or ``'xla'``; see
+      :func:`mlorc_optax.scale_by_mlorc_adam`.
     kernel_config: the Pallas kernels' settings
       (:class:`mlorc_optax.kernels.KernelConfig`; static).
     complement: weight of the first moment's complement (0: the paper's

@@ -14,21 +14,35 @@ shapes (a leaf's matrix view with its batch axes flattened to one) and turns
 the hyperparameters into the coefficients of the kernels; the bias
 correction comes from ``optax.tree.bias_correction``, as in the reference
 step, so it is written nowhere else.
+
+Leaves whose plan has a :class:`~mlorc_optax._src.plan.Placement` (a
+parameter on a mesh of several devices, seen by ``init``) are computed
+inside one ``jax.shard_map`` per mesh: each device gets its shard of the
+gradient (the parameter's ``PartitionSpec``), of the factors (placed by
+:func:`mlorc_optax.factor_partition_specs`) and of the sketches (drawn whole,
+from the same keys, and split like ``v``), and the two passes complete their
+rank-sized sums across the mesh axes that split the rows or the columns
+(:class:`~mlorc_optax._src.two_pass.MatrixAxes`). Each device writes its own
+shard of the update and of the new factors, placed as they came in.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
-from typing import Any
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
 
 from mlorc_optax._src import compressors
 from mlorc_optax._src import plan as plan_lib
 from mlorc_optax._src import rsvd
+from mlorc_optax._src import sharding
 from mlorc_optax._src import step_math
 from mlorc_optax._src import two_pass
 from mlorc_optax._src.kernels import launch
@@ -47,28 +61,123 @@ def _unflat(x: jax.Array, batch: tuple[int, ...]) -> jax.Array:
   return jnp.reshape(x, (*batch, *x.shape[1:]))
 
 
-def _inputs(leaf: LeafInputs, compressor: compressors.RSVDCompressor):
-  """``(g [B, m, n], factors [B, ...], sketches [B, n, l])`` of a leaf."""
-  p, g, factors, keys = leaf
-  view = p.view
-  batch = tuple(view.batch_shape)
-  width = rsvd.sketch_width(view.rows, view.cols, p.rank,
-                            compressor.oversample)
-  omegas = [compressor.sketch(f, k, batch, view.cols, width)
-            for f, k in zip(factors, keys)]
-  return (_flat(view.to_matrix(g), batch),
+class _Local(NamedTuple):
+  """One leaf as the passes take it: ``(g [B, m, n], factors [B, ...] per
+  field, sketches [B, n, l] per field)``, on one device's shard inside
+  ``shard_map``, and the mesh axes that split its matrices."""
+
+  g: jax.Array
+  factors: list[rsvd.LowRankFactors]
+  omegas: list[jax.Array]
+  axes: two_pass.MatrixAxes
+
+
+def _matrix_axes(p: plan_lib.LeafPlan) -> two_pass.MatrixAxes:
+  """The mesh axes (of more than one device) that split the rows and the
+  columns of a leaf's matrices; none without a placement."""
+  where = p.placement
+  if where is None:
+    return two_pass.MatrixAxes()
+  names = lambda axes: tuple(name for a in axes for name in where.mesh_axes(a)
+                             if where.mesh.shape[name] > 1)
+  return two_pass.MatrixAxes(names(p.view.row_axes), names(p.view.col_axes))
+
+
+def _specs(p: plan_lib.LeafPlan, fields: int) -> tuple[Any, Any, Any]:
+  """``shard_map`` specs of a leaf's ``(gradient, factors, sketches)``."""
+  u, s, v, _ = sharding.factor_partition_specs(p, p.placement.spec)
+  return (p.placement.spec, [rsvd.LowRankFactors(u, s, v)] * fields,
+          [v] * fields)
+
+
+def _run(
+    leaves: Sequence[LeafInputs],
+    compressor: compressors.RSVDCompressor,
+    step: Callable[..., list[tuple[jax.Array, Sequence[Any]]]],
+    scalars: Any,
+) -> list[tuple[jax.Array, list[rsvd.LowRankFactors]]]:
+  """``step`` over the leaves, on each device's shards where placed.
+
+  Args:
+    leaves: the compressed leaves.
+    compressor: draws the sketches (whole, from each field's key).
+    step: ``(list of _Local, *scalars) -> per leaf (direction [B, m, n],
+      new factors per field)``; the leaves' matrices are whole or, inside
+      ``shard_map``, one device's shard.
+    scalars: a tuple of the step's coefficients (replicated): arrays
+      (possibly traced) are passed into ``shard_map``, anything else (Python
+      floats, None) is closed over, so that ``1 - b`` of a Python float is
+      still computed before any cast.
+
+  Returns:
+    Per leaf ``(update, new factors per field)``, shaped like the parameter
+    and its factors.
+  """
+  whole = []
+  for p, g, factors, keys in leaves:
+    view = p.view
+    width = rsvd.sketch_width(view.rows, view.cols, p.rank,
+                              compressor.oversample)
+    whole.append((g, [rsvd.LowRankFactors(*map(jnp.asarray, f))
+                      for f in factors],
+                  [compressor.sketch(f, k, view.batch_shape, view.cols, width)
+                   for f, k in zip(factors, keys)]))
+
+  def local(plans, arrays, values):
+    inputs, views = [], []
+    for p, (g, factors, omegas) in zip(plans, arrays):
+      # This device's shard (or the whole leaf) as a batch of matrices.
+      view = dataclasses.replace(p.view, shape=tuple(g.shape))
+      batch = view.batch_shape
+      inputs.append(_Local(
+          _flat(view.to_matrix(g), batch),
           [rsvd.LowRankFactors(*(_flat(a, batch) for a in f))
            for f in factors],
-          [_flat(o, batch) for o in omegas])
+          [_flat(o, batch) for o in omegas], _matrix_axes(p)))
+      views.append(view)
+    out = []
+    for view, (g, _, _), (direction, factors) in zip(
+        views, arrays, step(inputs, *with_values(values))):
+      batch = view.batch_shape
+      out.append((view.from_matrix(_unflat(direction, batch)).astype(g.dtype),
+                  [rsvd.LowRankFactors(*(_unflat(a, batch) for a in f))
+                   for f in factors]))
+    return out
 
+  flat, tree = jax.tree.flatten(scalars)
+  dynamic = [isinstance(x, jax.Array) for x in flat]
 
-def _outputs(leaf: LeafInputs, direction: jax.Array, factors: Sequence[Any]):
-  """Inverse of :func:`_inputs` for the update and the new factors."""
-  p, g, _, _ = leaf
-  batch = tuple(p.view.batch_shape)
-  update = p.view.from_matrix(_unflat(direction, batch)).astype(g.dtype)
-  return update, [rsvd.LowRankFactors(*(_unflat(a, batch) for a in f))
-                  for f in factors]
+  def with_values(values):
+    values = iter(values)
+    return tree.unflatten([next(values) if d else x
+                           for x, d in zip(flat, dynamic)])
+
+  values = [x for x, d in zip(flat, dynamic) if d]
+  # One shard_map per mesh (in practice, one); unplaced leaves run whole.
+  meshes: dict[Any, list[int]] = {}
+  for i, (p, *_) in enumerate(leaves):
+    meshes.setdefault(p.placement and p.placement.mesh, []).append(i)
+  results: list[Any] = [None] * len(leaves)
+  for mesh, idx in meshes.items():
+    plans = [leaves[i][0] for i in idx]
+    arrays = [whole[i] for i in idx]
+    if mesh is None:
+      out = local(plans, arrays, values)
+    else:
+      specs = [_specs(p, len(a[1])) for p, a in zip(plans, arrays)]
+      if jax.sharding.AxisType.Explicit in tuple(mesh.axis_types):
+        # Typed shardings must equal the specs shard_map is given.
+        arrays = jax.tree.map(
+            lambda x, spec, m=mesh: jax.sharding.reshard(
+                x, NamedSharding(m, spec)), arrays, specs)
+      out = jax.shard_map(
+          functools.partial(local, plans), mesh=mesh,
+          in_specs=(specs, PartitionSpec()),
+          out_specs=[(g, f) for g, f, _ in specs],
+          check_vma=False)(arrays, values)
+    for i, result in zip(idx, out):
+      results[i] = result
+  return results
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,19 +227,20 @@ class AdamFastStep:
     (``MomentSpec.complement``; only ``mu`` can have one), ``bound`` is the
     largest magnitude of an update entry (None: unbounded).
     """
-    inputs = []
-    for leaf in leaves:
-      g, (mu, nu), (om, ov) = _inputs(leaf, compressor)
-      inputs.append(two_pass.AdamLeafInputs(
-          g, mu, nu, om, ov, use_kernel=leaf[0].step == 'pallas'))
+    kernel = [leaf[0].step == 'pallas' for leaf in leaves]
+
+    def step(inputs, c, alpha):
+      results = two_pass.adam_step(
+          [two_pass.AdamLeafInputs(x.g, *x.factors, *x.omegas, use_kernel=k,
+                                   axes=x.axes)
+           for x, k in zip(inputs, kernel)],
+          c, config=config, interpret=interpret, complement=alpha)
+      return [(d, (mu, nu)) for d, mu, nu in results]
+
     c = self.coefficients(count)
     if bound is not None:
       c = c._replace(bound=jnp.asarray(bound, jnp.float32))
-    results = two_pass.adam_step(inputs, c, config=config,
-                                 interpret=interpret,
-                                 complement=(complement or {}).get('mu'))
-    return [_outputs(leaf, d, (mu, nu))
-            for leaf, (d, mu, nu) in zip(leaves, results)]
+    return _run(leaves, compressor, step, (c, (complement or {}).get('mu')))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,15 +263,17 @@ class LionFastStep:
                bound: Any = None):
     """As :meth:`AdamFastStep.__call__`."""
     del count
-    inputs = []
-    for leaf in leaves:
-      g, (mu,), (omega,) = _inputs(leaf, compressor)
-      inputs.append(two_pass.LionLeafInputs(
-          g, mu, omega, use_kernel=leaf[0].step == 'pallas'))
-    results = two_pass.lion_step(inputs, self.b1, self.b2, config=config,
-                                 interpret=interpret,
-                                 complement=(complement or {}).get('mu'))
-    if bound is not None:
-      results = [(jnp.clip(d, -bound, bound), mu) for d, mu in results]
-    return [_outputs(leaf, d, (mu,))
-            for leaf, (d, mu) in zip(leaves, results)]
+    kernel = [leaf[0].step == 'pallas' for leaf in leaves]
+
+    def step(inputs, b1, b2, alpha, bound):
+      results = two_pass.lion_step(
+          [two_pass.LionLeafInputs(x.g, *x.factors, *x.omegas, use_kernel=k,
+                                   axes=x.axes)
+           for x, k in zip(inputs, kernel)],
+          b1, b2, config=config, interpret=interpret, complement=alpha)
+      if bound is not None:
+        results = [(jnp.clip(d, -bound, bound), mu) for d, mu in results]
+      return [(d, (mu,)) for d, mu in results]
+
+    return _run(leaves, compressor, step,
+                (self.b1, self.b2, (complement or {}).get('mu'), bound))

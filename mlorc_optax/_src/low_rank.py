@@ -438,11 +438,14 @@ def low_rank_moments(
         continue
       v = p.view
       sketched = plan_lib.sketches(compressor, p)
+      where = plan_lib.placement(leaves[k])
       step, why = plan_lib.choose_step(
           p, implementation=implementation,
           blocker=blocker_now or (None if mine == compressed else
                                   'the inner optimizer masks a moment out'),
-          sketched=sketched, kernel_config=kernel_config)
+          sketched=sketched, kernel_config=kernel_config, where=where)
+      # The two-pass step runs on the shards where the placement is known.
+      where = where if step in ('xla', 'pallas') else None
       nonnegative = {f.name: f.nonnegative for f in fields}
       factor_sizes = tuple(
           sum(int(np.prod(s.shape)) for s in compressor.specs(
@@ -451,7 +454,7 @@ def low_rank_moments(
           for name in mine)
       out.append(dataclasses.replace(
           p, moments=mine, dense_moments=dense, factor_sizes=factor_sizes,
-          step=step, step_reason=why))
+          step=step, step_reason=why, placement=where))
     return plan_lib.plan_node(plan_lib.LowRankPlan(
         leaves=tuple(out), fields=fields, compressor=compressor,
         interpret=not plan_lib.on_nvidia_gpu()))

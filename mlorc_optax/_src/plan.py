@@ -30,6 +30,8 @@ from typing import Any, NamedTuple, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
 
 from mlorc_optax._src import compressors
 from mlorc_optax._src import rsvd
@@ -76,6 +78,9 @@ class LeafPlan:
     step: ``'dense'``, ``'reference'``, ``'xla'`` or ``'pallas'`` (module
       docstring).
     step_reason: why the leaf takes that step.
+    placement: for a two-pass step on a mesh of several devices, the
+      parameter's mesh and ``PartitionSpec`` (:class:`Placement`): the step
+      runs inside ``jax.shard_map`` on each device's shard. None otherwise.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -100,6 +105,7 @@ class LeafPlan:
   factor_sizes: tuple[int, ...] = ()
   step: str = 'dense'
   step_reason: str = 'not compressed'
+  placement: Placement | None = None
 
   @property
   def compressed(self) -> bool:
@@ -305,6 +311,110 @@ def sketches(compressor: compressors.MomentCompressor, p: LeafPlan) -> bool:
   return width < v.cols and sketch is not None
 
 
+@dataclasses.dataclass(frozen=True)
+class Placement:
+  """A parameter's place on a mesh of several devices.
+
+  The two-pass step of a leaf with a placement runs inside ``jax.shard_map``
+  over ``mesh``: each device streams its own shard of the gradient, and
+  rank-sized sums are completed across the mesh axes that split the rows
+  or the columns (:mod:`mlorc_optax._src.two_pass`).
+
+  Attributes:
+    mesh: the parameter's mesh, as a ``jax.sharding.AbstractMesh`` (axis
+      names, sizes and types, no devices: hashable and picklable, so the plan
+      stays static data of the state's tree structure).
+    spec: the parameter's ``PartitionSpec``, one entry per axis.
+  """
+
+  mesh: Any
+  spec: PartitionSpec
+
+  def mesh_axes(self, axis: int) -> tuple[str, ...]:
+    """The mesh axes that split the parameter's ``axis`` (major first)."""
+    entry = self.spec[axis]
+    if entry is None:
+      return ()
+    return tuple(entry) if isinstance(entry, tuple) else (entry,)
+
+  def shards(self, axis: int) -> int:
+    """Into how many blocks the parameter's ``axis`` is split."""
+    return math.prod(self.mesh.shape[a] for a in self.mesh_axes(axis))
+
+  @property
+  def replicated(self) -> bool:
+    """Whether every device holds the whole parameter."""
+    return all(self.shards(a) == 1 for a in range(len(self.spec)))
+
+  def local_view(self, view: views.MatrixView) -> views.MatrixView:
+    """The matrix view of one device's shard."""
+    shape = tuple(d // self.shards(a) for a, d in enumerate(view.shape))
+    return dataclasses.replace(view, shape=shape)
+
+  def describe(self, view: views.MatrixView) -> str:
+    """E.g. ``"P(None, 'data', 'model') on data=2, model=4: shards
+    2x[16x16]"``, or ``'replicated on 8 devices'``."""
+    if self.replicated:
+      return f'replicated on {self.mesh.size} devices'
+    sizes = ', '.join(f'{axis}={size}'
+                      for axis, size in self.mesh.shape.items())
+    return (f'{self.spec} on {sizes}: shards '
+            f'{self.local_view(view).describe()}')
+
+
+def placement(leaf: Any) -> Placement | None:
+  """The placement of a leaf on a mesh of several devices, where known.
+
+  Known for a concrete array with a ``NamedSharding``, and for any array
+  (a tracer too: a jitted ``init``) whose type carries the sharding of a
+  mesh with ``Explicit`` axes. None on one device, under ``Auto`` axes
+  while tracing (``jax.jit``, ``jax.eval_shape``: the sharding is not
+  known there) and for other shardings.
+  """
+  sharding = None
+  if not isinstance(leaf, jax.core.Tracer):
+    sharding = getattr(leaf, 'sharding', None)
+  if not isinstance(sharding, NamedSharding):
+    try:
+      sharding = getattr(jax.typeof(leaf), 'sharding', None)
+    except TypeError:
+      return None
+    explicit = jax.sharding.AxisType.Explicit
+    if not isinstance(sharding, NamedSharding) or explicit not in tuple(
+        getattr(sharding.mesh, 'axis_types', ())):
+      return None
+  mesh = getattr(sharding.mesh, 'abstract_mesh', sharding.mesh)
+  ndim = len(np.shape(leaf))
+  if mesh.size <= 1 or len(sharding.spec) > ndim:
+    return None
+  spec = PartitionSpec(*sharding.spec, *([None] * (ndim - len(sharding.spec))))
+  return Placement(mesh, spec)
+
+
+def shard_blocker(plan: LeafPlan, where: Placement) -> str | None:
+  """Why the two-pass step cannot run on ``where``'s shards, or None.
+
+  A device's shard must be a block of each matrix, with the rows (columns)
+  of the block those of the factor ``u`` (``v``) it holds, whose rows are
+  split into contiguous blocks over the mesh axes of the parameter's row
+  axes (:func:`mlorc_optax.factor_partition_specs`). That holds when the
+  rows (columns) flatten at most one split axis, preceded by axes of size
+  1 only; and every split axis must divide evenly.
+  """
+  view = plan.view
+  for a, d in enumerate(view.shape):
+    if d % where.shards(a):
+      return (f'axis {a} ({d}) is not divisible into its {where.shards(a)} '
+              'shards')
+  for name, axes in (('rows', view.row_axes), ('columns', view.col_axes)):
+    split = [i for i, a in enumerate(axes) if where.shards(a) > 1]
+    if len(split) > 1 or (split and any(
+        view.shape[a] > 1 for a in axes[:split[0]])):
+      return (f'the {name} of its matrix view flatten axes {axes} sharded '
+              f'as {where.spec}, so a shard is not a block of the matrix')
+  return None
+
+
 def check_implementation(
     implementation: str | None, *, blocker: str | None
 ) -> str | None:
@@ -331,19 +441,27 @@ def choose_step(
     blocker: str | None,
     sketched: bool,
     kernel_config: launch.KernelConfig,
+    where: Placement | None = None,
 ) -> tuple[str, str]:
   """``(step, reason)`` for a compressed leaf.
 
-  ``implementation=None`` (automatic) picks ``'pallas'`` on a single NVIDIA
-  GPU when the settings allow the two-pass step (``blocker`` is None), and
-  ``'reference'`` otherwise (CPU, TPU, several devices: a Pallas call has no
-  sharding rule, so under ``NamedSharding`` XLA would gather its operands).
+  ``implementation=None`` (automatic) picks ``'pallas'`` on NVIDIA GPUs when
+  the settings allow the two-pass step (``blocker`` is None): on a single
+  GPU, or on several where the parameter's placement is known (``where``,
+  from :func:`placement`), so that the step runs inside ``jax.shard_map`` on
+  each device's shard. Otherwise it picks ``'reference'``: on CPUs and TPUs,
+  and on several devices where the placement is unknown (``init`` traced
+  under ``Auto`` mesh axes), since a Pallas call has no sharding rule and
+  under ``NamedSharding`` XLA would gather its operands.
   ``'pallas'`` falls back to ``'xla'`` (the same two passes in
-  ``jax.numpy``) for a matrix the kernels cannot tile, and every two-pass
-  choice falls back to ``'reference'`` where the sketch is the identity
-  (``rank + oversample >= cols``: the RSVD is exact there). An explicit
+  ``jax.numpy``) for a matrix (or shard) the kernels cannot tile, and every
+  two-pass choice falls back to ``'reference'`` where the sketch is the
+  identity (``rank + oversample >= cols``: the RSVD is exact there) or the
+  shards are no blocks of the matrices (:func:`shard_blocker`). An explicit
   two-pass ``implementation`` that ``blocker`` rules out is a ``ValueError``
   (:func:`check_implementation`, which the factories also call early).
+  A two-pass step chosen with ``where`` runs sharded; without it (unknown
+  placement), as on one device.
   """
   check_implementation(implementation, blocker=blocker)
   if implementation is None:
@@ -351,19 +469,30 @@ def choose_step(
       return 'reference', f'automatic: {blocker}'
     if not on_nvidia_gpu():
       return 'reference', 'automatic: not on an NVIDIA GPU'
-    if jax.device_count() != 1:
-      return 'reference', 'automatic: several devices'
-    implementation, why = 'pallas', 'automatic: one NVIDIA GPU'
+    if where is not None:
+      implementation, why = 'pallas', 'automatic: NVIDIA GPUs'
+    elif jax.device_count() != 1:
+      return 'reference', ('automatic: several devices, and init did not see '
+                           'the parameter on a mesh')
+    else:
+      implementation, why = 'pallas', 'automatic: one NVIDIA GPU'
   elif implementation == 'reference':
     return 'reference', "implementation='reference'"
   else:
     why = f'implementation={implementation!r}'
   if not sketched:
     return 'reference', 'the sketch is the identity (exact RSVD)'
-  view = plan.view
+  view, what = plan.view, 'does not tile'
+  if where is not None:
+    blocked = shard_blocker(plan, where)
+    if blocked is not None:
+      return 'reference', f'{why}; {blocked}'
+    why = f'{why}; {where.describe(view)}'
+    if not where.replicated:  # the kernels tile each device's shard
+      view, what = where.local_view(view), 'shards do not tile'
   if implementation == 'pallas' and not launch.supports(
       view.rows, view.cols, kernel_config):
-    return 'xla', f'{why}; {view.rows}x{view.cols} does not tile'
+    return 'xla', f'{why}; {view.rows}x{view.cols} {what}'
   return implementation, why
 
 

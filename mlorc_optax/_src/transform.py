@@ -177,7 +177,9 @@ def scale_by_mlorc_adam(
       stored; Gram-based small factorizations) or ``'xla'`` (the same two
       passes in ``jax.numpy``). All compute the same update and the same
       randomized SVD (same sketches) up to float32 rounding. Automatic picks
-      ``'pallas'`` on a single NVIDIA GPU where the settings allow it
+      ``'pallas'`` on NVIDIA GPUs (on a mesh of several, inside
+      ``jax.shard_map`` where ``init`` sees the parameter's placement) where
+      the settings allow it
       (``compressor`` ``'rsvd'`` or ``'warm'`` without power iterations, both
       moments compressed) and ``'reference'`` otherwise;
       :func:`mlorc_optax.format_plan` shows the choice per leaf and why.

@@ -60,6 +60,19 @@ long matrices that dominated the reference step (``benchmarks/README.md``).
 ``g Omega``, pass 2 writes the update ``sign(b1 U S V^T + (1 - b1) g)`` and
 accumulates ``Q^T g``; the factors' parts are small products.
 
+**On several devices** (inside ``jax.shard_map``, :class:`MatrixAxes`) each
+device holds a block of rows and of columns of every matrix: its block of
+``g``, of ``U`` (rows), of ``V`` and ``Omega`` (columns), and streams only
+that block. Every quantity the step needs whole is rank-sized and a sum over
+the split axis, so it is completed with a ``psum`` across the devices that
+split it: the sketches ``g Omega`` (and ``V^T Omega``) and pass 1's counts
+over the columns, the ``l x l`` Gram matrices of ``Q`` and the projections
+``Q^T m`` (and ``U^T g``, ``Q^T g``, ``Q^T U``) over the rows, the Gram
+matrices of the projections and ``s`` over the columns. Each device then
+writes its own block of the update and of the new ``u`` and ``v``; no
+dense matrix crosses devices, and the result is the single-device step's
+(the same sketches, sums in another order).
+
 Every leaf says whether its passes run as the Pallas kernels
 (``use_kernel=True``: Triton on an NVIDIA GPU, or Pallas' interpreter with
 ``interpret=True``), which read the gradient once per pass, or as their
@@ -139,9 +152,32 @@ def _credited(factors: rsvd.LowRankFactors, p: jax.Array,
       u, jnp.ones_like(s), v * s[..., None, :] - alpha * step_math.mT(p))
 
 
-def _sketch_of(a: jax.Array, v: jax.Array, omega: jax.Array) -> jax.Array:
-  """``a v^T omega`` ``[B, m, l]``: a factored matrix's sketch, cheaply."""
-  return jnp.einsum('bmk,bnk,bnl->bml', a, v, omega, precision=_HI)
+def _sketch_of(a: jax.Array, v_omega: jax.Array) -> jax.Array:
+  """``a (v^T omega)`` ``[B, m, l]``: a factored matrix's sketch, cheaply."""
+  return jnp.einsum('bmk,bkl->bml', a, v_omega, precision=_HI)
+
+
+def _small(v: jax.Array, omega: jax.Array) -> jax.Array:
+  """``v^T omega`` ``[B, k, l]`` (a sum over this device's columns)."""
+  return jnp.einsum('bnk,bnl->bkl', v, omega, precision=_HI)
+
+
+class MatrixAxes(NamedTuple):
+  """The mesh axes a leaf's matrices are split over, inside ``shard_map``.
+
+  Each device holds the block of rows and of columns of every matrix that
+  its place on these mesh axes selects (the batch may be split too: no sum
+  runs over it). Sums over the rows (columns) are this device's partial
+  sums, completed by a ``psum`` over ``rows`` (``cols``) (module
+  docstring). Empty (the default): not split, no collective.
+
+  Attributes:
+    rows: mesh axes that split the rows.
+    cols: mesh axes that split the columns.
+  """
+
+  rows: tuple[str, ...] = ()
+  cols: tuple[str, ...] = ()
 
 
 def _widths(rank: int, width: int) -> tuple[int, int]:
@@ -166,6 +202,10 @@ class AdamLeafInputs(NamedTuple):
     use_kernel: the Pallas passes (else the ``jax.numpy`` references); the
       Pallas passes need ``m`` and ``n`` tileable
       (:func:`~mlorc_optax._src.kernels.launch.supports`).
+    axes: inside ``shard_map``, the mesh axes the matrices are split over
+      (:class:`MatrixAxes`; every array above is then this device's block:
+      ``g`` and ``mu.u`` of rows, ``g``, ``mu.v`` and ``omega_m`` of
+      columns).
   """
 
   g: jax.Array
@@ -174,6 +214,7 @@ class AdamLeafInputs(NamedTuple):
   omega_m: jax.Array
   omega_v: jax.Array
   use_kernel: bool
+  axes: MatrixAxes = MatrixAxes()
 
 
 def _adam_step(
@@ -189,6 +230,7 @@ def _adam_step(
   b1, b2 = 1 - c.one_minus_b1, 1 - c.one_minus_b2
   firsts, ys = [], []
   for leaf in leaves:
+    axes = leaf.axes
     l = leaf.omega_m.shape[-1]
     r_pad, l_pad = _widths(leaf.mu.s.shape[-1], l)
     a_m, v_m = _padded_factors(leaf.mu, b1, r_pad)
@@ -198,14 +240,21 @@ def _adam_step(
     sketch = _pass(leaf.use_kernel, adam.sketch_pass,
                    adam.sketch_pass_reference, config, interpret)
     p1 = sketch(leaf.g, a_v, v_v, om, ov, c.one_minus_b2)
+    # Products over the columns (the l sketch columns, not the kernels'
+    # padding), summed over the devices that split them.
+    g_om, x_om, neg_om, vo_m, vo_v = gram.psum(
+        (p1.g_omega[..., :l], p1.x_omega[..., :l], p1.neg_omega[..., :l],
+         _small(v_m, om[..., :l]), _small(v_v, ov[..., :l])), axes.cols)
     # a_v carries b2, so pass 1 saw b2 * v~ and this is b2 * zeta.
-    count = jnp.sum(p1.neg_count, axis=-1)
-    zeta = jnp.sum(p1.neg_sum, axis=-1) / jnp.maximum(count, 1.0)
-    ys.append((_sketch_of(a_m, v_m, om) + c.one_minus_b1 * p1.g_omega)[..., :l])
-    ys.append((_sketch_of(a_v, v_v, ov) + p1.x_omega
-               + zeta[:, None, None] * p1.neg_omega)[..., :l])
+    count, total = gram.psum(
+        (jnp.sum(p1.neg_count, axis=-1), jnp.sum(p1.neg_sum, axis=-1)),
+        axes.rows + axes.cols)
+    zeta = total / jnp.maximum(count, 1.0)
+    ys.append(_sketch_of(a_m, vo_m) + c.one_minus_b1 * g_om)
+    ys.append(_sketch_of(a_v, vo_v) + x_om + zeta[:, None, None] * neg_om)
     firsts.append((a_m, v_m, a_v, v_v, zeta, l_pad))
-  qs = gram.orthonormal_bases(ys)
+  qs = gram.orthonormal_bases(
+      ys, [leaf.axes.rows for leaf in leaves for _ in range(2)])
 
   outs, bs = [], []
   for i, (leaf, (a_m, v_m, a_v, v_v, zeta, l_pad)) in enumerate(
@@ -214,9 +263,10 @@ def _adam_step(
     project = _pass(leaf.use_kernel, adam.project_pass,
                     adam.project_pass_reference, config, interpret)
     l = leaf.omega_m.shape[-1]
+    rows = leaf.axes.rows
     if complement is None:
       p2 = project(leaf.g, a_m, v_m, a_v, v_v, q_m, q_v, c, zeta)
-      b_m = p2.b_m[:, :l]
+      b_m, b_v = gram.psum((p2.b_m[:, :l], p2.b_v[:, :l]), rows)
     else:
       # Pass 2 rebuilds m' = m + b1 alpha (I - U U^T) g, from which the
       # direction comes; its projection Q^T m' is corrected back to Q^T m
@@ -224,19 +274,22 @@ def _adam_step(
       u, k = _f32(leaf.mu.u), leaf.mu.u.shape[-1]
       both = jnp.einsum('bmj,bmn->bjn', jnp.concatenate([u, qs[2 * i]], -1),
                         leaf.g.astype(_F32), precision=_HI)
+      q_u = jnp.einsum('bml,bmk->blk', qs[2 * i], u, precision=_HI)
+      both, q_u = gram.psum((both, q_u), rows)
       p, q_g = both[:, :k], both[:, k:]
       a_c, v_c = _padded_factors(_credited(leaf.mu, p, complement), b1,
                                  a_m.shape[-1])
       p2 = project(leaf.g, a_c, v_c, a_v, v_v, q_m, q_v,
                    c._replace(one_minus_b1=c.one_minus_b1 + b1 * complement),
                    zeta)
-      q_u = jnp.einsum('bml,bmk->blk', qs[2 * i], u, precision=_HI)
-      b_m = p2.b_m[:, :l] - b1 * complement * (
+      b_m, b_v = gram.psum((p2.b_m[:, :l], p2.b_v[:, :l]), rows)
+      b_m = b_m - b1 * complement * (
           q_g - jnp.einsum('blk,bkn->bln', q_u, p, precision=_HI))
-    bs += [b_m, p2.b_v[:, :l]]
+    bs += [b_m, b_v]
     outs.append(p2.direction.astype(leaf.g.dtype))
   ranks = [leaf.mu.s.shape[-1] for leaf in leaves for _ in range(2)]
-  factors = gram.svds_of_projections(qs, bs, ranks)
+  factors = gram.svds_of_projections(
+      qs, bs, ranks, [leaf.axes.cols for leaf in leaves for _ in range(2)])
   return [(d, factors[2 * i], factors[2 * i + 1])
           for i, d in enumerate(outs)]
 
@@ -271,12 +324,15 @@ class LionLeafInputs(NamedTuple):
     mu: previous momentum factors ``(u [B, m, k], s [B, k], v [B, n, k])``.
     omega: this step's sketch ``[B, n, l]`` (``k <= l``).
     use_kernel: the Pallas passes (else the ``jax.numpy`` references).
+    axes: inside ``shard_map``, the mesh axes the matrices are split over
+      (:class:`MatrixAxes`, as for :class:`AdamLeafInputs`).
   """
 
   g: jax.Array
   mu: rsvd.LowRankFactors
   omega: jax.Array
   use_kernel: bool
+  axes: MatrixAxes = MatrixAxes()
 
 
 def _lion_step(
@@ -301,34 +357,39 @@ def _lion_step(
     om = pad_cols(_f32(leaf.omega), l_pad)
     sketch = _pass(leaf.use_kernel, lion.lion_sketch_pass,
                    lion.lion_sketch_pass_reference, config, interpret)
-    g_omega = sketch(leaf.g, om)
-    ys.append((b2 * _sketch_of(a, v, om) + one_minus_b2 * g_omega)[..., :l])
+    g_omega, v_omega = gram.psum(
+        (sketch(leaf.g, om)[..., :l], _small(v, om[..., :l])), leaf.axes.cols)
+    ys.append(b2 * _sketch_of(a, v_omega) + one_minus_b2 * g_omega)
     firsts.append((a, v, l_pad))
-  qs = gram.orthonormal_bases(ys)
+  qs = gram.orthonormal_bases(ys, [leaf.axes.rows for leaf in leaves])
 
   outs, bs = [], []
   for leaf, q, (a, v, l_pad) in zip(leaves, qs, firsts):
     project = _pass(leaf.use_kernel, lion.lion_project_pass,
                     lion.lion_project_pass_reference, config, interpret)
+    rows = leaf.axes.rows
     if complement is None:
       p2 = project(leaf.g, a, v, pad_cols(q, l_pad), coefficients)
     else:
       # The direction from m~ + alpha (I - U U^T) g (MomentSpec.complement);
       # Q^T g, and so the new factors, do not depend on it.
-      p = jnp.einsum('bmk,bmn->bkn', _f32(leaf.mu.u), leaf.g.astype(_F32),
-                     precision=_HI)
+      p = gram.psum(jnp.einsum('bmk,bmn->bkn', _f32(leaf.mu.u),
+                               leaf.g.astype(_F32), precision=_HI), rows)
       a_c, v_c = _padded_factors(_credited(leaf.mu, p, complement), 1.0,
                                  a.shape[-1])
       p2 = project(leaf.g, a_c, v_c, pad_cols(q, l_pad), coefficients._replace(
           one_minus_b1=coefficients.one_minus_b1
           + coefficients.b1 * complement))
     l = leaf.omega.shape[-1]
-    qa = jnp.einsum('bml,bmk->blk', q, a, precision=_HI)
+    qa, q_g = gram.psum(
+        (jnp.einsum('bml,bmk->blk', q, a, precision=_HI), p2.q_g[:, :l]),
+        rows)
     bs.append(b2 * jnp.einsum('blk,bnk->bln', qa, v, precision=_HI)
-              + one_minus_b2 * p2.q_g[:, :l])
+              + one_minus_b2 * q_g)
     outs.append(p2.direction.astype(leaf.g.dtype))
   factors = gram.svds_of_projections(
-      qs, bs, [leaf.mu.s.shape[-1] for leaf in leaves])
+      qs, bs, [leaf.mu.s.shape[-1] for leaf in leaves],
+      [leaf.axes.cols for leaf in leaves])
   return list(zip(outs, factors))
 
 
@@ -336,16 +397,22 @@ def _lion_step(
 # Leaves of equal shape share one launch.
 
 
+def _arrays(leaf: Any) -> Any:
+  """A leaf's inputs with the static fields (not arrays) set to None."""
+  return leaf._replace(use_kernel=None, axes=None)
+
+
 def _groups(leaves: Sequence[Any], config: KernelConfig) -> list[list[int]]:
-  """Indices of the leaves that share a launch (equal shapes and dtypes)."""
+  """Indices of the leaves that share a launch (equal shapes, dtypes and
+  mesh axes)."""
   groups: list[list[int]] = []
   where: dict[Any, int] = {}
   for i, leaf in enumerate(leaves):
     if leaf.g.size > config.group_max_elements:
       groups.append([i])
       continue
-    arrays = jax.tree_util.tree_leaves(leaf._replace(use_kernel=None))
-    key = (leaf.use_kernel,
+    arrays = jax.tree_util.tree_leaves(_arrays(leaf))
+    key = (leaf.use_kernel, leaf.axes,
            tuple((tuple(x.shape[1:]), x.dtype) for x in arrays))
     if key in where:
       groups[where[key]].append(i)
@@ -371,9 +438,9 @@ def _grouped(step: Callable[..., list[Any]], leaves: Sequence[Any],
       merged.append(parts[0])
       continue
     arrays = jax.tree_util.tree_map(
-        lambda *xs: jnp.concatenate(xs),
-        *[leaf._replace(use_kernel=None) for leaf in parts])
-    merged.append(arrays._replace(use_kernel=parts[0].use_kernel))
+        lambda *xs: jnp.concatenate(xs), *[_arrays(leaf) for leaf in parts])
+    merged.append(arrays._replace(use_kernel=parts[0].use_kernel,
+                                  axes=parts[0].axes))
   results = step(merged, config=config, **kwargs)
   out: list[Any] = [None] * len(leaves)
   for group, result in zip(groups, results):

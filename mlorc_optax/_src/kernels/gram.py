@@ -17,6 +17,14 @@ whatever the accuracy of the small eigenvalues.
 Plain ``jax.numpy``; every ``eigh`` of a step is batched into one call per
 size (:func:`eigh_all`): on a GPU these replace the Householder QR and SVD
 of long matrices that dominated the reference step (``benchmarks/README.md``).
+
+Inside ``jax.shard_map`` a matrix may be split over devices: ``Y`` and ``Q``
+by rows, ``B`` by columns. Everything above is then computed on each
+device's block, and the only sums over the split axis, the Gram matrices
+(``l x l``), the norms ``s_i`` and the largest magnitudes that scale them,
+are completed across devices (``psum`` / ``pmax`` over the mesh axes named
+by ``row_axes`` / ``col_axes``): every device gets the same ``l x l``
+factorization, and its own block of ``Q``, ``u`` and ``v``.
 """
 
 from __future__ import annotations
@@ -34,6 +42,24 @@ from mlorc_optax._src import step_math
 _HI = step_math.HIGHEST
 _EPS = float(np.finfo(np.float32).eps)
 _TINY = float(np.finfo(np.float32).tiny)
+
+
+def psum(x: Any, axes: Sequence[str]) -> Any:
+  """``jax.lax.psum`` of ``x`` (a pytree) over mesh ``axes``; ``x`` if none.
+
+  Outside ``shard_map`` (or for a matrix that is not split) ``axes`` is
+  empty and nothing is reduced.
+  """
+  return jax.lax.psum(x, tuple(axes)) if axes else x
+
+
+def _max_abs(x: jax.Array, axes: Sequence[str]) -> jax.Array:
+  """:func:`step_math.max_abs` of a matrix split over mesh ``axes``."""
+  if not axes:
+    return step_math.max_abs(x)
+  scale = jax.lax.pmax(jnp.max(jnp.abs(x), axis=(-2, -1), keepdims=True),
+                       tuple(axes))
+  return jnp.where((scale > 0) & jnp.isfinite(scale), scale, 1.0)
 
 
 def eigh_all(mats: Sequence[jax.Array]) -> list[tuple[jax.Array, jax.Array]]:
@@ -57,7 +83,10 @@ def eigh_all(mats: Sequence[jax.Array]) -> list[tuple[jax.Array, jax.Array]]:
   return out
 
 
-def orthonormal_bases(ys: Sequence[jax.Array]) -> list[jax.Array]:
+def orthonormal_bases(
+    ys: Sequence[jax.Array],
+    row_axes: Sequence[Sequence[str]] | None = None,
+) -> list[jax.Array]:
   """Orthonormal bases ``[B, m, l]`` of the ranges of each ``y [B, m, l]``.
 
   Gram-based, twice (module docstring): with ``y^T y = E Lambda E^T``,
@@ -65,10 +94,18 @@ def orthonormal_bases(ys: Sequence[jax.Array]) -> list[jax.Array]:
   eigenvalue is below ``l * eps * lambda_max`` (numerically outside the
   range) give zero columns, so a zero or rank-deficient ``y`` gives no NaN.
   All ``eigh`` calls of one round are batched (:func:`eigh_all`).
+
+  Args:
+    ys: the sketches.
+    row_axes: inside ``shard_map``, per ``y`` the mesh axes its rows are
+      split over (``y`` is this device's block of rows; so is its ``q``).
+      None: no ``y`` is split.
   """
-  qs = [y / step_math.max_abs(y) for y in ys]
+  row_axes = [()] * len(ys) if row_axes is None else list(row_axes)
+  qs = [y / _max_abs(y, axes) for y, axes in zip(ys, row_axes)]
   for _ in range(2):
-    eig = eigh_all([step_math.gram(q) for q in qs])
+    eig = eigh_all([psum(step_math.gram(q), axes)
+                    for q, axes in zip(qs, row_axes)])
     new = []
     for q, (lam, e) in zip(qs, eig):
       floor = q.shape[-1] * _EPS * lam[..., -1:]
@@ -88,7 +125,10 @@ def orthonormal_basis(y: jax.Array) -> jax.Array:
 
 
 def svds_of_projections(
-    qs: Sequence[jax.Array], bs: Sequence[jax.Array], ranks: Sequence[int]
+    qs: Sequence[jax.Array],
+    bs: Sequence[jax.Array],
+    ranks: Sequence[int],
+    col_axes: Sequence[Sequence[str]] | None = None,
 ) -> list[rsvd.LowRankFactors]:
   """Top-``rank`` SVDs of ``q @ b`` from the Gram matrices ``b b^T``.
 
@@ -96,20 +136,26 @@ def svds_of_projections(
     qs: orthonormal bases ``[B, m, l]``.
     bs: projections ``[B, l, n]`` (``q^T`` of the matrix).
     ranks: how many singular triplets to keep of each.
+    col_axes: inside ``shard_map``, per ``b`` the mesh axes its columns are
+      split over (``b`` is this device's block of columns; so is its
+      ``v``). None: no ``b`` is split.
 
   Returns:
     Per input, float32 :class:`~mlorc_optax._src.rsvd.LowRankFactors`
     ``(u [B, m, rank], s [B, rank], v [B, n, rank])``, singular values
     descending; one batched ``eigh`` for all of them (module docstring).
   """
-  scales = [step_math.max_abs(b) for b in bs]
+  col_axes = [()] * len(bs) if col_axes is None else list(col_axes)
+  scales = [_max_abs(b, axes) for b, axes in zip(bs, col_axes)]
   bs = [b / sc for b, sc in zip(bs, scales)]
-  eig = eigh_all([step_math.gram(step_math.mT(b)) for b in bs])
+  eig = eigh_all([psum(step_math.gram(step_math.mT(b)), axes)
+                  for b, axes in zip(bs, col_axes)])
   out = []
-  for q, b, sc, (_, e), rank in zip(qs, bs, scales, eig, ranks):
+  for q, b, sc, (_, e), rank, axes in zip(qs, bs, scales, eig, ranks,
+                                          col_axes):
     e = e[..., ::-1][..., :rank]  # descending eigenvalues, top rank
     w = jnp.einsum('blk,bln->bkn', e, b, precision=_HI)  # [B, k, n]
-    s = jnp.sqrt(jnp.sum(w * w, axis=-1))
+    s = jnp.sqrt(psum(jnp.sum(w * w, axis=-1), axes))
     v = step_math.mT(w) / jnp.where(s > 0, s, 1.0)[..., None, :]
     u = jnp.einsum('bml,blk->bmk', q, e, precision=_HI)
     out.append(rsvd.LowRankFactors(u=u, s=s * sc[..., 0], v=v))
