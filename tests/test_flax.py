@@ -181,7 +181,7 @@ def test_state_bytes_in_the_table_are_the_state_bytes():
   table = mlorc_optax.flax.format_logical_plan(
       mlorc_optax.compression_plan(tx, PARAMS), NAMES)
   total = int(table.splitlines()[-1].split('|')[6].replace(',', ''))
-  counters = state[0].step.nbytes + state[0].key.nbytes + (
+  counters = state[0].step.nbytes + state[0].sketch_key.nbytes + (
       state[0].inner_state.count.nbytes)
   assert total == sum(x.nbytes for x in jax.tree.leaves(state)) - counters
   assert '| layers/out/kernel | (layers, heads, kv, embed) |' in table
@@ -278,7 +278,7 @@ def test_boxed_init_boxes_each_factor_with_its_names(make_tx):
   assert low_rank.inner_state.nu['layers']['norm']['scale'] == P(
       'layers', 'embed')
   # Counters and the key are plain arrays (replicated).
-  assert (low_rank.step, low_rank.key, low_rank.inner_state.count) == (
+  assert (low_rank.step, low_rank.sketch_key, low_rank.inner_state.count) == (
       P(), P(), P())
   # Every box's names fit its array, which is what nn.get_partition_spec and
   # nn.logical_to_mesh_sharding need (the core alone boxes factors with the

@@ -287,6 +287,25 @@ def test_same_seed_same_trajectory_other_seed_other_factors(params):
   assert not np.allclose(a.u, c.u)
 
 
+def test_reseeding_with_optax_tree_set_is_building_with_the_seed():
+  """The documented recipe: ``sketch_key`` is the one field of that name,
+  even where the params have a ``key`` (an attention projection)."""
+  params = {'attention': {'key': {'kernel': jnp.ones((12, 8))},
+                          'query': {'kernel': jnp.ones((12, 8))}}}
+  grads = jax.tree.map(lambda p: jnp.cos(jnp.arange(p.size)).reshape(p.shape),
+                       params)
+  built = mlorc_optax.mlorc_adamw(1e-3, rank=2, seed=7)
+  reseeded_tx = mlorc_optax.mlorc_adamw(1e-3, rank=2, seed=0)
+  a = built.init(params)
+  b = optax.tree.set(reseeded_tx.init(params),
+                     sketch_key=jax.random.key_data(jax.random.key(7)))
+  for _ in range(2):
+    _, a = built.update(grads, a, params)
+    _, b = reseeded_tx.update(grads, b, params)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+
+
 def test_factor_dtype_and_update_dtype():
   params = make_params(jnp.bfloat16)
   tx = adam_core(dict(rank=2, factor_dtype=jnp.bfloat16))

@@ -138,7 +138,7 @@ def test_factor_shardings_follow_the_params(mesh):
     assert bias.sharding.spec == P(None, 'model')
   shard = mlorc_optax.state_shardings(state)
   assert shard[0].inner_state.count.spec == P()
-  assert shard[0].step.spec == shard[0].key.spec == P()
+  assert shard[0].step.spec == shard[0].sketch_key.spec == P()
   assert (shard[0].inner_state.mu['layers']['qkv']['kernel'].u.spec
           == P(None, 'data', None))
 

@@ -33,7 +33,8 @@ the same step (``fast_step``, for Adam and Lion:
 :class:`~mlorc_optax.low_rank.LionFastStep`) instead
 of steps 1-3, which never materialises their dense moments.
 
-Randomness: the state holds a raw ``uint32[2]`` PRNG key that never changes.
+Randomness: the state holds a raw ``uint32[2]`` PRNG key, ``sketch_key``, that
+never changes.
 At step ``t`` (the state's ``step`` before the update), the sketch of the
 moment field with index ``j`` (its position among the inner state's moment
 fields: 0 for ``mu``, 1 for ``nu``) of the ``i``-th compressed leaf in
@@ -128,7 +129,11 @@ class LowRankMomentsState(NamedTuple):
 
   Attributes:
     step: int32 number of updates applied (the ``t`` of the sketch keys).
-    key: raw ``uint32[2]`` PRNG key from which every sketch is derived.
+    sketch_key: raw ``uint32[2]`` PRNG key from which every sketch is
+      derived (the transform's ``seed``). Reseed a state without building a
+      new transform (and so without recompiling a step that closes over
+      it) with ``optax.tree.set(state, sketch_key=jax.random.key_data(
+      jax.random.key(seed)))``: the field's name is unique in the state.
     inner_state: the inner optimizer's state, in which every compressed leaf
       of a moment tree holds the compressor's factors instead of the dense
       moment (:class:`~mlorc_optax.LowRankFactors` ``(u, s, v)`` for the
@@ -149,7 +154,7 @@ class LowRankMomentsState(NamedTuple):
   """
 
   step: jax.Array
-  key: jax.Array
+  sketch_key: jax.Array
   inner_state: optax.OptState
   plan: plan_lib.PlanNode
 
@@ -482,7 +487,7 @@ def low_rank_moments(
           inner_state, field, units.unflatten(stored))
     return LowRankMomentsState(
         step=jnp.zeros([], jnp.int32),
-        key=jnp.array(key),  # a fresh buffer: states may be donated
+        sketch_key=jnp.array(key),  # a fresh buffer: states may be donated
         inner_state=inner_state,
         plan=plan,
     )
@@ -543,7 +548,7 @@ def low_rank_moments(
         masked(inner_grads), dense_state, inner_params, **extra_args)
     out = treedef.flatten_up_to(out)
 
-    keys = lambda k: _leaf_keys(state.key, state.step, leaf_index[k])
+    keys = lambda k: _leaf_keys(state.sketch_key, state.step, leaf_index[k])
     bound = None if update_bound is None else jnp.asarray(
         update_bound(t), jnp.float32)
     new = {f.name: treedef.flatten_up_to(moment_fields.get(new_inner, f))
@@ -602,7 +607,7 @@ def low_rank_moments(
       new_inner = moment_fields.replace(
           new_inner, f, treedef.unflatten(new[f.name]))
     new_state = LowRankMomentsState(
-        step=optax.safe_increment(state.step), key=state.key,
+        step=optax.safe_increment(state.step), sketch_key=state.sketch_key,
         inner_state=new_inner, plan=plan)
     return treedef.unflatten(out), new_state
 
