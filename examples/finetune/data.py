@@ -23,6 +23,11 @@ Note: in this package the ``rating`` column is already binned into the strings
 these thresholds (``rating > 6`` positive, ``rating < 5`` negative, otherwise
 neutral), so :func:`rating_to_label` accepts both the 1-10 scores and the
 class names.
+
+:func:`load_datasets` is what the harness uses: the splits, optionally
+subsampled, with a stratified validation slice split off the train split for
+learning-rate tuning, all tokenised (:class:`Datasets`); :func:`epoch_batches`
+draws the shuffled training batches of a run.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import re
 import sys
 import zipfile
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence, Union
+from typing import Any, Iterator, Mapping, Sequence, Union
 
 import numpy as np
 
@@ -122,9 +127,8 @@ class ReviewSplit:
     )
 
 
-def _read_split(
-    zf: zipfile.ZipFile, member: str, limit: int | None
-) -> ReviewSplit:
+def _read_split(zf: zipfile.ZipFile, member: str,
+                limit: int | None) -> ReviewSplit:
   csv.field_size_limit(sys.maxsize)
   texts, labels, ids, drugs, conditions = [], [], [], [], []
   with zf.open(member) as raw:
@@ -139,13 +143,8 @@ def _read_split(
       ids.append(int(row['']))
       drugs.append(row['drugName'])
       conditions.append(row['condition'])
-  return ReviewSplit(
-      texts,
-      np.asarray(labels, np.int32),
-      np.asarray(ids, np.int64),
-      drugs,
-      conditions,
-  )
+  return ReviewSplit(texts, np.asarray(labels, np.int32),
+                     np.asarray(ids, np.int64), drugs, conditions)
 
 
 def load_drug_reviews(
@@ -318,3 +317,84 @@ def batch_iterator(
   for start in range(0, stop, batch_size):
     idx = order[start : start + batch_size]
     yield {k: v[idx] for k, v in arrays.items()}
+
+
+def epoch_batches(
+    arrays: Mapping[str, np.ndarray], batch_size: int, steps: int, seed: int
+) -> Iterator[dict[str, np.ndarray]]:
+  """``steps`` shuffled full batches, over as many epochs as needed.
+
+  Epoch ``e`` is shuffled with seed ``1000 * seed + e``; the incomplete last
+  batch of an epoch is dropped (one compiled shape).
+  """
+  done, epoch = 0, 0
+  while done < steps:
+    for batch in batch_iterator(
+        arrays, batch_size, seed=1000 * seed + epoch, drop_last=True
+    ):
+      yield batch
+      done += 1
+      if done == steps:
+        return
+    epoch += 1
+
+
+# --------------------------------------------------------------------------
+# The harness's tokenised splits.
+# --------------------------------------------------------------------------
+
+Arrays = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass
+class Datasets:
+  """Tokenised splits (:func:`encode_split` arrays).
+
+  Attributes:
+    train: the whole train split (final runs).
+    test: the test split (final runs).
+    tune_train: train minus the held-out slice (tuning).
+    tune_val: the held-out slice of train (tuning).
+  """
+
+  train: Arrays
+  test: Arrays
+  tune_train: Arrays
+  tune_val: Arrays
+
+  def sizes(self) -> dict[str, int]:
+    """Examples per split."""
+    return {name: len(getattr(self, name)['labels'])
+            for name in ('train', 'test', 'tune_train', 'tune_val')}
+
+
+def random_subset(
+    split: ReviewSplit, limit: int | None, seed: int = 0
+) -> ReviewSplit:
+  """A seeded random subset of ``limit`` reviews (kept in file order)."""
+  if limit is None or limit >= len(split):
+    return split
+  idx = np.sort(np.random.default_rng(seed).permutation(len(split))[:limit])
+  return split.subset(idx)
+
+
+def load_datasets(tokenizer: Any, *, max_len: int,
+                  data_path: PathLike | None = None,
+                  train_limit: int | None = None,
+                  test_limit: int | None = None, val_fraction: float = 0.15,
+                  split_seed: int = 0) -> Datasets:
+  """Loads, subsets, splits and tokenises the drug reviews.
+
+  ``data_path`` is ``drugsCom.zip`` (None: fetched into the cache);
+  ``train_limit`` / ``test_limit`` keep a random subset of that many reviews,
+  and ``val_fraction`` of the (subset of the) train split is held out,
+  stratified, for tuning; ``split_seed`` seeds both.
+  """
+  splits = load_drug_reviews(data_path)
+  train = random_subset(splits['train'], train_limit, split_seed)
+  test = random_subset(splits['test'], test_limit, split_seed)
+  tune_train, tune_val = train_validation_split(
+      train, val_fraction=val_fraction, seed=split_seed)
+  encode = lambda split: encode_split(split, tokenizer, max_len=max_len)
+  return Datasets(train=encode(train), test=encode(test),
+                  tune_train=encode(tune_train), tune_val=encode(tune_val))

@@ -1,9 +1,8 @@
 """The optimizers compared by the fine-tuning harness, by name.
 
-Every method is a :class:`MethodSpec` parsed from its name; :func:`build`
-turns it into what a training loop needs: the (possibly changed) model, an
-Optax transformation and the ``wrt`` filter of ``nnx.Optimizer`` (which
-variables are trained).
+Every method is a :class:`MethodSpec` parsed from its name; :func:`transform`
+gives its Optax transformation and :func:`prepare` the model it trains (LoRA
+adds adapters) with the ``wrt`` filter of ``nnx.Optimizer``.
 
 ====================  =========================================================
 name                  method
@@ -52,7 +51,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import jax
 import optax
@@ -304,30 +303,22 @@ def transform(
 
   Returns:
     The ``optax.GradientTransformation``. Caching matters: ``nnx.Optimizer``
-    stores it in its static graph definition, so the same object lets
-    ``nnx.jit`` reuse compiled train steps across runs.
+    stores it in its static graph definition, so the same object lets the
+    harness reuse one compiled train step across runs.
   """
   wd = spec.weight_decay
   if spec.kind in ('full', 'lora'):
     factory = optax.adamw if spec.family == 'adamw' else optax.lion
     return factory(learning_rate, weight_decay=wd, mask=decay_mask)
   if spec.kind == 'mlorc':
-    if spec.family == 'adamw':
-      return mlorc_optax.mlorc_adamw(
-          learning_rate,
-          b1=MLORC_ADAMW_B1,
-          weight_decay=wd,
-          mask=decay_mask,
-          rank=spec.rank,
-          compressor=COMPRESSORS[spec.compressor],
-      )
-    return mlorc_optax.mlorc_lion(
-        learning_rate,
-        weight_decay=wd,
-        mask=decay_mask,
-        rank=spec.rank,
-        compressor=COMPRESSORS[spec.compressor],
+    factory, extra = (
+        (mlorc_optax.mlorc_adamw, {'b1': MLORC_ADAMW_B1})
+        if spec.family == 'adamw'
+        else (mlorc_optax.mlorc_lion, {})
     )
+    return factory(learning_rate, weight_decay=wd, mask=decay_mask,
+                   rank=spec.rank, compressor=COMPRESSORS[spec.compressor],
+                   **extra)
   if spec.kind == 'galore':
     return optax.contrib.galore(
         learning_rate,
@@ -350,7 +341,7 @@ def add_lora(model: nnx.Module, rank: int, *, rngs: nnx.Rngs) -> nnx.Module:
   :data:`LORA_WRT`); ``A`` and ``B`` are ``nnx.LoRAParam``.
 
   Args:
-    model: a :class:`examples.finetune.bert.BertClassifier` (or anything with
+    model: a :class:`examples.finetune.model.BertClassifier` (or anything with
       ``.bert.layers``).
     rank: the LoRA rank.
     rngs: initialises the ``A`` factors.
@@ -382,48 +373,22 @@ def add_lora(model: nnx.Module, rank: int, *, rngs: nnx.Rngs) -> nnx.Module:
   return model
 
 
-class Built(NamedTuple):
-  """What :func:`build` returns.
-
-  Attributes:
-    model: the model to train (LoRA: the same object, with adapters added).
-    tx: the Optax transformation.
-    wrt: the ``nnx.Optimizer`` / ``nnx.grad`` filter of trained variables.
-  """
-
-  model: nnx.Module
-  tx: optax.GradientTransformation
-  wrt: Any
-
-
-def build(
-    spec: MethodSpec | str,
-    model: nnx.Module,
-    learning_rate: float = 1.0,
-    *,
-    seed: int = 0,
-    galore_update_proj_gap: int = GALORE_UPDATE_PROJ_GAP,
-) -> Built:
-  """Prepares ``model`` and the optimizer pieces of a method.
+def prepare(spec: MethodSpec | str, model: nnx.Module, *, seed: int = 0
+            ) -> tuple[nnx.Module, Any]:
+  """The model a method trains and its ``wrt`` filter (which variables).
 
   Args:
     spec: a :class:`MethodSpec` or a method name.
     model: a freshly built classifier (LoRA changes it in place).
-    learning_rate: passed to the Optax transformation.
     seed: seeds the LoRA ``A`` factors.
-    galore_update_proj_gap: steps between GaLore projector updates.
 
   Returns:
-    ``Built(model, tx, wrt)``; create the optimizer as
-    ``nnx.Optimizer(model, tx, wrt=wrt)``.
+    ``(model, wrt)``: LoRA adds adapters to ``model`` and trains only them
+    and the head (:data:`LORA_WRT`); every other method trains every
+    ``nnx.Param`` (:data:`FULL_WRT`). Create the optimizer as
+    ``nnx.Optimizer(model, transform(spec, ...), wrt=wrt)``.
   """
-  if isinstance(spec, str):
-    spec = parse(spec)
-  wrt = FULL_WRT
+  spec = parse(spec) if isinstance(spec, str) else spec
   if spec.kind == 'lora':
-    model = add_lora(model, spec.rank, rngs=nnx.Rngs(params=seed))
-    wrt = LORA_WRT
-  tx = transform(
-      spec, learning_rate, galore_update_proj_gap=galore_update_proj_gap
-  )
-  return Built(model=model, tx=tx, wrt=wrt)
+    return add_lora(model, spec.rank, rngs=nnx.Rngs(params=seed)), LORA_WRT
+  return model, FULL_WRT

@@ -1,35 +1,24 @@
-"""Train the Linen T5-style decoder with optax.adamw or mlorc_adamw.
+"""Training loop of the Linen example: optimizer, TrainState step, runs.
 
-A Flaxformer / MaxText-style training loop: the model's parameters stay boxed
-in ``nn.LogicallyPartitioned`` (logical axis names), a
-``flax.training.train_state.TrainState`` holds them with the optimizer state,
-and ``nn.get_partition_spec`` + ``nn.logical_to_mesh_sharding`` place the
-whole state, MLorc's factors included, by :data:`model.LOGICAL_AXIS_RULES`.
-MLorc views each leaf as a matrix by its logical names
-(``mlorc_optax.flax.logical_dimension_numbers``), and
-``mlorc_optax.flax.boxed`` boxes each factor with the names of the axes it
-spans.
+A Flaxformer / MaxText-style loop: the parameters stay boxed in
+``nn.LogicallyPartitioned`` (logical axis names), a
+``flax.training.train_state.TrainState`` holds them with the optimizer
+state, and ``nn.get_partition_spec`` + ``nn.logical_to_mesh_sharding`` place
+the whole state, MLorc's factors included, by
+:data:`~examples.linen.model.LOGICAL_AXIS_RULES`. MLorc views each leaf as a
+matrix by its logical names (``mlorc_optax.flax.logical_dimension_numbers``)
+and ``mlorc_optax.flax.boxed`` boxes each factor with the names of the axes
+it spans. The optimizer is built by :func:`make_optimizer` and applied by
+:func:`train_step`, the first two functions below.
 
-It measures, for each optimizer at the same settings, tokens/s (median
-step time over the steps after ``--warmup``, ``block_until_ready`` after
-each), optimizer-state bytes and the loss.
-
-Usage::
-
-  python -m examples.linen.train --preset tiny --steps 30      # CPU, seconds
-  python -m examples.linen.train --preset large --plan-only   # the table
-  python -m examples.linen.train --preset tiny --mesh 2x4      # 8 devices
-  python -m examples.linen.train --preset large --batch 16 --seq-len 512 \\
-      --dtype bfloat16 --remat --steps 40 --json results/linen.json  # GPU
+Entry point: ``python -m examples.linen.main`` (``main.py``).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import statistics
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -43,77 +32,58 @@ from jax.sharding import PartitionSpec
 
 import mlorc_optax
 import mlorc_optax.flax
+from benchmarks import toolkit
+from benchmarks.toolkit.results import Column
+from examples.linen import config as config_lib
 from examples.linen import model as model_lib
-from examples.llama import data as data_lib
-from examples.llama import model as llama_model
+from examples.llama import data as llama_data
 from examples.llama import train as llama_train
-
-#: Optimizer names accepted by :func:`make_optimizer`.
-OPTIMIZERS: tuple[str, ...] = ('adamw', 'mlorc_adamw')
-
-#: Default ``b1`` per optimizer (MLorc-AdamW: the paper's 0.8).
-DEFAULT_B1 = llama_train.DEFAULT_B1
 
 
 def make_optimizer(
-    name: str,
-    learning_rate: float,
-    *,
-    logical_axes: Any,
-    b1: float | None = None,
-    weight_decay: float = 0.0,
-    rank: int = 4,
-    lr_warmup: int = 0,
-    seed: int = 0,
+    name: str, config: config_lib.Config, logical_axes: Any
 ) -> optax.GradientTransformation:
   """``optax.adamw`` or ``mlorc_adamw`` viewing leaves by logical names.
 
-  ``mlorc_adamw`` is wrapped in ``mlorc_optax.flax.boxed`` so that it takes
-  the boxed parameters of the ``TrainState`` and boxes its factors with their
-  logical names (``optax.adamw`` handles boxes on its own).
-
   Args:
     name: ``'adamw'`` or ``'mlorc_adamw'``.
-    learning_rate: peak learning rate.
+    config: learning rate (and warm-up), ``b1``, weight decay, rank, seed.
     logical_axes: the parameters' logical names
-      (:func:`model.logical_axes`), for
-      ``mlorc_optax.flax.logical_dimension_numbers``.
-    b1: first-moment decay; None for :data:`DEFAULT_B1`.
-    weight_decay: decoupled weight decay.
-    rank: MLorc rank.
-    lr_warmup: steps of linear learning-rate warm-up from 0 (0: constant).
-    seed: seed of MLorc's sketches.
+      (:func:`~examples.linen.model.logical_axes`).
 
   Returns:
-    The optimizer.
+    The optimizer; ``mlorc_adamw`` wrapped in ``mlorc_optax.flax.boxed`` so
+    that it takes the boxed parameters of the ``TrainState`` and boxes its
+    factors with logical names (``optax.adamw`` handles boxes on its own).
   """
-  if name not in OPTIMIZERS:
-    raise ValueError(f'optimizer must be one of {OPTIMIZERS}, got {name!r}.')
-  b1 = DEFAULT_B1[name] if b1 is None else b1
-  lr = learning_rate
-  if lr_warmup:
-    lr = optax.linear_schedule(0.0, learning_rate, lr_warmup)
+  b1 = config.b1 if config.b1 is not None else (
+      0.8 if name == 'mlorc_adamw' else 0.9)
+  lr = config.lr if not config.lr_warmup else optax.linear_schedule(
+      0.0, config.lr, config.lr_warmup)
   if name == 'adamw':
-    return optax.adamw(lr, b1=b1, weight_decay=weight_decay)
+    return optax.adamw(lr, b1=b1, weight_decay=config.weight_decay)
+  dims = mlorc_optax.flax.logical_dimension_numbers(logical_axes)
   return mlorc_optax.flax.boxed(mlorc_optax.mlorc_adamw(
-      lr, b1=b1, weight_decay=weight_decay, rank=rank, seed=seed,
-      dimension_numbers=mlorc_optax.flax.logical_dimension_numbers(
-          logical_axes),
-  ))
+      lr, b1=b1, weight_decay=config.weight_decay, rank=config.rank,
+      seed=config.seed, dimension_numbers=dims))
 
 
-def init_fn(
-    cfg: model_lib.T5Config, tx: optax.GradientTransformation, seed: int = 0
-) -> Any:
+def train_step(state: train_state.TrainState, tokens: jax.Array) -> Any:
+  """One step on ``tokens int32 [batch, seq_len + 1]``: (state, loss)."""
+
+  def loss_fn(params: Any) -> jax.Array:
+    return model_lib.cross_entropy_loss(state.apply_fn, params, tokens)
+
+  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  return state.apply_gradients(grads=grads), loss  # tx.update + apply
+
+
+def init_fn(cfg: model_lib.T5Config, tx: optax.GradientTransformation,
+            seed: int = 0) -> Any:
   """``() -> TrainState`` with boxed params (for ``eval_shape`` / ``jit``)."""
   model = model_lib.T5Decoder(cfg)
-
-  def init() -> train_state.TrainState:
-    return train_state.TrainState.create(
-        apply_fn=model.apply, params=model_lib.init_params(cfg, seed), tx=tx
-    )
-
-  return init
+  return lambda: train_state.TrainState.create(
+      apply_fn=model.apply, params=model_lib.init_params(cfg, seed), tx=tx)
 
 
 def state_shardings(
@@ -124,39 +94,19 @@ def state_shardings(
   """``NamedSharding``\\s of a (boxed) train state from its logical names.
 
   The standard Linen recipe: ``nn.get_partition_spec`` reads the names of
-  every box (parameters, ``optax.adamw``'s moments, MLorc's factors, which
-  ``mlorc_optax.flax.boxed`` boxes with
-  :func:`mlorc_optax.flax.factor_logical_axes`) and
+  every box (parameters, ``optax.adamw``'s moments, MLorc's factors) and
   ``nn.logical_to_mesh_sharding`` maps them by ``rules``.
   """
   return nn.logical_to_mesh_sharding(
-      nn.get_partition_spec(abstract_state), mesh, tuple(rules)
-  )
+      nn.get_partition_spec(abstract_state), mesh, tuple(rules))
 
 
-def make_train_step(
-    shardings: Any = None, token_sharding: Any = None
-) -> Any:
-  """The jitted step ``(state, tokens) -> (state, loss)``; donates ``state``.
-
-  ``tokens`` is ``int32 [batch, seq_len + 1]``.
-  """
-
-  def step(state: train_state.TrainState, tokens: jax.Array) -> Any:
-    def loss_fn(params: Any) -> jax.Array:
-      return model_lib.cross_entropy_loss(state.apply_fn, params, tokens)
-
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
-    return state.apply_gradients(grads=grads), loss
-
+def jit_train_step(shardings: Any = None, token_sharding: Any = None) -> Any:
+  """:func:`train_step` jitted, donating the state (placed if ``shardings``)."""
   if shardings is None:
-    return jax.jit(step, donate_argnums=0)
-  return jax.jit(
-      step,
-      in_shardings=(shardings, token_sharding),
-      out_shardings=(shardings, None),
-      donate_argnums=0,
-  )
+    return jax.jit(train_step, donate_argnums=0)
+  return jax.jit(train_step, in_shardings=(shardings, token_sharding),
+                 out_shardings=(shardings, None), donate_argnums=0)
 
 
 def parse_mesh(spec: str | None) -> Mesh | None:
@@ -166,148 +116,70 @@ def parse_mesh(spec: str | None) -> Mesh | None:
   try:
     data, model = (int(x) for x in spec.lower().split('x'))
   except ValueError:
-    raise ValueError(f"mesh must look like '2x4' (data x model), got {spec!r}.")
+    raise ValueError(
+        f"mesh must look like '2x4' (data x model), got {spec!r}.") from None
   if data * model > jax.device_count():
     raise ValueError(
-        f'mesh {spec} needs {data * model} devices, have {jax.device_count()}.'
-    )
+        f'mesh {spec} needs {data * model} devices, have {jax.device_count()}.')
   devices = np.array(jax.devices()[: data * model]).reshape(data, model)
   return Mesh(devices, ('data', 'model'))
 
 
-def run(
-    cfg: model_lib.T5Config,
-    optimizer: str,
-    *,
-    batch: int,
-    seq_len: int,
-    steps: int,
-    warmup: int = 2,
-    lr: float = 1e-3,
-    b1: float | None = None,
-    weight_decay: float = 0.0,
-    rank: int = 4,
-    lr_warmup: int = 0,
-    data: str = 'synthetic',
-    batches: Iterator[np.ndarray] | None = None,
-    mesh: Mesh | None = None,
-    seed: int = 0,
-    log_every: int = 10,
-    verbose: bool = True,
-) -> dict[str, Any]:
-  """Trains ``steps`` steps; returns measurements.
-
-  Args:
-    cfg: model configuration.
-    optimizer: ``'adamw'`` or ``'mlorc_adamw'``.
-    batch: sequences per step.
-    seq_len: tokens per sequence.
-    steps: training steps (the first ``warmup`` are not timed; 0 only
-      builds the state).
-    warmup: untimed steps (the first compiles).
-    lr: peak learning rate.
-    b1: first-moment decay (None: :data:`DEFAULT_B1`).
-    weight_decay: decoupled weight decay.
-    rank: MLorc rank.
-    lr_warmup: learning-rate warm-up steps.
-    data: ``'synthetic'`` or ``'reviews'`` (ignored if ``batches`` given).
-    batches: an iterator of ``int32 [batch, seq_len + 1]`` arrays.
-    mesh: a ``('data', 'model')`` mesh to shard on (None: one device).
-    seed: seed of the parameters, sketches and data.
-    log_every: print the loss every this many steps (0: never).
-    verbose: print progress.
+def run(config: config_lib.Config, optimizer: str) -> dict[str, Any]:
+  """Trains one optimizer for ``config.steps`` steps; returns measurements.
 
   Returns:
-    A JSON-serialisable dict: ``tokens_per_s``, ``step_time_s``,
-    ``opt_state_bytes``, ``param_count``, ``param_bytes``, ``losses``,
-    ``peak_bytes`` (None on CPU) and the settings.
+    A JSON-ready record: ``tokens_per_s`` and ``step_time_s`` (median after
+    ``config.warmup``), ``losses``, ``opt_state_bytes``, ``param_bytes``,
+    ``peak_bytes`` (None on CPU), the settings, device and versions. With
+    ``config.steps == 0`` only the bytes, from shapes (nothing is built).
   """
-  log = print if verbose else (lambda *a, **k: None)
-  names = model_lib.logical_axes(cfg)
-  tx = make_optimizer(
-      optimizer, lr, logical_axes=names, b1=b1, weight_decay=weight_decay,
-      rank=rank, lr_warmup=lr_warmup, seed=seed,
-  )
-  init = init_fn(cfg, tx, seed)
+  log = (lambda s: None) if config.quiet else (
+      lambda s: print(f'[{optimizer}] {s}', flush=True))
+  cfg = config.model_config()
+  tx = make_optimizer(optimizer, config, model_lib.logical_axes(cfg))
+  init = init_fn(cfg, tx, config.seed)
   abstract = jax.eval_shape(init)
+  mesh = parse_mesh(config.mesh)
   result: dict[str, Any] = {
       'optimizer': optimizer,
+      'rank': config.rank if optimizer == 'mlorc_adamw' else None,
       'config': dataclasses.asdict(cfg),
+      'settings': dataclasses.asdict(config.replace(optimizers=(optimizer,))),
       'param_count': cfg.num_params(),
-      'param_bytes': llama_model.tree_bytes(abstract.params),
-      'opt_state_bytes': llama_model.tree_bytes(abstract.opt_state),
-      'batch': batch,
-      'seq_len': seq_len,
-      'tokens_per_step': batch * seq_len,
-      'steps': steps,
-      'warmup': warmup,
-      'lr': lr,
-      'lr_warmup': lr_warmup,
-      'b1': DEFAULT_B1[optimizer] if b1 is None else b1,
-      'weight_decay': weight_decay,
-      'rank': rank if optimizer == 'mlorc_adamw' else None,
-      'data': 'custom' if batches is not None else data,
-      'mesh': dict(mesh.shape) if mesh is not None else None,
-      'backend': jax.default_backend(),
-      'device': str(jax.local_devices()[0].device_kind),
-      'jax_version': jax.__version__,
-      'flax_version': _flax_version(),
+      'param_bytes': toolkit.memory.tree_bytes(abstract.params),
+      'opt_state_bytes': toolkit.memory.tree_bytes(abstract.opt_state),
+      **toolkit.environment.device_description(),
+      'versions': toolkit.environment.versions(),
   }
-  log(
-      f'[{optimizer}] params {cfg.num_params() / 1e6:,.2f}M, optimizer state '
-      f'{result["opt_state_bytes"] / 2**20:,.2f} MiB'
-  )
+  log(f'params {cfg.num_params() / 1e6:,.2f}M, optimizer state '
+      f'{toolkit.results.fmt_bytes(result["opt_state_bytes"])}')
+  if not config.steps:
+    return result
   shardings = token_sharding = None
   if mesh is not None:
     shardings = state_shardings(abstract, mesh)
     token_sharding = NamedSharding(mesh, PartitionSpec('data'))
   t0 = time.perf_counter()
-  # One jitted program creates the state, already placed (the shardings
-  # are matched to the TrainState whose apply_fn and tx come from ``init``).
-  state = jax.jit(init, out_shardings=shardings)()
-  jax.block_until_ready(state)
+  # One jitted program creates the state, already placed.
+  state = jax.block_until_ready(jax.jit(init, out_shardings=shardings)())
   result['init_s'] = time.perf_counter() - t0
-  if batches is None:
-    batches = data_lib.make_batches(
-        data, batch, seq_len, cfg.vocab_size, seed=seed
-    )
-  step_fn = make_train_step(shardings, token_sharding)
-  state, losses, times = llama_train.timed_steps(
-      step_fn,
-      state,
-      batches,
-      steps,
-      warmup=warmup,
-      log=log,
-      log_every=log_every,
-      label=f'[{optimizer}]',
-  )
-  if steps:
-    step_time = statistics.median(times)
-    result.update(
-        losses=losses,
-        first_loss=losses[0],
-        final_loss=losses[-1],
-        step_time_s=step_time,
-        timed_steps=len(times),
-        tokens_per_s=batch * seq_len / step_time,
-    )
-  stats = llama_train.device_memory_stats()
-  result['peak_bytes'] = stats.get('peak_bytes_in_use') if stats else None
-  if steps:
-    log(
-        f'[{optimizer}] {result["tokens_per_s"]:,.0f} tokens/s (median step '
-        f'{result["step_time_s"] * 1e3:.1f} ms)'
-    )
+  batches = llama_data.make_batches(config.data, config.batch, config.seq_len,
+                                    cfg.vocab_size, seed=config.seed)
+  state, losses, timing = llama_train.train_steps(
+      jit_train_step(shardings, token_sharding), state, batches,
+      steps=config.steps, warmup=min(config.warmup, config.steps - 1),
+      log=log, log_every=config.log_every)
+  result.update(
+      losses=losses, first_loss=losses[0], final_loss=losses[-1],
+      step_time_s=timing.median_s, timed_steps=len(timing.times_s),
+      tokens_per_s=config.batch * config.seq_len / timing.median_s)
+  log(f'{result["tokens_per_s"]:,.0f} tokens/s (median step '
+      f'{timing.median_s * 1e3:.1f} ms)')
+  result['peak_bytes'] = toolkit.memory.device_peak_bytes()
   del state
-  llama_train.release_memory()
+  toolkit.memory.release_memory()
   return result
-
-
-def _flax_version() -> str:
-  import flax  # pylint: disable=g-import-not-at-top
-
-  return flax.__version__
 
 
 def plan_table(cfg: model_lib.T5Config, rank: int = 4) -> str:
@@ -318,178 +190,35 @@ def plan_table(cfg: model_lib.T5Config, rank: int = 4) -> str:
   """
   params = model_lib.abstract_params(cfg)
   names = nn.get_partition_spec(params)
-  tx = make_optimizer('mlorc_adamw', 1e-3, logical_axes=names, rank=rank)
+  tx = make_optimizer('mlorc_adamw', config_lib.Config(rank=rank), names)
   plan = mlorc_optax.compression_plan(tx, params)
   return mlorc_optax.flax.format_logical_plan(plan, names)
 
 
 def format_table(results: Sequence[dict[str, Any]]) -> str:
-  """A markdown table of :func:`run` results (ratios vs the adamw run)."""
-  base = next((r for r in results if r['optimizer'] == 'adamw'), None)
-  rows = [
-      '| optimizer | tokens/s | vs adamw | step ms | optimizer state MiB | '
-      'vs adamw | peak GiB | first loss | final loss |',
-      '|---|---|---|---|---|---|---|---|---|',
-  ]
-  for r in results:
-    name = r['optimizer'] + (f' (r={r["rank"]})' if r.get('rank') else '')
-    state = f'{r["opt_state_bytes"] / 2**20:,.2f}'
-    state_ratio = (
-        f'{r["opt_state_bytes"] / base["opt_state_bytes"]:.2%}' if base else '-'
-    )
-    tps = r.get('tokens_per_s')
-    if not tps:
-      rows.append(f'| {name} | - | - | - | {state} | {state_ratio} | - | - '
-                  '| - |')
-      continue
-    ratio = (
-        f'{tps / base["tokens_per_s"]:.3f}'
-        if base and base.get('tokens_per_s') else '-'
-    )
-    peak = r.get('peak_bytes')
-    peak = '-' if peak is None else f'{peak / 2**30:.2f}'
-    rows.append(
-        f'| {name} | {tps:,.0f} | {ratio} | {r["step_time_s"] * 1e3:.1f} | '
-        f'{state} | {state_ratio} | {peak} | {r["first_loss"]:.3f} | '
-        f'{r["final_loss"]:.3f} |'
-    )
-  return '\n'.join(rows)
+  """A markdown table of :func:`run` records (ratios to the adamw run)."""
+  rows = [dict(r, name=r['optimizer'] + (f' (r={r["rank"]})' if r.get('rank')
+                                         else ''),
+               step_ms=r['step_time_s'] * 1e3 if 'step_time_s' in r else None,
+               state=r['opt_state_bytes']) for r in results]
+  is_adamw = lambda r: r['optimizer'] == 'adamw'
+  toolkit.results.add_ratios(rows, value='tokens_per_s', group_by=(),
+                             baseline=is_adamw, key='speed_ratio')
+  toolkit.results.add_ratios(rows, value='state', group_by=(),
+                             baseline=is_adamw, key='state_ratio')
+  return toolkit.results.markdown_table(rows, [
+      Column('name', 'optimizer', None),
+      Column('tokens_per_s', 'tokens/s', ',.0f'),
+      Column('speed_ratio', 'vs adamw', '.3f'),
+      Column('step_ms', 'step ms', '.1f'),
+      Column('state', 'optimizer state', toolkit.results.fmt_bytes),
+      Column('state_ratio', 'vs adamw', '.2%'),
+      Column('peak_bytes', 'peak', toolkit.results.fmt_bytes),
+      Column('first_loss', 'first loss', '.3f'),
+      Column('final_loss', 'final loss', '.3f'),
+  ])
 
 
-def compare(
-    cfg: model_lib.T5Config,
-    *,
-    optimizers: Sequence[str] = ('mlorc_adamw', 'adamw'),
-    json_path: str | None = None,
-    verbose: bool = True,
-    **kwargs: Any,
-) -> list[dict[str, Any]]:
-  """Runs the optimizers back to back at the same settings; prints a table.
-
-  ``mlorc_adamw`` runs first: the device's peak-memory counter never resets,
-  so the later (larger) adamw peak is then exact.
-  """
-  results = [run(cfg, name, verbose=verbose, **kwargs) for name in optimizers]
-  if verbose:
-    print()
-    print(format_table(results))
-  if json_path:
-    llama_train.write_json(results, json_path)
-  return results
-
-
-def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
-  """Command-line entry point; returns the results."""
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument(
-      '--preset', default='tiny', choices=sorted(model_lib.PRESETS),
-      help='Model size (tiny: CPU tests; large: 374M, the GPU run).',
-  )
-  parser.add_argument(
-      '--layers', type=int, default=None,
-      help="Override the preset's number of layers.",
-  )
-  parser.add_argument(
-      '--vocab-size', type=int, default=None,
-      help="Override the preset's vocabulary size.",
-  )
-  parser.add_argument(
-      '--dtype', default='float32', choices=('float32', 'bfloat16'),
-      help='Activation dtype (parameters and moments stay float32).',
-  )
-  parser.add_argument(
-      '--remat', action='store_true',
-      help='Rematerialise each layer in the backward pass (nn.remat).',
-  )
-  parser.add_argument(
-      '--optimizer', default='both', choices=OPTIMIZERS + ('both',),
-      help="'both' runs mlorc_adamw, then adamw, and compares them.",
-  )
-  parser.add_argument('--steps', type=int, default=30, help='Steps per run.')
-  parser.add_argument(
-      '--warmup', type=int, default=2,
-      help='Untimed steps at the start (the first compiles).',
-  )
-  parser.add_argument('--batch', type=int, default=8, help='Batch size.')
-  parser.add_argument(
-      '--seq-len', type=int, default=64, help='Tokens per sequence.'
-  )
-  parser.add_argument('--lr', type=float, default=1e-3, help='Learning rate.')
-  parser.add_argument(
-      '--lr-warmup', type=int, default=0,
-      help='Steps of linear learning-rate warm-up (0: constant).',
-  )
-  parser.add_argument(
-      '--b1', type=float, default=None,
-      help='First-moment decay (default 0.9 adamw, 0.8 mlorc_adamw).',
-  )
-  parser.add_argument(
-      '--weight-decay', type=float, default=0.0,
-      help='Decoupled weight decay.',
-  )
-  parser.add_argument('--rank', type=int, default=4, help='MLorc rank.')
-  parser.add_argument(
-      '--data', default='synthetic', choices=('synthetic', 'reviews'),
-      help='Learnable synthetic tokens, or the drug-review texts (needs the '
-      'assets of examples/finetune and a vocabulary >= 30522).',
-  )
-  parser.add_argument(
-      '--mesh', default=None,
-      help="Shard on a DATAxMODEL mesh, e.g. '2x4' (default: one device).",
-  )
-  parser.add_argument('--seed', type=int, default=0, help='Random seed.')
-  parser.add_argument(
-      '--log-every', type=int, default=10,
-      help='Print the loss every this many steps (0: never).',
-  )
-  parser.add_argument(
-      '--print-plan', action='store_true',
-      help="Print MLorc's leaf -> matrix-view table for the model first.",
-  )
-  parser.add_argument(
-      '--plan-only', action='store_true',
-      help='Print the leaf -> matrix-view table and exit (from shapes '
-      'alone: nothing is allocated or trained).',
-  )
-  parser.add_argument(
-      '--json', default=None, help='Write the results (a list) to this file.'
-  )
-  parser.add_argument('--quiet', action='store_true', help='Less output.')
-  args = parser.parse_args(argv)
-
-  llama_train.set_xla_env()
-  overrides = {}
-  if args.layers is not None:
-    overrides['num_layers'] = args.layers
-  if args.vocab_size is not None:
-    overrides['vocab_size'] = args.vocab_size
-  cfg = model_lib.get_config(
-      args.preset, dtype=args.dtype, remat=args.remat, **overrides
-  )
-  if args.print_plan or args.plan_only:
-    print(plan_table(cfg, args.rank))
-    if args.plan_only:
-      return []
-    print()
-  kwargs = dict(
-      batch=args.batch, seq_len=args.seq_len, steps=args.steps,
-      warmup=args.warmup, lr=args.lr, lr_warmup=args.lr_warmup, b1=args.b1,
-      weight_decay=args.weight_decay, rank=args.rank, data=args.data,
-      mesh=parse_mesh(args.mesh), seed=args.seed, log_every=args.log_every,
-  )
-  if not args.quiet:
-    print(f'{jax.default_backend()}: {jax.local_devices()[0].device_kind}, '
-          f'{jax.device_count()} devices, jax {jax.__version__}, '
-          f'flax {_flax_version()}')
-  optimizers = (
-      ('mlorc_adamw', 'adamw') if args.optimizer == 'both'
-      else (args.optimizer,)
-  )
-  return compare(
-      cfg, optimizers=optimizers, json_path=args.json,
-      verbose=not args.quiet, **kwargs,
-  )
-
-
-if __name__ == '__main__':
-  main()
+def compare(config: config_lib.Config) -> list[dict[str, Any]]:
+  """Runs ``config.optimizers`` back to back at the same settings."""
+  return [run(config, name) for name in config.optimizers]

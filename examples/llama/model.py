@@ -130,60 +130,18 @@ class LlamaConfig:
 #: shapes, ``3b`` OpenLLaMA-3B's, ``7b`` and ``13b`` LLaMA-2's (all with the
 #: 32000-token LLaMA vocabulary).
 PRESETS: dict[str, LlamaConfig] = {
-    'tiny': LlamaConfig(
-        vocab_size=32000,
-        dim=64,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        ffn_dim=192,
-        max_seq_len=256,
-    ),
-    'small': LlamaConfig(
-        vocab_size=32000,
-        dim=768,
-        n_layers=8,
-        n_heads=12,
-        n_kv_heads=12,
-        ffn_dim=2048,
-        max_seq_len=1024,
-    ),
-    '1b': LlamaConfig(
-        vocab_size=32000,
-        dim=2048,
-        n_layers=22,
-        n_heads=32,
-        n_kv_heads=4,
-        ffn_dim=5632,
-        max_seq_len=2048,
-    ),
-    '3b': LlamaConfig(
-        vocab_size=32000,
-        dim=3200,
-        n_layers=26,
-        n_heads=32,
-        n_kv_heads=32,
-        ffn_dim=8640,
-        max_seq_len=2048,
-    ),
-    '7b': LlamaConfig(
-        vocab_size=32000,
-        dim=4096,
-        n_layers=32,
-        n_heads=32,
-        n_kv_heads=32,
-        ffn_dim=11008,
-        max_seq_len=4096,
-    ),
-    '13b': LlamaConfig(
-        vocab_size=32000,
-        dim=5120,
-        n_layers=40,
-        n_heads=40,
-        n_kv_heads=40,
-        ffn_dim=13824,
-        max_seq_len=4096,
-    ),
+    'tiny': LlamaConfig(vocab_size=32000, dim=64, n_layers=2, n_heads=4,
+                        n_kv_heads=2, ffn_dim=192, max_seq_len=256),
+    'small': LlamaConfig(vocab_size=32000, dim=768, n_layers=8, n_heads=12,
+                         n_kv_heads=12, ffn_dim=2048, max_seq_len=1024),
+    '1b': LlamaConfig(vocab_size=32000, dim=2048, n_layers=22, n_heads=32,
+                      n_kv_heads=4, ffn_dim=5632, max_seq_len=2048),
+    '3b': LlamaConfig(vocab_size=32000, dim=3200, n_layers=26, n_heads=32,
+                      n_kv_heads=32, ffn_dim=8640, max_seq_len=2048),
+    '7b': LlamaConfig(vocab_size=32000, dim=4096, n_layers=32, n_heads=32,
+                      n_kv_heads=32, ffn_dim=11008, max_seq_len=4096),
+    '13b': LlamaConfig(vocab_size=32000, dim=5120, n_layers=40, n_heads=40,
+                       n_kv_heads=40, ffn_dim=13824, max_seq_len=4096),
 }
 
 
@@ -411,15 +369,6 @@ def param_count(model: nnx.Module) -> int:
   return sum(
       math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param))
   )
-
-
-def tree_bytes(tree: Any) -> int:
-  """Bytes of every array leaf of ``tree`` (works on abstract leaves)."""
-  total = 0
-  for x in jax.tree.leaves(tree):
-    if hasattr(x, 'shape') and hasattr(x, 'dtype'):
-      total += math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
-  return total
 
 
 def cross_entropy_loss(model: Llama, tokens: jax.Array) -> jax.Array:

@@ -97,7 +97,7 @@ def _names(keypath: Sequence[Any]) -> tuple[str, ...]:
 
 
 def param_shardings(abstract_params: Any, mesh: Mesh, mode: str) -> Any:
-  """``NamedSharding`` of every leaf of a parameter tree (see :func:`param_spec`)."""
+  """``NamedSharding`` of every leaf of a parameter tree (``param_spec``)."""
   n = mesh.shape[AXIS]
   return jax.tree_util.tree_map_with_path(
       lambda kp, x: NamedSharding(
@@ -169,7 +169,7 @@ def collectives(hlo: str) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def compressed_views(params: Any, rank: int) -> list[tuple[int, int, int]]:
-  """``(slices, rows, cols)`` of every matrix view ``mlorc_adamw`` compresses."""
+  """``(slices, rows, cols)`` of each matrix view ``mlorc_adamw`` compresses."""
   plan = mlorc_optax.compression_plan(
       mlorc_optax.mlorc_adamw(1.0, rank=rank), params)
   return [
@@ -240,32 +240,8 @@ def update_collectives(
   }
 
 
-def per_device_peak_bytes() -> list[int] | None:
-  """``peak_bytes_in_use`` of every local device (None where unreported)."""
-  peaks = []
-  for d in jax.local_devices():
-    try:
-      stats = d.memory_stats()
-    except Exception:  # pylint: disable=broad-except
-      return None
-    if not stats:
-      return None
-    peaks.append(int(stats.get('peak_bytes_in_use', 0)))
-  return peaks
-
-
-def bytes_on_device(tree: Any, device: Any) -> int:
-  """Bytes of the shards of ``tree``'s arrays that live on ``device``."""
-  return sum(
-      shard.data.nbytes
-      for x in jax.tree.leaves(tree)
-      for shard in getattr(x, 'addressable_shards', ())
-      if shard.device == device
-  )
-
-
 def random_grads_like(params: Any, seed: int = 0) -> Any:
-  """Standard-normal (x 1e-3) arrays shaped, typed and placed like ``params``."""
+  """Standard-normal (x 1e-3) arrays shaped, typed, placed like ``params``."""
   leaves, treedef = jax.tree.flatten(params)
   shapes = [(x.shape, x.dtype) for x in leaves]
 
@@ -289,12 +265,10 @@ __all__ = [
     'MODES',
     'batch_sharding',
     'build_sharded',
-    'bytes_on_device',
     'collectives',
     'make_mesh',
     'param_shardings',
     'param_spec',
-    'per_device_peak_bytes',
     'random_grads_like',
     'compressed_views',
     'moves_dense_moment',

@@ -1,259 +1,150 @@
 """Multi-device scaling of the LLaMA example: one device vs DP vs FSDP.
 
-For each optimizer (``optax.adamw`` and ``mlorc_adamw``) this runs the same
-model, global batch, data and seed three ways, each in its own process
-(exact per-device peaks; a failure cannot poison the rest):
+For each optimizer this runs the same model, global batch, data and seed in
+each placement mode, every run in its own process (exact per-device peaks;
+a failure cannot poison the rest):
 
 * ``none``: one device, no mesh (the baseline);
 * ``dp``: ``--devices`` devices, parameters and optimizer state replicated;
 * ``fsdp``: ``--devices`` devices, parameters and optimizer state sharded
-  (:mod:`examples.llama.parallel`).
+  (``parallel.py``).
 
 It reports tokens/s, the speed-up over the same optimizer on one device,
-the ratio to ``optax.adamw`` in the same mode, the peak memory of every
-device, the optimizer state per device, the cross-device transfers of the
-compiled optimizer update (MLorc must never move a dense moment:
-:func:`examples.llama.parallel.moves_dense_moment` flags any transfer with a
-compressed matrix's ``(rows, cols)`` among its dimensions or as large as the
-smallest compressed leaf) and the
-largest difference of the per-step losses from the one-device run of the
-same optimizer (same global batch and seed), checked against ``--loss-tol``.
+the ratio to ``optax.adamw`` in the same mode, every device's peak, the
+optimizer state per device, the cross-device transfers of the compiled
+optimizer update (MLorc must never move a dense moment:
+:func:`examples.llama.parallel.moves_dense_moment`) and the largest
+difference of the per-step losses from the one-device run of the same
+optimizer, checked against ``--loss-tol``.
 
 Usage (2 GPUs, about 8 minutes at 1B)::
 
-  python -m examples.llama.scaling --preset 1b --devices 2 --batch 16 \\
-      --seq-len 1024 --steps 12 --param-dtype bfloat16 --remat \\
-      --json benchmarks/results/multi_gpu/llama_1b_2xh100.json \\
-      --table benchmarks/results/multi_gpu/llama_1b_2xh100.md
-
-On CPU, ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` simulates 8
-devices (``--preset tiny --data synthetic``).
+  python -m examples.llama.scaling 1b --devices 2 \\
+      --result-json /tmp/llama_1b_2x.json --table /tmp/llama_1b_2x.md
+  # 8 simulated CPU devices, seconds:
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
+      python -m examples.llama.scaling cpu --devices 4
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import datetime
-import os
+import pathlib
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
-from examples.llama import train
+import tyro
 
-#: The runs, in order: (optimizer, sharding).
-RUNS: tuple[tuple[str, str], ...] = (
-    ('adamw', 'none'),
-    ('mlorc_adamw', 'none'),
-    ('adamw', 'dp'),
-    ('mlorc_adamw', 'dp'),
-    ('adamw', 'fsdp'),
-    ('mlorc_adamw', 'fsdp'),
-)
+from benchmarks import toolkit
+from examples.llama import config as config_lib
+from examples.llama import measure
+from examples.llama import report
+
+Mode = Literal['none', 'dp', 'fsdp']
 
 
-def loss_difference(
-    result: dict[str, Any], baseline: dict[str, Any] | None
-) -> float | None:
+@dataclasses.dataclass(frozen=True)
+class ScalingConfig:
+  """The settings of every run and which placements to compare.
+
+  Attributes:
+    run: model, optimizer and training settings shared by all runs, and
+      devices for dp/fsdp (None: all JAX sees); sharding is set by
+      modes, and every run has its own process.
+    modes: placements to run (none = one device).
+    loss_tol: largest allowed |loss - one-device loss| at any step.
+    timeout: seconds per run.
+    table: also write the markdown table here.
+  """
+
+  run: tyro.conf.OmitArgPrefixes[config_lib.Config] = config_lib.Config()
+  modes: tuple[Mode, ...] = ('none', 'dp', 'fsdp')
+  loss_tol: float = 0.02
+  timeout: float = 600.0
+  table: str | None = None
+
+
+_GPU_1B = config_lib.PRESETS['gpu'][1].replace(
+    optimizers=('adamw', 'mlorc_adamw'), isolate=False)
+
+#: Named settings: the first word on the command line.
+PRESETS: dict[str, tuple[str, ScalingConfig]] = {
+    'cpu': ('Tiny model, synthetic tokens (simulated CPU devices).',
+            ScalingConfig(run=config_lib.Config(
+                optimizers=('adamw', 'mlorc_adamw'), vocab_size=256,
+                seq_len=16, steps=4, warmup=1, lr=3e-3, log_every=0))),
+    '1b': ('TinyLlama-1.1B shapes, bfloat16, remat, 16 x 1024 review tokens.',
+           ScalingConfig(run=_GPU_1B)),
+    'small': ('106M parameters in float32, 16 x 512 tokens: loss agreement.',
+              ScalingConfig(run=_GPU_1B.replace(
+                  model='small', param_dtype='float32', remat=False,
+                  seq_len=512), loss_tol=1e-3)),
+}
+
+
+def loss_difference(result: dict[str, Any], baseline: dict[str, Any] | None
+                    ) -> float | None:
   """Largest ``|loss - baseline loss|`` over the common steps (or None)."""
-  if (
-      baseline is None
-      or result.get('status') != 'ok'
-      or baseline.get('status') != 'ok'
-  ):
+  if not (baseline and result.get('status') == baseline.get('status') == 'ok'):
     return None
   pairs = list(zip(result['losses'], baseline['losses']))
   return max(abs(a - b) for a, b in pairs) if pairs else None
 
 
-def summarise(
-    results: Sequence[dict[str, Any]], loss_tol: float
-) -> list[dict[str, Any]]:
+def summarise(results: Sequence[dict[str, Any]], loss_tol: float
+              ) -> list[dict[str, Any]]:
   """Adds ``speedup``, ``ratio_vs_adamw``, ``max_loss_diff``, ``losses_match``.
 
   ``speedup``: tokens/s over the same optimizer's one-device run;
   ``ratio_vs_adamw``: tokens/s over ``adamw``'s in the same mode.
   """
-  by_key = {(r['optimizer'], r.get('sharding', 'none')): r for r in results}
+  results = [dict(r, mode=r['settings']['sharding'],
+                  tokens_per_s=r.get('tokens_per_s') if r['status'] == 'ok'
+                  else None) for r in results]
+  toolkit.results.add_ratios(
+      results, value='tokens_per_s', group_by=('optimizer',),
+      baseline=lambda r: r['mode'] == 'none', key='speedup')
+  toolkit.results.add_ratios(
+      results, value='tokens_per_s', group_by=('mode',),
+      baseline=lambda r: r['optimizer'] == 'adamw', key='ratio_vs_adamw')
+  single = {r['optimizer']: r for r in results if r['mode'] == 'none'}
   for r in results:
-    ok = r.get('status') == 'ok'
-    single = by_key.get((r['optimizer'], 'none'))
-    adamw = by_key.get(('adamw', r.get('sharding', 'none')))
-    r['speedup'] = (
-        r['tokens_per_s'] / single['tokens_per_s']
-        if ok and single and single.get('status') == 'ok'
-        else None
-    )
-    r['ratio_vs_adamw'] = (
-        r['tokens_per_s'] / adamw['tokens_per_s']
-        if ok and adamw and adamw.get('status') == 'ok'
-        else None
-    )
-    diff = loss_difference(r, single)
+    diff = loss_difference(r, single.get(r['optimizer']))
     r['max_loss_diff'] = diff
     r['losses_match'] = None if diff is None else bool(diff <= loss_tol)
-  return list(results)
-
-
-def _fmt(x: Any, spec: str) -> str:
-  return '-' if x is None else format(x, spec)
-
-
-def format_table(results: Sequence[dict[str, Any]]) -> str:
-  """Markdown table of :func:`summarise`'d results."""
-  rows = [
-      '| optimizer | mode | devices | status | tokens/s | speed-up vs 1 '
-      'device | ratio vs adamw | step ms | update ms | peak GiB per device | '
-      'optimizer state GiB per device | update transfers (largest shape), '
-      'dense-moment-sized | max abs loss diff vs 1 device |',
-      '|---|---|---|---|---|---|---|---|---|---|---|---|---|',
-  ]
-  for r in results:
-    ok = r.get('status') == 'ok'
-    peaks = r.get('peak_bytes_per_device')
-    peak = (
-        ' / '.join(f'{p / 2**30:.1f}' for p in peaks) if ok and peaks else '-'
-    )
-    coll = r.get('update_collectives')
-    transfers = '-'
-    if coll is not None:
-      largest = coll['largest'][0][1] if coll['largest'] else None
-      transfers = (
-          f'{coll["count"]}'
-          + (f' (largest {largest})' if largest else '')
-          + f', {coll.get("dense_moment_transfers", "?")} dense'
-      )
-    state = r.get('opt_state_bytes_per_device', r.get('opt_state_bytes'))
-    rows.append(
-        f'| {r["optimizer"]} | {r.get("sharding", "none")} | '
-        f'{r.get("devices", 1)} | '
-        f'{r.get("status") if ok else (r.get("status") or "?") + ": " + str(r.get("error"))[:60]} | '
-        f'{_fmt(r.get("tokens_per_s") if ok else None, ",.0f")} | '
-        f'{_fmt(r.get("speedup"), ".2f")} | '
-        f'{_fmt(r.get("ratio_vs_adamw"), ".3f")} | '
-        f'{_fmt(r["step_time_s"] * 1e3 if ok else None, ".1f")} | '
-        f'{_fmt((r.get("update_time_s") or 0) * 1e3 or None, ".1f")} | '
-        f'{peak} | {_fmt(state / 2**30 if state else None, ".2f")} | '
-        f'{transfers} | {_fmt(r.get("max_loss_diff"), ".2e")} |'
-    )
-  return '\n'.join(rows)
+  return results
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
-  """Command-line entry point; returns the summarised results."""
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  train.add_model_args(parser)
-  parser.add_argument(
-      '--devices',
-      type=int,
-      default=None,
-      help='Devices for dp/fsdp (default: all JAX sees).',
-  )
-  parser.add_argument(
-      '--modes',
-      nargs='+',
-      default=['none', 'dp', 'fsdp'],
-      choices=('none', 'dp', 'fsdp'),
-      help='Which placements to run (none = one device).',
-  )
-  parser.add_argument(
-      '--optimizers',
-      nargs='+',
-      default=list(train.OPTIMIZERS),
-      choices=train.OPTIMIZERS,
-      help='Optimizers to run.',
-  )
-  parser.add_argument('--batch', type=int, default=16, help='Global batch.')
-  parser.add_argument(
-      '--seq-len', type=int, default=1024, help='Tokens per sequence.'
-  )
-  parser.add_argument('--steps', type=int, default=12, help='Steps per run.')
-  parser.add_argument(
-      '--warmup', type=int, default=3, help='Untimed steps after compiling.'
-  )
-  parser.add_argument('--lr', type=float, default=3e-4, help='Learning rate.')
-  parser.add_argument('--rank', type=int, default=4, help='MLorc rank.')
-  parser.add_argument(
-      '--data',
-      default='reviews',
-      choices=('reviews', 'synthetic'),
-      help='Drug-review text or synthetic tokens.',
-  )
-  parser.add_argument('--seed', type=int, default=0, help='Random seed.')
-  parser.add_argument(
-      '--time-update',
-      type=int,
-      default=5,
-      help='Also time the optimizer update alone over this many calls.',
-  )
-  parser.add_argument(
-      '--loss-tol',
-      type=float,
-      default=0.02,
-      help='Largest allowed |loss - one-device loss| at any step.',
-  )
-  parser.add_argument(
-      '--timeout', type=float, default=600, help='Seconds per run.'
-  )
-  parser.add_argument('--json', default=None, help='Write results here.')
-  parser.add_argument(
-      '--table', default=None, help='Write the markdown table here.'
-  )
-  args = parser.parse_args(argv)
-
-  train.set_xla_env()
-  import jax  # pylint: disable=g-import-not-at-top
-
-  devices = args.devices or len(jax.devices())
-  cfg = train.config_from_args(args)
+  """Command-line entry point; returns the summarised records."""
+  config = tyro.extras.overridable_config_cli(
+      PRESETS, args=argv, prog='python -m examples.llama.scaling',
+      description=__doc__.splitlines()[0])
+  toolkit.environment.configure_xla()
+  devices = (config.run.devices
+             or toolkit.environment.device_description()['count'])
   results = []
-  for optimizer, mode in RUNS:
-    if optimizer not in args.optimizers or mode not in args.modes:
-      continue
-    r = train.run_isolated(
-        cfg,
-        optimizer,
-        timeout=args.timeout,
-        batch=args.batch,
-        seq_len=args.seq_len,
-        steps=args.steps,
-        warmup=args.warmup,
-        lr=args.lr,
-        rank=args.rank,
-        data=args.data,
-        seed=args.seed,
-        time_update=args.time_update,
-        sharding=mode,
-        devices=1 if mode == 'none' else devices,
-    )
-    r.setdefault('sharding', mode)
-    r.setdefault('devices', 1 if mode == 'none' else devices)
-    results.append(r)
-    print(
-        f'{optimizer:12s} {mode:5s} x{r["devices"]}: {r["status"]} '
-        + (
-            f'{r["tokens_per_s"]:,.0f} tokens/s'
-            if r['status'] == 'ok'
-            else str(r.get('error'))[:300]
-        ),
-        flush=True,
-    )
-  summarise(results, args.loss_tol)
-  ok = [r for r in results if 'device' in r]
-  header = (
-      f'{train.describe_setup(ok)}; global batch {args.batch}; '
-      f'{datetime.date.today().isoformat()}'
-      if ok
-      else ''
-  )
-  table = format_table(results)
-  print(header)
-  print(table)
-  if args.json:
-    train.write_json(results, args.json)
-  if args.table:
-    os.makedirs(os.path.dirname(os.path.abspath(args.table)), exist_ok=True)
-    with open(args.table, 'w') as f:
-      f.write(header + '\n\n' + table + '\n')
+  for mode in config.modes:
+    for optimizer in config.run.optimizers:
+      run = config.run.replace(sharding=mode,
+                               devices=1 if mode == 'none' else devices)
+      r = measure.run_isolated(run, optimizer, timeout=config.timeout)
+      print(f'{optimizer:12s} {mode:5s} x{run.devices}: {r["status"]} '
+            + (f'{r["tokens_per_s"]:,.0f} tokens/s' if r['status'] == 'ok'
+               else str(r.get('error'))[:300]), flush=True)
+      results.append(r)
+  results = summarise(results, config.loss_tol)
+  header = (f'{report.setup_line(results)}; global batch {config.run.batch};'
+            f' {datetime.date.today().isoformat()}')
+  table = report.scaling_table(results)
+  print(header, table, sep='\n')
+  if config.run.result_json:
+    toolkit.results.write_json(results, config.run.result_json)
+  if config.table:
+    path = pathlib.Path(config.table)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(header + '\n\n' + table + '\n')
   return results
 
 

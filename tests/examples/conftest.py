@@ -22,6 +22,23 @@ def pytest_configure(config: pytest.Config) -> None:
   )
 
 
+@pytest.fixture(scope='module')
+def fast_compiles():
+  """XLA's optimisation passes off while a test module runs.
+
+  The harness tests compile one train step per method of a tiny model and run
+  it a few steps: without the passes each compiles in about 2/3 of the time,
+  and the programs compute the same thing. The previous setting comes back
+  after the module.
+  """
+  import jax
+
+  previous = jax.config.read('jax_disable_most_optimizations')
+  jax.config.update('jax_disable_most_optimizations', True)
+  yield
+  jax.config.update('jax_disable_most_optimizations', previous)
+
+
 @pytest.fixture(scope='session')
 def minilm_dir() -> Path:
   """Directory of the cached all-MiniLM-L6-v2 checkpoint (fetched if needed)."""
@@ -49,7 +66,7 @@ def tokenizer(minilm_dir):
 @pytest.fixture(scope='session')
 def minilm(minilm_dir):
   """Pretrained NNX ``BertModel`` in evaluation mode (dropout off)."""
-  from examples.finetune.bert import load_pretrained_bert
+  from examples.finetune.checkpoint import load_pretrained_bert
 
   model = load_pretrained_bert(minilm_dir)
   model.eval()

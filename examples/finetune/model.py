@@ -13,9 +13,7 @@ The architecture follows Hugging Face ``transformers.BertModel`` exactly:
 Parameters use NNX names: ``nnx.Linear`` has ``kernel`` with shape
 ``(in, out)`` (the transpose of PyTorch's ``weight``) and ``bias``;
 ``nnx.LayerNorm`` has ``scale`` and ``bias``; ``nnx.Embed`` has ``embedding``.
-:func:`hf_to_nnx_key_map` documents the mapping from Hugging Face checkpoint
-keys, and :func:`load_hf_weights` loads a ``model.safetensors`` file with the
-numpy API of ``safetensors`` (no torch).
+:mod:`examples.finetune.checkpoint` loads Hugging Face weights into them.
 
 Parameters are always stored in ``param_dtype`` (float32 by default); ``dtype``
 selects the computation dtype (e.g. ``jnp.bfloat16``). Attention softmax,
@@ -27,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from pathlib import Path
 from typing import Any, Literal, Mapping, Union
 
 import jax
@@ -90,42 +87,25 @@ class BertConfig:
       return cls.from_dict(json.load(f))
 
 
-def _linear(
-    din: int, dout: int, config: BertConfig, dtype, param_dtype, rngs
-) -> nnx.Linear:
-  return nnx.Linear(
-      din,
-      dout,
-      dtype=dtype,
-      param_dtype=param_dtype,
-      kernel_init=nnx.initializers.normal(config.initializer_range),
-      rngs=rngs,
-  )
+def _linear(din: int, dout: int, config: BertConfig, dtype, param_dtype,
+            rngs) -> nnx.Linear:
+  init = nnx.initializers.normal(config.initializer_range)
+  return nnx.Linear(din, dout, dtype=dtype, param_dtype=param_dtype,
+                    kernel_init=init, rngs=rngs)
 
 
 def _layer_norm(config: BertConfig, dtype, param_dtype, rngs) -> nnx.LayerNorm:
   # Two-pass variance (use_fast_variance=False) to match PyTorch's LayerNorm.
-  return nnx.LayerNorm(
-      config.hidden_size,
-      epsilon=config.layer_norm_eps,
-      dtype=dtype,
-      param_dtype=param_dtype,
-      use_fast_variance=False,
-      rngs=rngs,
-  )
+  return nnx.LayerNorm(config.hidden_size, epsilon=config.layer_norm_eps,
+                       dtype=dtype, param_dtype=param_dtype,
+                       use_fast_variance=False, rngs=rngs)
 
 
 class BertEmbeddings(nnx.Module):
   """Word + position + token-type embeddings, then LayerNorm and dropout."""
 
-  def __init__(
-      self,
-      config: BertConfig,
-      *,
-      dtype=jnp.float32,
-      param_dtype=jnp.float32,
-      rngs: nnx.Rngs,
-  ):
+  def __init__(self, config: BertConfig, *, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
     init = nnx.initializers.normal(config.initializer_range)
     embed = lambda n: nnx.Embed(  # noqa: E731
         n,
@@ -164,14 +144,8 @@ class BertSelfAttention(nnx.Module):
   (the residual + LayerNorm live in :class:`BertLayer`).
   """
 
-  def __init__(
-      self,
-      config: BertConfig,
-      *,
-      dtype=jnp.float32,
-      param_dtype=jnp.float32,
-      rngs: nnx.Rngs,
-  ):
+  def __init__(self, config: BertConfig, *, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
     h = config.hidden_size
     self.num_heads = config.num_attention_heads
     self.head_dim = config.head_dim
@@ -209,14 +183,8 @@ class BertSelfAttention(nnx.Module):
 class BertLayer(nnx.Module):
   """One post-LayerNorm transformer encoder layer."""
 
-  def __init__(
-      self,
-      config: BertConfig,
-      *,
-      dtype=jnp.float32,
-      param_dtype=jnp.float32,
-      rngs: nnx.Rngs,
-  ):
+  def __init__(self, config: BertConfig, *, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
     h, i = config.hidden_size, config.intermediate_size
     self.attention = BertSelfAttention(
         config, dtype=dtype, param_dtype=param_dtype, rngs=rngs
@@ -243,14 +211,8 @@ class BertLayer(nnx.Module):
 class BertPooler(nnx.Module):
   """BERT pooler: ``tanh(dense(hidden[:, 0]))``."""
 
-  def __init__(
-      self,
-      config: BertConfig,
-      *,
-      dtype=jnp.float32,
-      param_dtype=jnp.float32,
-      rngs: nnx.Rngs,
-  ):
+  def __init__(self, config: BertConfig, *, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
     self.dense = _linear(
         config.hidden_size, config.hidden_size, config, dtype, param_dtype, rngs
     )
@@ -392,27 +354,14 @@ class BertClassifier(nnx.Module):
     if pooling not in ('cls', 'mean', 'pooler'):
       raise ValueError(f'unknown pooling={pooling!r}')
     self.pooling = pooling
-    self.bert = BertModel(
-        config,
-        add_pooler=pooling == 'pooler',
-        dtype=dtype,
-        param_dtype=param_dtype,
-        rngs=rngs,
-    )
-    rate = (
-        config.hidden_dropout_prob
-        if classifier_dropout is None
-        else classifier_dropout
-    )
-    self.dropout = nnx.Dropout(rate, rngs=rngs)
-    self.classifier = nnx.Linear(
-        config.hidden_size,
-        num_classes,
-        dtype=jnp.float32,
-        param_dtype=param_dtype,
-        kernel_init=nnx.initializers.normal(config.initializer_range),
-        rngs=rngs,
-    )
+    self.bert = BertModel(config, add_pooler=pooling == 'pooler', dtype=dtype,
+                          param_dtype=param_dtype, rngs=rngs)
+    if classifier_dropout is None:
+      classifier_dropout = config.hidden_dropout_prob
+    self.dropout = nnx.Dropout(classifier_dropout, rngs=rngs)
+    # The head computes in float32 whatever the encoder's dtype.
+    self.classifier = _linear(config.hidden_size, num_classes, config,
+                              jnp.float32, param_dtype, rngs)
 
   def __call__(
       self,
@@ -439,170 +388,3 @@ class BertClassifier(nnx.Module):
     )
     return self.classifier(pooled)
 
-
-# --------------------------------------------------------------------------
-# Loading Hugging Face weights.
-# --------------------------------------------------------------------------
-
-KeyPath = tuple[Union[str, int], ...]
-
-# Checkpoint entries that are buffers rather than parameters.
-_IGNORED_HF_KEYS = ('embeddings.position_ids',)
-
-
-def hf_to_nnx_key_map(
-    config: BertConfig, *, add_pooler: bool = False
-) -> dict[str, KeyPath]:
-  """Maps Hugging Face ``BertModel`` names to paths in :class:`BertModel`.
-
-  A path is a tuple of attribute names / list indices ending with the NNX
-  parameter name. HF ``*.weight`` of ``nn.Linear`` is the transpose of the
-  NNX ``kernel`` (handled by :func:`load_hf_weights`).
-  """
-  mapping: dict[str, KeyPath] = {}
-
-  def add_ln(hf: str, path: KeyPath) -> None:
-    mapping[f'{hf}.weight'] = (*path, 'scale')
-    mapping[f'{hf}.bias'] = (*path, 'bias')
-
-  def add_linear(hf: str, path: KeyPath) -> None:
-    mapping[f'{hf}.weight'] = (*path, 'kernel')
-    mapping[f'{hf}.bias'] = (*path, 'bias')
-
-  for name in (
-      'word_embeddings',
-      'position_embeddings',
-      'token_type_embeddings',
-  ):
-    mapping[f'embeddings.{name}.weight'] = ('embeddings', name, 'embedding')
-  add_ln('embeddings.LayerNorm', ('embeddings', 'layer_norm'))
-  for i in range(config.num_hidden_layers):
-    hf, nx = f'encoder.layer.{i}', ('layers', i)
-    for name in ('query', 'key', 'value'):
-      add_linear(f'{hf}.attention.self.{name}', (*nx, 'attention', name))
-    add_linear(f'{hf}.attention.output.dense', (*nx, 'attention', 'output'))
-    add_ln(f'{hf}.attention.output.LayerNorm', (*nx, 'attention_layer_norm'))
-    add_linear(f'{hf}.intermediate.dense', (*nx, 'intermediate'))
-    add_linear(f'{hf}.output.dense', (*nx, 'output'))
-    add_ln(f'{hf}.output.LayerNorm', (*nx, 'output_layer_norm'))
-  if add_pooler:
-    add_linear('pooler.dense', ('pooler', 'dense'))
-  return mapping
-
-
-def _normalise_hf_key(key: str) -> str:
-  """Strips a ``bert.`` prefix and renames legacy ``gamma``/``beta`` names."""
-  if key.startswith('bert.'):
-    key = key[len('bert.') :]
-  if key.endswith('.gamma'):
-    key = key[: -len('gamma')] + 'weight'
-  elif key.endswith('.beta'):
-    key = key[: -len('beta')] + 'bias'
-  return key
-
-
-def _get_param(module: nnx.Module, path: KeyPath) -> nnx.Param:
-  node: Any = module
-  for part in path:
-    node = node[part] if isinstance(part, int) else getattr(node, part)
-  return node
-
-
-def load_hf_weights(
-    model: BertModel,
-    weights: PathLike | Mapping[str, np.ndarray],
-    *,
-    strict: bool = True,
-) -> BertModel:
-  """Loads Hugging Face BERT weights into ``model`` in place (and returns it).
-
-  Args:
-    model: the NNX model to fill.
-    weights: a ``model.safetensors`` path (read with
-      ``safetensors.numpy.load_file``) or a name -> numpy array mapping.
-      Keys may carry a ``bert.`` prefix (task checkpoints); task heads and
-      the pooler (if the model has none) are ignored.
-    strict: if True, every parameter of ``model`` must be present in
-      ``weights``.
-
-  Raises:
-    KeyError: a parameter is missing (``strict``).
-    ValueError: a shape does not match.
-  """
-  if not isinstance(weights, Mapping):
-    from safetensors.numpy import load_file  # Example-only dependency.
-
-    weights = load_file(str(weights))
-  tensors = {_normalise_hf_key(k): v for k, v in weights.items()}
-  mapping = hf_to_nnx_key_map(model.config, add_pooler=model.pooler is not None)
-  missing = sorted(set(mapping) - set(tensors))
-  if strict and missing:
-    raise KeyError(
-        f'missing weights for {len(missing)} parameters, e.g. {missing[:5]}'
-    )
-  for hf_key, path in mapping.items():
-    if hf_key not in tensors:
-      continue
-    value = np.asarray(tensors[hf_key])
-    if path[-1] == 'kernel':
-      value = value.T  # PyTorch Linear stores (out, in).
-    param = _get_param(model, path)
-    current = param[...]
-    if tuple(current.shape) != value.shape:
-      raise ValueError(
-          f"{hf_key} -> {'.'.join(map(str, path))}: shape {value.shape} "
-          f'does not match {tuple(current.shape)}'
-      )
-    param[...] = jnp.asarray(value, dtype=current.dtype)
-  return model
-
-
-def load_pretrained_bert(
-    model_dir: PathLike,
-    *,
-    add_pooler: bool = False,
-    dtype=jnp.float32,
-    param_dtype=jnp.float32,
-    rngs: nnx.Rngs | None = None,
-) -> BertModel:
-  """A :class:`BertModel` from ``config.json`` and ``model.safetensors``."""
-  model_dir = Path(model_dir)
-  config = BertConfig.from_json_file(model_dir / 'config.json')
-  model = BertModel(
-      config,
-      add_pooler=add_pooler,
-      dtype=dtype,
-      param_dtype=param_dtype,
-      rngs=rngs if rngs is not None else nnx.Rngs(0),
-  )
-  return load_hf_weights(model, model_dir / 'model.safetensors')
-
-
-def load_pretrained_classifier(
-    model_dir: PathLike,
-    num_classes: int,
-    *,
-    pooling: Pooling = 'mean',
-    classifier_dropout: float | None = None,
-    dtype=jnp.float32,
-    param_dtype=jnp.float32,
-    rngs: nnx.Rngs | None = None,
-) -> BertClassifier:
-  """A :class:`BertClassifier` whose encoder holds the pretrained weights.
-
-  The classification head is freshly initialised (normal, std
-  ``initializer_range``; zero bias) from ``rngs`` (default ``nnx.Rngs(0)``).
-  """
-  model_dir = Path(model_dir)
-  config = BertConfig.from_json_file(model_dir / 'config.json')
-  model = BertClassifier(
-      config,
-      num_classes,
-      pooling=pooling,
-      classifier_dropout=classifier_dropout,
-      dtype=dtype,
-      param_dtype=param_dtype,
-      rngs=rngs if rngs is not None else nnx.Rngs(0),
-  )
-  load_hf_weights(model.bert, model_dir / 'model.safetensors')
-  return model
