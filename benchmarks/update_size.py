@@ -53,8 +53,10 @@ class Config:
   """Write the rows (with device and versions) to this JSON file."""
 
 
-def run(tx: optax.GradientTransformation, cfg: Config) -> dict[str, float]:
-  """Trains the regression; returns the largest update and final loss."""
+def train_regression(tx: optax.GradientTransformation, *, steps: int,
+                     lr: float) -> tuple[np.ndarray, float]:
+  """Trains the regression; the largest ``|update| / lr`` of every step and
+  the final full-batch loss."""
   key = jax.random.PRNGKey(0)
   kx, kw, kn = jax.random.split(key, 3)
   x = jax.random.normal(kx, (256, 64))
@@ -71,16 +73,21 @@ def run(tx: optax.GradientTransformation, cfg: Config) -> dict[str, float]:
   params = {'w': jnp.zeros((64, 64))}
   state = tx.init(params)
   largest = []
-  for i in range(cfg.steps):
+  for i in range(steps):
     params, state, top = step(params, state, i)
-    largest.append(float(top) / cfg.lr)
-  bounds = [float(mlorc_optax.low_rank.adam_update_bound(cfg.b1, 0.999, t,
-                                                         False))
-            for t in range(1, cfg.steps + 1)]
-  return dict(max_update_over_lr=max(largest),
-              steps_over_adam_bound=int(np.sum(
-                  np.array(largest) > np.array(bounds) * (1 + 1e-5))),
-              final_loss=float(loss(params, x, y)))
+    largest.append(float(top) / lr)
+  return np.array(largest), float(loss(params, x, y))
+
+
+def run(tx: optax.GradientTransformation, cfg: Config) -> dict[str, float]:
+  """The largest update, the steps over Adam's bound and the final loss."""
+  largest, final_loss = train_regression(tx, steps=cfg.steps, lr=cfg.lr)
+  bounds = np.array([
+      float(mlorc_optax.low_rank.adam_update_bound(cfg.b1, 0.999, t, False))
+      for t in range(1, cfg.steps + 1)])
+  return dict(max_update_over_lr=float(largest.max()),
+              steps_over_adam_bound=int(np.sum(largest > bounds * (1 + 1e-5))),
+              final_loss=final_loss)
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:

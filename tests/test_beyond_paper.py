@@ -15,6 +15,7 @@ import optax
 import pytest
 
 import mlorc_optax
+from benchmarks import update_size
 from mlorc_optax import kernels
 from mlorc_optax import low_rank
 
@@ -77,29 +78,10 @@ def test_the_documented_limits_of_the_bound():
 # MLorc-AdamW's largest update entry, as a user sees it.
 
 
-def _regression_max_updates(tx, steps=150, lr=1e-2):
-  """Per-step largest |update| / lr training a 64 x 64 linear regression."""
-  key = jax.random.PRNGKey(0)
-  kx, kw, kn = jax.random.split(key, 3)
-  x = jax.random.normal(kx, (256, 64))
-  y = x @ (jax.random.normal(kw, (64, 64)) / 8) + 0.1 * jax.random.normal(
-      kn, (256, 64))
-  loss = lambda p, xb, yb: jnp.mean((xb @ p['w'] - yb) ** 2)
-
-  @jax.jit
-  def step(p, state, i):
-    rows = jax.random.randint(jax.random.fold_in(key, i), (32,), 0, 256)
-    g = jax.grad(loss)(p, x[rows], y[rows])
-    u, state = tx.update(g, state, p)
-    return optax.apply_updates(p, u), state, jnp.max(jnp.abs(u['w'])) / lr
-
-  params = {'w': jnp.zeros((64, 64))}
-  state = tx.init(params)
-  out = []
-  for i in range(steps):
-    params, state, largest = step(params, state, i)
-    out.append(float(largest))
-  return np.array(out)
+def _regression_max_updates(tx):
+  """Per-step largest |update| / lr on the 64 x 64 regression of
+  ``benchmarks/update_size.py`` (150 steps, learning rate 1e-2)."""
+  return update_size.train_regression(tx, steps=150, lr=1e-2)[0]
 
 
 def test_default_mlorc_adamw_updates_stay_within_adams_bound():
