@@ -59,10 +59,17 @@ def test_the_bound_is_attained(t):
   for i in range(1, t + 1):
     u, state = adam.update(jnp.full(1, (b1 / b2) ** (t - i), jnp.float32),
                            state)
+  # float32: each of the t moving-average steps rounds once, and a rounding
+  # of b2**t (the only power near 1) is amplified by 1 / (1 - b2**t) in the
+  # bias correction, computed in float32 by optax and by the bound alike.
+  rtol = 4 * t * F32_EPS + 4 * F32_EPS / (1 - b2**t)
   np.testing.assert_allclose(u[0], low_rank.adam_update_bound(b1, b2, t, False),
-                             rtol=64 * F32_EPS)
+                             rtol=rtol)
+  # Against float64: float32(b2) itself is off by up to eps / 2, which moves
+  # 1 - b2 (and every 1 - b2**t) by up to eps / (2 (1 - b2)) relative.
   np.testing.assert_allclose(low_rank.adam_update_bound(b1, b2, t, False),
-                             ref.adam_bound(b1, b2, t), rtol=64 * F32_EPS)
+                             ref.adam_bound(b1, b2, t),
+                             rtol=rtol + F32_EPS / (1 - b2))
 
 
 def test_the_documented_limits_of_the_bound():
