@@ -265,8 +265,8 @@ def test_shards_that_are_no_blocks_of_the_matrix_take_the_reference(mesh):
 def test_automatic_choice_on_several_gpus_needs_the_placement(monkeypatch,
                                                               mesh):
   """On NVIDIA GPUs the automatic choice is the kernels where ``init`` sees
-  the parameter's mesh, else (a traced ``init`` under ``Auto`` axes) the
-  reference step, whose sharding XLA handles."""
+  the parameter's mesh or its one device, else (a traced ``init`` under
+  ``Auto`` axes) the reference step, whose sharding XLA handles."""
   monkeypatch.setattr(plan_lib, 'on_nvidia_gpu', lambda: True)
   leaf = jax.device_put(jnp.zeros(SHAPE), NamedSharding(mesh, SPECS['both']))
   tx = mlorc_optax.scale_by_mlorc_adam(rank=RANK)
@@ -278,6 +278,11 @@ def test_automatic_choice_on_several_gpus_needs_the_placement(monkeypatch,
   assert traced.step_reason == (
       'automatic: several devices, and init did not see the parameter on '
       'a mesh')
+  # A parameter on one of several devices takes the kernels, unsharded.
+  alone = tx.init({'w': jax.device_put(jnp.zeros(SHAPE), jax.devices()[3])}
+                  ).plan.leaves[0]
+  assert (alone.step, alone.step_reason, alone.placement) == (
+      'pallas', 'automatic: one NVIDIA GPU', None)
   # Shards the kernels cannot tile take the same passes in jax.numpy.
   odd = jax.device_put(jnp.zeros((2, 48, 40)), NamedSharding(
       mesh, P(None, None, 'model')))

@@ -448,7 +448,8 @@ def low_rank_moments(
           p, implementation=implementation,
           blocker=blocker_now or (None if mine == compressed else
                                   'the inner optimizer masks a moment out'),
-          sketched=sketched, kernel_config=kernel_config, where=where)
+          sketched=sketched, kernel_config=kernel_config, where=where,
+          one_device=plan_lib.on_one_device(leaves[k]))
       # The two-pass step runs on the shards where the placement is known.
       where = where if step in ('xla', 'pallas') else None
       nonnegative = {f.name: f.nonnegative for f in fields}

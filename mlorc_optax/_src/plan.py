@@ -391,6 +391,21 @@ def placement(leaf: Any) -> Placement | None:
   return Placement(mesh, spec)
 
 
+def on_one_device(leaf: Any) -> bool:
+  """Whether a leaf lives on one device (its step needs no collective).
+
+  A concrete array says so by its sharding (one device in its device set,
+  e.g. ``jax.device_put(x, jax.devices()[1])`` on a machine of several
+  GPUs); a tracer (a jitted ``init``) only when the process sees one device.
+  """
+  sharding = None
+  if not isinstance(leaf, jax.core.Tracer):
+    sharding = getattr(leaf, 'sharding', None)
+  if sharding is not None:
+    return len(sharding.device_set) == 1
+  return jax.device_count() == 1
+
+
 def shard_blocker(plan: LeafPlan, where: Placement) -> str | None:
   """Why the two-pass step cannot run on ``where``'s shards, or None.
 
@@ -442,17 +457,19 @@ def choose_step(
     sketched: bool,
     kernel_config: launch.KernelConfig,
     where: Placement | None = None,
+    one_device: bool = True,
 ) -> tuple[str, str]:
   """``(step, reason)`` for a compressed leaf.
 
   ``implementation=None`` (automatic) picks ``'pallas'`` on NVIDIA GPUs when
-  the settings allow the two-pass step (``blocker`` is None): on a single
-  GPU, or on several where the parameter's placement is known (``where``,
-  from :func:`placement`), so that the step runs inside ``jax.shard_map`` on
-  each device's shard. Otherwise it picks ``'reference'``: on CPUs and TPUs,
-  and on several devices where the placement is unknown (``init`` traced
-  under ``Auto`` mesh axes), since a Pallas call has no sharding rule and
-  under ``NamedSharding`` XLA would gather its operands.
+  the settings allow the two-pass step (``blocker`` is None): for a
+  parameter on one GPU (``one_device``, from :func:`on_one_device`), or on
+  several where its placement is known (``where``, from :func:`placement`),
+  so that the step runs inside ``jax.shard_map`` on each device's shard.
+  Otherwise it picks ``'reference'``: on CPUs and TPUs, and on several
+  devices where the placement is unknown (``init`` traced under ``Auto``
+  mesh axes), since a Pallas call has no sharding rule and under
+  ``NamedSharding`` XLA would gather its operands.
   ``'pallas'`` falls back to ``'xla'`` (the same two passes in
   ``jax.numpy``) for a matrix (or shard) the kernels cannot tile, and every
   two-pass choice falls back to ``'reference'`` where the sketch is the
@@ -471,7 +488,7 @@ def choose_step(
       return 'reference', 'automatic: not on an NVIDIA GPU'
     if where is not None:
       implementation, why = 'pallas', 'automatic: NVIDIA GPUs'
-    elif jax.device_count() != 1:
+    elif not one_device:
       return 'reference', ('automatic: several devices, and init did not see '
                            'the parameter on a mesh')
     else:
