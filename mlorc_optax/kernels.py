@@ -19,7 +19,11 @@ NVIDIA GPU, Pallas' interpreter with ``interpret=True``) with a plain
 
 Nothing here chooses an implementation or looks at the devices: ``config``
 (a frozen, hashable :class:`KernelConfig`) and ``interpret`` are passed
-explicitly, and :func:`supports` says which matrices the kernels can tile.
+explicitly, :func:`supports` says which matrices the kernels can tile and
+:func:`kernel_widths` how wide factors and sketches must be (sketches, and
+factors wider than ``KernelConfig.fma_max_rank``, padded with zero columns
+to a power of two >= 16 for the tensor-core dots; narrower factors at their
+own rank, reconstructed with float32 multiply-adds).
 
 Examples:
   >>> import jax.numpy as jnp
@@ -46,6 +50,7 @@ from mlorc_optax._src.kernels.adam import sketch_pass_reference
 from mlorc_optax._src.kernels.gram import orthonormal_bases
 from mlorc_optax._src.kernels.gram import svds_of_projections
 from mlorc_optax._src.kernels.launch import KernelConfig
+from mlorc_optax._src.kernels.launch import kernel_widths
 from mlorc_optax._src.kernels.launch import supports
 from mlorc_optax._src.kernels.lion import LionCoefficients
 from mlorc_optax._src.kernels.lion import LionProjectPassOutputs
@@ -69,6 +74,7 @@ __all__ = (
     'ProjectPassOutputs',
     'SketchPassOutputs',
     'adam_step',
+    'kernel_widths',
     'lion_project_pass',
     'lion_project_pass_reference',
     'lion_sketch_pass',

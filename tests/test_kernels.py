@@ -24,6 +24,8 @@ pass ``FULL``, a config with float32-level (``'tf32x3'``) products; in
 interpret mode every dot is float32 whatever the config.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,8 +45,11 @@ B1, B2, EPS = 0.9, 0.999, 1e-8
 #: The test's own choice (the library never looks at the devices): compile
 #: through Triton on a GPU, interpret elsewhere.
 INTERPRET = jax.default_backend() != 'gpu'
-#: Float32-level kernel dots on a GPU (no effect in interpret mode).
+#: Float32-level kernel dots on a GPU (no effect in interpret mode); factors
+#: up to rank 8 are reconstructed with multiply-adds.
 FULL = kernels.KernelConfig(accumulate_precision='tf32x3')
+#: The same with every product a tensor-core dot (factors padded to 16).
+FULL_DOTS = dataclasses.replace(FULL, fma_max_rank=0)
 
 
 def random_factors(key, batch, m, n, rank, positive=False):
@@ -54,23 +59,28 @@ def random_factors(key, batch, m, n, rank, positive=False):
   return rsvd.randomized_svd(a, key, rank)
 
 
-def pass_inputs(batch, m, n, rank, dtype, seed=0):
+def pass_inputs(batch, m, n, rank, dtype, seed=0, config=FULL):
+  """Pass operands of ``rank`` columns, padded as ``config``'s kernels take
+  them (:func:`kernels.kernel_widths`)."""
   keys = jax.random.split(jax.random.key(seed), 6)
-  r_pad = max(16, 1 << (rank - 1).bit_length())
+  r_pad, l_pad = kernels.kernel_widths(rank, rank, config)
   pad = lambda x, w: jnp.pad(x, [(0, 0), (0, 0), (0, w - x.shape[-1])])
   g = jax.random.normal(keys[0], (batch, m, n)).astype(dtype)
   mu = random_factors(keys[1], batch, m, n, rank)
   nu = random_factors(keys[2], batch, m, n, rank, positive=True)
   a_m = pad(B1 * mu.u * mu.s[:, None, :], r_pad)
   a_v = pad(B2 * nu.u * nu.s[:, None, :], r_pad)
-  omegas = [pad(jax.random.normal(k, (batch, n, rank)), r_pad)
+  omegas = [pad(jax.random.normal(k, (batch, n, rank)), l_pad)
             for k in keys[3:5]]
-  qs = [pad(jnp.linalg.qr(jax.random.normal(k, (batch, m, rank)))[0], r_pad)
+  qs = [pad(jnp.linalg.qr(jax.random.normal(k, (batch, m, rank)))[0], l_pad)
         for k in jax.random.split(keys[5])]
   return g, a_m, pad(mu.v, r_pad), a_v, pad(nu.v, r_pad), omegas, qs
 
 
 SHAPES = [(1, 64, 64, 4), (2, 128, 192, 4), (1, 48, 256, 32), (3, 96, 32, 8)]
+#: Every shape with the default products (multiply-adds up to rank 8, dots
+#: for 32), and a rank-4 shape on the dots too.
+PASS_CASES = [(*shape, FULL) for shape in SHAPES] + [(*SHAPES[1], FULL_DOTS)]
 
 
 def coefficients(batch):
@@ -87,11 +97,12 @@ def zetas(batch):
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize('batch,m,n,rank', SHAPES)
-def test_sketch_kernel_equals_its_reference(batch, m, n, rank, dtype):
-  g, _, _, a_v, v_v, (om, ov), _ = pass_inputs(batch, m, n, rank, dtype)
+@pytest.mark.parametrize('batch,m,n,rank,config', PASS_CASES)
+def test_sketch_kernel_equals_its_reference(batch, m, n, rank, config, dtype):
+  g, _, _, a_v, v_v, (om, ov), _ = pass_inputs(batch, m, n, rank, dtype,
+                                               config=config)
   one_b2 = 1 - B2 * (1 - 0.01 * jnp.arange(batch, dtype=jnp.float32))
-  ours = kernels.sketch_pass(g, a_v, v_v, om, ov, one_b2, config=FULL,
+  ours = kernels.sketch_pass(g, a_v, v_v, om, ov, one_b2, config=config,
                              interpret=INTERPRET)
   theirs = kernels.sketch_pass_reference(g, a_v, v_v, om, ov, one_b2)
   for name, x, y in zip(theirs._fields, ours, theirs):
@@ -101,11 +112,13 @@ def test_sketch_kernel_equals_its_reference(batch, m, n, rank, dtype):
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize('batch,m,n,rank', SHAPES)
-def test_project_kernel_equals_its_reference(batch, m, n, rank, dtype):
-  g, a_m, v_m, a_v, v_v, _, (q_m, q_v) = pass_inputs(batch, m, n, rank, dtype)
+@pytest.mark.parametrize('batch,m,n,rank,config', PASS_CASES)
+def test_project_kernel_equals_its_reference(batch, m, n, rank, config,
+                                             dtype):
+  g, a_m, v_m, a_v, v_v, _, (q_m, q_v) = pass_inputs(batch, m, n, rank, dtype,
+                                                     config=config)
   args = (g, a_m, v_m, a_v, v_v, q_m, q_v, coefficients(batch), zetas(batch))
-  ours = kernels.project_pass(*args, config=FULL, interpret=INTERPRET)
+  ours = kernels.project_pass(*args, config=config, interpret=INTERPRET)
   theirs = kernels.project_pass_reference(*args)
   assert ours.direction.dtype == theirs.direction.dtype == dtype
   assert_close_but_for_the_fix(ours.direction.astype(jnp.float32),
@@ -140,15 +153,18 @@ def test_tf32_products_stay_within_tf32_rounding(batch, m, n, rank):
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize('batch,m,n,rank', SHAPES[1:3])
-def test_lion_kernels_equal_their_references(batch, m, n, rank, dtype):
-  g, a, v, _, _, (om, _), (q, _) = pass_inputs(batch, m, n, rank, dtype)
+@pytest.mark.parametrize('batch,m,n,rank,config', PASS_CASES[1:3]
+                         + PASS_CASES[-1:])
+def test_lion_kernels_equal_their_references(batch, m, n, rank, config,
+                                             dtype):
+  g, a, v, _, _, (om, _), (q, _) = pass_inputs(batch, m, n, rank, dtype,
+                                               config=config)
   b1 = 0.9 - 0.05 * jnp.arange(batch, dtype=jnp.float32)
   coef = kernels.LionCoefficients(b1=b1, one_minus_b1=1 - b1)
-  assert_close(kernels.lion_sketch_pass(g, om, config=FULL,
+  assert_close(kernels.lion_sketch_pass(g, om, config=config,
                                         interpret=INTERPRET),
                kernels.lion_sketch_pass_reference(g, om), 1e-5)
-  d, qg = kernels.lion_project_pass(g, a, v, q, coef, config=FULL,
+  d, qg = kernels.lion_project_pass(g, a, v, q, coef, config=config,
                                     interpret=INTERPRET)
   d_ref, qg_ref = kernels.lion_project_pass_reference(g, a, v, q, coef)
   assert d.dtype == d_ref.dtype == dtype
@@ -384,9 +400,14 @@ def _project(**bad):
     ('sketch_pass', _sketch(v_v=jnp.ones((3, 128, 16))), 'v_v has B = 3'),
     ('sketch_pass', _sketch(omega_v=jnp.ones((2, 128, 32))),
      'omega_v has L = 32'),
-    ('sketch_pass', _sketch(a_v=jnp.ones((2, 64, 8)),
-                            v_v=jnp.ones((2, 128, 8))),
-     'a_v must have a power of two >= 16 as R'),
+    ('sketch_pass', _sketch(a_v=jnp.ones((2, 64, 24)),
+                            v_v=jnp.ones((2, 128, 24))),
+     'a_v has R = 24: the kernels take factors up to '
+     'KernelConfig.fma_max_rank = 8 wide'),
+    ('sketch_pass', _sketch(omega_m=jnp.ones((2, 128, 8)),
+                            omega_v=jnp.ones((2, 128, 8))),
+     'omega_m has L = 8: the kernels take factors up to '
+     'KernelConfig.fma_max_rank = 8 wide or widths that are powers of two'),
     ('sketch_pass', _sketch(one_minus_b2=jnp.ones(3)), 'one_minus_b2 must'),
     ('project_pass', _project(q_v=jnp.ones((2, 64, 24))), 'q_v has L = 24'),
     ('project_pass', _project(coefficients=coefficients(3)),
@@ -396,7 +417,7 @@ def _project(**bad):
 def test_passes_reject_bad_shapes_naming_the_argument(fn, kwargs, match):
   with pytest.raises(ValueError, match=f'{fn}: {match}'):
     getattr(kernels, fn)(**kwargs, interpret=True)
-  if 'power of two' not in match:  # the reference checks the same shapes
+  if 'fma_max_rank' not in match:  # the reference checks the same shapes
     with pytest.raises(ValueError, match=f'{fn}_reference: {match}'):
       getattr(kernels, f'{fn}_reference')(**kwargs)
 

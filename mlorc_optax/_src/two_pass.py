@@ -106,8 +106,8 @@ from mlorc_optax._src.kernels import adam
 from mlorc_optax._src.kernels import gram
 from mlorc_optax._src.kernels import lion
 from mlorc_optax._src.kernels.launch import KernelConfig
+from mlorc_optax._src.kernels.launch import kernel_widths
 from mlorc_optax._src.kernels.launch import pad_cols
-from mlorc_optax._src.kernels.launch import pow2_at_least
 
 _F32 = jnp.float32
 _HI = step_math.HIGHEST
@@ -180,11 +180,6 @@ class MatrixAxes(NamedTuple):
   cols: tuple[str, ...] = ()
 
 
-def _widths(rank: int, width: int) -> tuple[int, int]:
-  """Kernel widths ``(r_pad, l_pad)`` of factors and sketches."""
-  return pow2_at_least(rank), pow2_at_least(width)
-
-
 # ----------------------------------------------------------------------------
 # MLorc-AdamW (paper Algorithm 1).
 
@@ -232,7 +227,7 @@ def _adam_step(
   for leaf in leaves:
     axes = leaf.axes
     l = leaf.omega_m.shape[-1]
-    r_pad, l_pad = _widths(leaf.mu.s.shape[-1], l)
+    r_pad, l_pad = kernel_widths(leaf.mu.s.shape[-1], l, config)
     a_m, v_m = _padded_factors(leaf.mu, b1, r_pad)
     a_v, v_v = _padded_factors(leaf.nu, b2, r_pad)
     om = pad_cols(_f32(leaf.omega_m), l_pad)
@@ -352,7 +347,7 @@ def _lion_step(
   firsts, ys = [], []
   for leaf in leaves:
     l = leaf.omega.shape[-1]
-    r_pad, l_pad = _widths(leaf.mu.s.shape[-1], l)
+    r_pad, l_pad = kernel_widths(leaf.mu.s.shape[-1], l, config)
     a, v = _padded_factors(leaf.mu, 1.0, r_pad)
     om = pad_cols(_f32(leaf.omega), l_pad)
     sketch = _pass(leaf.use_kernel, lion.lion_sketch_pass,

@@ -9,10 +9,11 @@ tile by tile from the previous factors and never stored.
 
 Each pass has a ``jax.numpy`` twin (``*_reference``, dense temporaries), the
 specification the kernel is tested against. Both compute their elementwise
-terms with the same functions of :mod:`mlorc_optax._src.step_math`; pass 1
-turns them into its outputs with one helper (:func:`_sketch_products`), a
-batched ``einsum`` in the reference and a tile's ``dot`` in the kernel. Pass
-2's kernel writes each tile of the direction before it accumulates the
+terms with the same functions of :mod:`mlorc_optax._src.step_math`; the
+kernels' rank-sized products of each tile (reconstruction, sketch,
+projection) are the :class:`~.launch.Products` their launch hands them:
+tensor-core dots, with float32 multiply-add reconstructions in pass 2 for
+factors up to ``KernelConfig.fma_max_rank`` wide. Pass 2's kernel writes each tile of the direction before it accumulates the
 projections, which keeps fewer tiles live (computing all three before
 writing any made the pass 1.6x slower on an H200,
 ``benchmarks/fused_passes.py``). A grid program owns a block of rows (pass 1)
@@ -27,7 +28,6 @@ broadcast), never as columns of one array.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -80,22 +80,6 @@ class ProjectPassOutputs(NamedTuple):
   direction: jax.Array
   b_m: jax.Array
   b_v: jax.Array
-
-
-def _sketch_products(
-    terms: step_math.AdamSketchTerms,
-    omega_m: jax.Array,
-    omega_v: jax.Array,
-    dot: Callable[[jax.Array, jax.Array], jax.Array],
-) -> SketchPassOutputs:
-  """Pass 1's outputs from its elementwise terms (a whole batch or a tile)."""
-  return SketchPassOutputs(
-      g_omega=dot(terms.g, omega_m),
-      x_omega=dot(terms.x, omega_v),
-      neg_omega=dot(terms.negative, omega_v),
-      neg_count=jnp.sum(terms.negative, axis=-1),
-      neg_sum=jnp.sum(terms.negative_part, axis=-1),
-  )
 
 
 # Shapes of the operands: the same rules for a kernel and its reference,
@@ -155,25 +139,34 @@ def sketch_pass_reference(
       g.astype(_F32), rec, launch_lib.expand_per_matrix(one_minus_b2),
       step_math.overflow_bound(*g.shape[-2:]))
   dot = functools.partial(jnp.einsum, 'bij,bjl->bil', precision=_HI)
-  return _sketch_products(terms, omega_m, omega_v, dot)
+  return SketchPassOutputs(
+      g_omega=dot(terms.g, omega_m),
+      x_omega=dot(terms.x, omega_v),
+      neg_omega=dot(terms.negative, omega_v),
+      neg_count=jnp.sum(terms.negative, axis=-1),
+      neg_sum=jnp.sum(terms.negative_part, axis=-1))
 
 
 def _sketch_kernel(
     one_b2_ref, g_ref, av_ref, vv_ref, om_ref, ov_ref, *out_refs,
-    bm, bn, loop_blocks, bound, rec_dot, acc_dot,
+    bm, bn, loop_blocks, bound, products,
 ):
   b, i, part = launch_lib.program()
   rows = launch_lib.block(i, bm)
-  a = av_ref[b, rows, :]
+  a = products.rows(av_ref, b, rows)
   one_b2 = one_b2_ref[b]
 
   def body(j, acc):
     cols = launch_lib.block(j, bn)
-    rec = rec_dot(a, vv_ref[b, cols, :].T)
+    rec = products.outer(a, products.cols(vv_ref, b, cols))
     terms = step_math.adam_sketch_terms(
         g_ref[b, rows, cols].astype(_F32), rec, one_b2, bound)
-    tile = _sketch_products(terms, om_ref[b, cols, :], ov_ref[b, cols, :],
-                            acc_dot)
+    tile = SketchPassOutputs(
+        g_omega=products.sketch(terms.g, om_ref, b, cols),
+        x_omega=products.sketch(terms.x, ov_ref, b, cols),
+        neg_omega=products.sketch(terms.negative, ov_ref, b, cols),
+        neg_count=jnp.sum(terms.negative, axis=-1),
+        neg_sum=jnp.sum(terms.negative_part, axis=-1))
     return jax.tree.map(jnp.add, acc, tile)
 
   zl = jnp.zeros((bm, om_ref.shape[-1]), _F32)
@@ -218,6 +211,8 @@ def sketch_pass(
     row = jax.ShapeDtypeStruct((parts, batch, rows), _F32)
     return SketchPassOutputs(sk, sk, sk, row, row)
 
+  # Pass 1 reconstructs with dots (launch.Products): factors 16 wide.
+  a_v, v_v = launch_lib.dot_operand(a_v), launch_lib.dot_operand(v_v)
   out = launch_lib.launch(
       _sketch_kernel, g, over='rows', out_shape=out_shape,
       args=(one_minus_b2, g, a_v, v_v, omega_m, omega_v), config=config,
@@ -284,27 +279,27 @@ def project_pass_reference(
 def _project_kernel(
     coef_ref, zeta_ref, g_ref, am_ref, vm_ref, av_ref, vv_ref, qm_ref, qv_ref,
     d_ref, bm_ref, bv_ref,
-    *, bm, bn, loop_blocks, bound, rec_dot, acc_dot,
+    *, bm, bn, loop_blocks, bound, products,
 ):
   b, j, part = launch_lib.program()
   cols = launch_lib.block(j, bn)
   c = jax.tree.map(lambda ref: ref[b], coef_ref)
   zeta = zeta_ref[b]
-  vm_t = vm_ref[b, cols, :].T
-  vv_t = vv_ref[b, cols, :].T
+  vm = products.cols(vm_ref, b, cols)
+  vv = products.cols(vv_ref, b, cols)
 
   def body(i, acc):
     rows = launch_lib.block(i, bm)
     g = g_ref[b, rows, cols].astype(_F32)
-    m, v = step_math.adam_new_moments(rec_dot(am_ref[b, rows, :], vm_t),
-                                      rec_dot(av_ref[b, rows, :], vv_t), g,
-                                      zeta, c)
+    m, v = step_math.adam_new_moments(
+        products.outer(products.rows(am_ref, b, rows), vm),
+        products.outer(products.rows(av_ref, b, rows), vv), g, zeta, c)
     # The direction is written before the projections: fewer live tiles.
     d_ref[b, rows, cols] = step_math.adam_direction(m, v, g, c).astype(
         d_ref.dtype)
     m, v = step_math.adam_projection_terms(m, v, bound)
-    return (acc[0] + acc_dot(qm_ref[b, rows, :].T, m),
-            acc[1] + acc_dot(qv_ref[b, rows, :].T, v))
+    return (acc[0] + products.project(qm_ref, b, rows, m),
+            acc[1] + products.project(qv_ref, b, rows, v))
 
   z = jnp.zeros((qm_ref.shape[-1], bn), _F32)
   acc_m, acc_v = jax.lax.fori_loop(
@@ -337,6 +332,7 @@ def project_pass(
   direction, b_m, b_v = launch_lib.launch(
       _project_kernel, g, over='cols', out_shape=out_shape,
       args=(coefficients, zeta, g, a_m, v_m, a_v, v_v, q_m, q_v),
-      config=config, interpret=interpret, name='mlorc_adam_project')
+      config=config, interpret=interpret, name='mlorc_adam_project',
+      rank=a_m.shape[-1])
   return ProjectPassOutputs(direction, jnp.sum(b_m, axis=0),
                             jnp.sum(b_v, axis=0))

@@ -1,4 +1,4 @@
-"""The grid, the tiles and the static settings of the Pallas passes.
+"""The grid, the tiles, the tile products and the settings of the passes.
 
 Every pass is one :func:`launch`: one grid program per matrix of the batch
 and block of rows (or of columns), looping over the other axis inside the
@@ -6,13 +6,31 @@ kernel so that its accumulations never race, that loop split into several
 programs when the grid alone would leave the GPU idle (:func:`splits`). The
 settings are a frozen :class:`KernelConfig`, passed as a static argument:
 there is no module-level state to set.
+
+A pass's kernel computes three kinds of rank-sized products on each tile,
+through the :class:`Products` its launch hands it: the reconstruction
+``a v^T`` of a low-rank factor pair, the sketch ``tile @ omega`` summed over
+the columns (pass 1) and the projection ``q^T tile`` summed over the rows
+(pass 2). Sketches and projections are tensor-core dots, whose operands
+Triton needs at least 16 wide (narrower sketches are padded with zero
+columns, :func:`kernel_widths`). Reconstructions are dots too, but in pass 2
+factors at most ``KernelConfig.fma_max_rank`` wide are reconstructed with
+float32 multiply-adds over their true rank instead: a ``tf32x3`` dot of rank
+4 padded to 16 is three tensor-core products over mostly zeros. On an H200
+(8 x 4096 x 11008 float32, rank 4, ``benchmarks/fused_passes.py``) that took
+MLorc-AdamW's pass 2 from 2.08 to 1.49 ms and MLorc-Lion's from 1.36 to
+1.04 ms; in pass 1, whose factor columns stream by with every tile, the
+same multiply-adds made the pass slower (3.27 against 1.74 ms), so pass 1
+reconstructs with dots (its factors padded there). Multiply-adds for the
+sketches and projections as well, one tile-sized accumulator per sketch
+column, were slower still (pass 1 2.9 ms).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -74,6 +92,10 @@ class KernelConfig:
       models are bound by the fixed cost of each launch, not by memory;
       larger leaves are launched alone, where the copy would cost more than
       the launch. 0 launches every leaf alone.
+    fma_max_rank: in pass 2, factors at most this wide are reconstructed
+      with float32 multiply-adds at their true rank (:class:`Products`),
+      wider ones with dots (padded to a power of two ``>= 16``); pass 1
+      always reconstructs with dots. 0: always dots.
   """
 
   block_rows: int = 64
@@ -84,6 +106,7 @@ class KernelConfig:
   accumulate_precision: str = 'tf32'
   target_programs: int = 2048
   group_max_elements: int = 1 << 22
+  fma_max_rank: int = 8
 
   def __post_init__(self):
     for name in ('block_rows', 'block_cols'):
@@ -100,10 +123,11 @@ class KernelConfig:
       if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f'KernelConfig.{name} must be an int >= 1, got '
                          f'{value!r}.')
-    value = self.group_max_elements
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-      raise ValueError('KernelConfig.group_max_elements must be an int >= 0, '
-                       f'got {value!r}.')
+    for name in ('group_max_elements', 'fma_max_rank'):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f'KernelConfig.{name} must be an int >= 0, got '
+                         f'{value!r}.')
     for name in ('reconstruct_precision', 'accumulate_precision'):
       value = getattr(self, name)
       if value not in PRECISIONS:
@@ -149,9 +173,31 @@ def pow2_at_least(x: int, lo: int = MIN_TILE) -> int:
   return max(lo, 1 << (max(x, 1) - 1).bit_length())
 
 
+def uses_fma(rank: int, config: KernelConfig) -> bool:
+  """Whether pass 2 reconstructs factors of ``rank`` columns by multiply-adds
+  (and so whether the kernels take such factors unpadded)."""
+  return rank <= config.fma_max_rank
+
+
+def kernel_widths(rank: int, width: int,
+                  config: KernelConfig) -> tuple[int, int]:
+  """The widths ``(R, L)`` the kernels take factors of ``rank`` columns and
+  sketches of ``width`` columns at: the factors' own where pass 2
+  reconstructs them by multiply-adds (:func:`uses_fma`; pass 1 pads them
+  for its dots itself, :func:`dot_operand`), else, like every sketch,
+  padded to a power of two ``>= 16`` for the dots."""
+  r = rank if uses_fma(rank, config) else pow2_at_least(rank)
+  return r, pow2_at_least(width)
+
+
 def pad_cols(x: jax.Array, width: int) -> jax.Array:
   """``x [..., k]`` padded with zero columns to ``[..., width]``."""
   return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])])
+
+
+def dot_operand(x: jax.Array) -> jax.Array:
+  """``x [..., k]`` padded to a dot's width :func:`pow2_at_least` ``(k)``."""
+  return pad_cols(x, pow2_at_least(x.shape[-1]))
 
 
 def block(index: Any, size: int) -> Any:
@@ -176,6 +222,65 @@ def dot_precisions(config: KernelConfig, interpret: bool) -> tuple[Any, Any]:
           PRECISIONS[config.accumulate_precision])
 
 
+# ----------------------------------------------------------------------------
+# The products of a tile (inside a kernel).
+
+
+@dataclasses.dataclass(frozen=True)
+class Products:
+  """The rank-sized products of a pass's tiles, inside a kernel.
+
+  ``b`` is the matrix, ``rows`` / ``cols`` the tile's blocks
+  (:func:`block`); refs hold ``[B, rows or cols, width]`` arrays. The
+  sketches ``tile @ omega`` (summed over the column blocks) and projections
+  ``q^T tile`` (over the row blocks) are tensor-core dots at the
+  ``accumulate`` precision; the reconstruction ``a v^T`` of a factor pair is
+  a dot at the ``reconstruct`` precision, or with ``fma`` float32
+  multiply-adds over the factors' true rank, ``sum_k a_k v_k^T`` (exact to
+  float32 rounding), the factors read a column at a time.
+
+  Attributes:
+    reconstruct: dot precision of :meth:`outer` (:func:`dot_precisions`).
+    accumulate: dot precision of the sketches and projections.
+    fma: :meth:`outer` as multiply-adds (``KernelConfig.fma_max_rank``).
+  """
+
+  reconstruct: Any
+  accumulate: Any
+  fma: bool = False
+
+  def rows(self, ref: Any, b: Any, rows: Any) -> Any:
+    """A factor's rows ``ref[b, rows, :]``, as :meth:`outer` takes them."""
+    if self.fma:
+      return tuple(ref[b, rows, k] for k in range(ref.shape[-1]))
+    return ref[b, rows, :]
+
+  def cols(self, ref: Any, b: Any, cols: Any) -> Any:
+    """A factor's rows ``ref[b, cols, :]`` for the columns of a tile."""
+    if self.fma:
+      return tuple(ref[b, cols, k] for k in range(ref.shape[-1]))
+    return ref[b, cols, :].T
+
+  def outer(self, a: Any, v: Any) -> jax.Array:
+    """``a v^T``, ``[bm, bn]``, from :meth:`rows` and :meth:`cols`."""
+    if not self.fma:
+      return jnp.dot(a, v, precision=self.reconstruct)
+    out = a[0][:, None] * v[0][None, :]
+    for a_k, v_k in zip(a[1:], v[1:]):
+      out = out + a_k[:, None] * v_k[None, :]
+    return out
+
+  def sketch(self, tile: jax.Array, omega_ref: Any, b: Any,
+             cols: Any) -> jax.Array:
+    """``tile @ omega_ref[b, cols, :]``, ``[bm, L]``."""
+    return jnp.dot(tile, omega_ref[b, cols, :], precision=self.accumulate)
+
+  def project(self, q_ref: Any, b: Any, rows: Any,
+              tile: jax.Array) -> jax.Array:
+    """``q_ref[b, rows, :]^T @ tile``, ``[L, bn]``."""
+    return jnp.dot(q_ref[b, rows, :].T, tile, precision=self.accumulate)
+
+
 def launch(
     kernel: Callable[..., None],
     g: jax.Array,
@@ -186,6 +291,7 @@ def launch(
     config: KernelConfig,
     interpret: bool,
     name: str,
+    rank: int | None = None,
 ) -> Any:
   """Runs a pass's ``kernel`` over ``g [B, m, n]`` and returns its outputs.
 
@@ -198,10 +304,11 @@ def launch(
   Args:
     kernel: the kernel body; it gets the refs of ``args`` and of the outputs,
       and the keywords ``bm``, ``bn`` (tile sides), ``loop_blocks`` (blocks
-      per part), ``bound`` (:func:`step_math.overflow_bound`), ``rec_dot``
-      and ``acc_dot`` (``jnp.dot`` at the precisions of the reconstructions
-      and of the accumulated products, :func:`dot_precisions`); its grid
-      position is :func:`program`.
+      per part), ``bound`` (:func:`step_math.overflow_bound`) and
+      ``products`` (:class:`Products` at the config's precisions,
+      :func:`dot_precisions`, reconstructing by multiply-adds where
+      :func:`uses_fma` says so for ``rank``); its grid position is
+      :func:`program`.
     g: the gradients, which set the grid.
     over: ``'rows'`` or ``'cols'``, the axis the grid covers.
     out_shape: ``parts ->`` the outputs' ``jax.ShapeDtypeStruct`` tree.
@@ -209,6 +316,10 @@ def launch(
     config: the static :class:`KernelConfig`.
     interpret: run in Pallas' interpreter (no GPU needed).
     name: the ``pallas_call``'s name, as profiles and HLO show it.
+    rank: the width of the factors the kernel reconstructs by
+      multiply-adds where :func:`uses_fma` says so (pass 2); None: every
+      reconstruction a dot (pass 1, whose factors must then be dot
+      operands, :func:`dot_operand`).
 
   Returns:
     The outputs, as ``out_shape`` describes them.
@@ -224,12 +335,11 @@ def launch(
   blocks, loop = ((rows // bm, cols // bn) if over == 'rows'
                   else (cols // bn, rows // bm))
   parts = splits(batch * blocks, loop, config.target_programs)
-  reconstruct, accumulate = dot_precisions(config, interpret)
+  products = Products(*dot_precisions(config, interpret),
+                      fma=rank is not None and uses_fma(rank, config))
   body = functools.partial(
       kernel, bm=bm, bn=bn, loop_blocks=loop // parts,
-      bound=step_math.overflow_bound(rows, cols),
-      rec_dot=functools.partial(jnp.dot, precision=reconstruct),
-      acc_dot=functools.partial(jnp.dot, precision=accumulate))
+      bound=step_math.overflow_bound(rows, cols), products=products)
   # Triton's compiler parameters select the Triton lowering (not Mosaic GPU).
   params = None if interpret else plt.CompilerParams(
       num_warps=config.num_warps, num_stages=config.num_stages)
@@ -259,9 +369,11 @@ def check_operands(
     scalars: argument name ``->`` a scalar, a ``[B]`` array, or a NamedTuple
       of those (per-matrix coefficients).
     config: None for a reference pass (any sizes); for a kernel, the factor
-      and sketch widths (axes ``'R'`` and ``'L'``) must be powers of two
-      ``>= 16`` (the Triton dot's smallest tile) and the axes ``'m'`` and
-      ``'n'`` tileable with ``config`` (:func:`supports`).
+      and sketch widths (axes ``'R'`` and ``'L'``) must be those of
+      :func:`kernel_widths`: ``R`` at most ``config.fma_max_rank`` (the
+      multiply-add reconstructions) or a power of two ``>= 16`` (the Triton
+      dot's smallest tile), ``L`` a power of two ``>= 16``; and the axes
+      ``'m'`` and ``'n'`` tileable with ``config`` (:func:`supports`).
 
   Returns:
     The values of ``scalars``, in order, as float32 ``[B]`` arrays (NamedTuples
@@ -292,12 +404,15 @@ def check_operands(
 def _check_kernel_sizes(
     where: str, dims: dict[str, tuple[int, str]], config: KernelConfig
 ) -> None:
-  for axis in ('R', 'L'):
-    size, arg = dims.get(axis, (MIN_TILE, ''))
+  for axis, (size, arg) in ((a, dims[a]) for a in ('R', 'L') if a in dims):
+    if axis == 'R' and uses_fma(size, config):
+      continue
     if not _is_pow2(size) or size < MIN_TILE:
       raise ValueError(
-          f'{where}: {arg} must have a power of two >= {MIN_TILE} as {axis}, '
-          f'got {size}; pad it with zero columns (pad_cols, pow2_at_least).')
+          f'{where}: {arg} has {axis} = {size}: the kernels take factors up '
+          f'to KernelConfig.fma_max_rank = {config.fma_max_rank} wide or '
+          f'widths that are powers of two >= {MIN_TILE}; pad it with zero '
+          'columns (pad_cols, kernel_widths).')
   for axis, target in (('m', config.block_rows), ('n', config.block_cols)):
     size, arg = dims[axis]
     if tile(size, target) is None:

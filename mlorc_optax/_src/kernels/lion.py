@@ -95,15 +95,14 @@ def lion_sketch_pass_reference(g: jax.Array, omega: jax.Array) -> jax.Array:
 
 
 def _lion_sketch_kernel(g_ref, om_ref, go_ref, *, bm, bn, loop_blocks, bound,
-                        rec_dot, acc_dot):
-  del rec_dot  # nothing to reconstruct: Lion's sketch is linear in g
+                        products):
   b, i, part = launch_lib.program()
   rows = launch_lib.block(i, bm)
 
   def body(j, acc):
     cols = launch_lib.block(j, bn)
     g = step_math.clip_magnitude(g_ref[b, rows, cols].astype(_F32), bound)
-    return acc + acc_dot(g, om_ref[b, cols, :])
+    return acc + products.sketch(g, om_ref, b, cols)
 
   acc = jax.lax.fori_loop(part * loop_blocks, (part + 1) * loop_blocks, body,
                           jnp.zeros((bm, om_ref.shape[-1]), _F32))
@@ -172,20 +171,20 @@ def lion_project_pass_reference(
 
 
 def _lion_project_kernel(coef_ref, g_ref, a_ref, v_ref, q_ref, d_ref, qg_ref,
-                         *, bm, bn, loop_blocks, bound, rec_dot, acc_dot):
+                         *, bm, bn, loop_blocks, bound, products):
   b, j, part = launch_lib.program()
   cols = launch_lib.block(j, bn)
   c = jax.tree.map(lambda ref: ref[b], coef_ref)
-  v_t = v_ref[b, cols, :].T
+  v = products.cols(v_ref, b, cols)
 
   def body(i, acc):
     rows = launch_lib.block(i, bm)
     g = g_ref[b, rows, cols].astype(_F32)
-    rec = rec_dot(a_ref[b, rows, :], v_t)
+    rec = products.outer(products.rows(a_ref, b, rows), v)
     d_ref[b, rows, cols] = step_math.lion_direction(
         rec, g, c.b1, c.one_minus_b1).astype(d_ref.dtype)
-    return acc + acc_dot(q_ref[b, rows, :].T,
-                         step_math.clip_magnitude(g, bound))
+    return acc + products.project(q_ref, b, rows,
+                                  step_math.clip_magnitude(g, bound))
 
   acc = jax.lax.fori_loop(part * loop_blocks, (part + 1) * loop_blocks, body,
                           jnp.zeros((q_ref.shape[-1], bn), _F32))
@@ -215,5 +214,5 @@ def lion_project_pass(
   direction, q_g = launch_lib.launch(
       _lion_project_kernel, g, over='cols', out_shape=out_shape,
       args=(coefficients, g, a, v, q), config=config, interpret=interpret,
-      name='mlorc_lion_project')
+      name='mlorc_lion_project', rank=a.shape[-1])
   return LionProjectPassOutputs(direction, jnp.sum(q_g, axis=0))
