@@ -9,6 +9,7 @@ gate/up projections of LLaMA-7B) this times, on the default device:
   the gradient once;
 * ``project``: pass 2 (:func:`mlorc_optax.kernels.project_pass`), which
   reads the gradient and writes the update;
+* ``lion_sketch``, ``lion_project``: MLorc-Lion's two passes;
 * ``small``: the Gram-based factorizations between and after the passes;
 * ``leaf_step``: the whole :func:`mlorc_optax.kernels.adam_step` of the
   stack;
@@ -16,9 +17,11 @@ gate/up projections of LLaMA-7B) this times, on the default device:
   ``apply_updates``: read the update and the weights, write the weights);
 
 each as the median of ``--calls`` warm calls, with its achieved bandwidth
-(bytes it must move / time). ``--sweep`` also times the passes for other
-tile sizes, warp and stage counts, dot precisions and program targets (the
-fields of :class:`mlorc_optax.kernels.KernelConfig`, recorded with each
+(bytes it must move / time). The passes run with the default
+:class:`mlorc_optax.kernels.KernelConfig` (multiply-add reconstructions up
+to rank 8) and with dot reconstructions at every rank (``fma_max_rank=0``);
+``--sweep`` also times them for other tile sizes, warp and stage counts, dot
+precisions and program targets (the config's fields, recorded with each
 row). The kernels are compiled through Triton on a GPU and interpreted
 elsewhere (CI times nothing). Prints one JSON line per row and appends them
 to ``--json``.
@@ -68,17 +71,19 @@ class Config:
 def sweep_configs(sweep: bool) -> list[Any]:
   """The :class:`~mlorc_optax.kernels.KernelConfig` values the passes run with.
 
-  The default alone, or with ``sweep`` also other tiles, warps and stages,
-  dot precisions and program targets, one setting group at a time.
+  The default and the same with dot reconstructions at every rank, or with
+  ``sweep`` also other tiles, warps and stages, dot precisions and program
+  targets, one setting group at a time.
   """
   default = kernels.KernelConfig()
-  configs = [default]
+  replace = functools.partial(dataclasses.replace, default)
+  # Dot reconstructions at every rank, next to the default's choice.
+  configs = [default, replace(fma_max_rank=0)]
   if sweep:
-    replace = functools.partial(dataclasses.replace, default)
     configs += [replace(block_rows=bm, block_cols=bn, num_warps=w,
                         num_stages=st) for bm, bn, w, st in (
         (32, 64, 4, 2), (64, 32, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2),
-        (128, 64, 8, 2), (32, 32, 4, 2))]
+        (128, 64, 8, 2), (32, 32, 4, 2), (64, 128, 4, 3), (128, 32, 4, 3))]
     configs += [replace(reconstruct_precision=rp, accumulate_precision=ap)
                 for rp, ap in (('tf32x3', 'tf32x3'), ('tf32', 'tf32'))]
     configs += [replace(target_programs=t) for t in (1, 1024, 4096, 8192)]
@@ -94,7 +99,8 @@ def measure(batch: int, rows: int, cols: int, rank: int, dtype: str,
   keys = jax.random.split(jax.random.key(0), 8)
   g = jax.random.normal(keys[0], (batch, rows, cols), dt)
   w = jax.random.normal(keys[1], (batch, rows, cols), dt)
-  # Factor and sketch widths as the step pads them: a power of two >= 16.
+  # Widest factor and sketch widths a config pads them to; each config's
+  # passes take the first kernels.kernel_widths columns.
   pad = max(16, 1 << (rank - 1).bit_length())
   f32 = jnp.float32
   a = jax.random.normal(keys[2], (batch, rows, pad), f32)
@@ -146,12 +152,29 @@ def measure(batch: int, rows: int, cols: int, rank: int, dtype: str,
          (g, factors), 3 * size * item)
 
   def sketch(g, config):
-    return kernels.sketch_pass(g, a, v, om, om, coefficients.one_minus_b2,
+    r, l = kernels.kernel_widths(rank, rank, config)
+    return kernels.sketch_pass(g, a[..., :r], v[..., :r], om[..., :l],
+                               om[..., :l], coefficients.one_minus_b2,
                                config=config, interpret=interpret)
 
   def project(g, config):
-    return kernels.project_pass(g, a, v, a, v, q, q, coefficients, zeta,
-                                config=config, interpret=interpret)
+    r, l = kernels.kernel_widths(rank, rank, config)
+    return kernels.project_pass(g, a[..., :r], v[..., :r], a[..., :r],
+                                v[..., :r], q[..., :l], q[..., :l],
+                                coefficients, zeta, config=config,
+                                interpret=interpret)
+
+  def lion_sketch(g, config):
+    l = kernels.kernel_widths(rank, rank, config)[1]
+    return kernels.lion_sketch_pass(g, om[..., :l], config=config,
+                                    interpret=interpret)
+
+  def lion_project(g, config):
+    r, l = kernels.kernel_widths(rank, rank, config)
+    return kernels.lion_project_pass(
+        g, a[..., :r], v[..., :r], q[..., :l],
+        kernels.LionCoefficients(0.9, 0.1), config=config,
+        interpret=interpret)
 
   for config in sweep_configs(sweep):
     fields = dataclasses.asdict(config)
@@ -159,6 +182,12 @@ def measure(batch: int, rows: int, cols: int, rank: int, dtype: str,
            size * item, **fields)
     record('project', functools.partial(project, config=config), (g,),
            2 * size * item, **fields)
+  for config in sweep_configs(False):
+    fields = dataclasses.asdict(config)
+    record('lion_sketch', functools.partial(lion_sketch, config=config), (g,),
+           size * item, **fields)
+    record('lion_project', functools.partial(lion_project, config=config),
+           (g,), 2 * size * item, **fields)
   return rows_out
 
 

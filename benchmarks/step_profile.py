@@ -13,8 +13,12 @@ reads the trace that the profiler writes (Chrome trace JSON,
 * ``kernels``: the kernels on the device's streams,
 
 each as milliseconds per step and share of the step, largest first, plus
-``categories``: the ops grouped by what they are (:data:`CATEGORIES`). The
-step's device time is the span of the "XLA Modules" events of one step.
+``categories``: the ops (or, where the trace has no op line, the kernels)
+grouped by what they are (:data:`CATEGORIES`). The step's device time is
+the sum of its "XLA Modules" events, or, where the trace has none (jax
+0.11.2 on an H200 recorded only the stream's kernels), of its kernels:
+the time the device was busy, which launch gaps leave below the step's wall
+time.
 
 On a CPU the trace has no device lines; the command still runs (CI checks
 that it does) and reports the host's events instead.
@@ -114,8 +118,8 @@ def summarize(events: Sequence[Mapping[str, Any]],
   Returns:
     ``{'device_lines', 'step_ms', 'ops', 'kernels', 'categories'}``; each
     table a list of ``{'name', 'ms', 'calls', 'share'}`` rows per step,
-    largest first (``share``: of ``step_ms``, or of the table's total when
-    no module events were found).
+    largest first (``share``: of ``step_ms``, the device's busy time, or of
+    the table's total on a host-only trace).
   """
   lines = _lines(events)
   device = {key: name for key, name in lines.items()
@@ -140,27 +144,28 @@ def summarize(events: Sequence[Mapping[str, Any]],
       continue
     durations[table][e['name']] += float(e.get('dur', 0.0)) / 1e3
     calls[table][e['name']] += 1
-  module_ms = sum(durations['modules'].values()) / steps
+  busy_ms = sum(durations['modules'].values()) / steps or sum(
+      durations['kernels'].values()) / steps
 
   def rows(table: str) -> list[dict[str, Any]]:
-    total = module_ms or sum(durations[table].values()) / steps
+    total = busy_ms or sum(durations[table].values()) / steps
     out = [dict(name=name, ms=ms / steps, calls=calls[table][name] / steps,
                 share=(ms / steps) / total if total else None)
            for name, ms in durations[table].items()]
     return sorted(out, key=lambda r: -r['ms'])
 
-  ops = rows('ops') or rows('host')
+  ops = rows('ops') or rows('kernels') or rows('host')
   by_category: collections.Counter = collections.Counter()
   count: collections.Counter = collections.Counter()
   for row in ops:
     by_category[categorize(row['name'])] += row['ms']
     count[categorize(row['name'])] += row['calls']
-  total = module_ms or sum(by_category.values())
+  total = busy_ms or sum(by_category.values())
   categories = sorted(
       (dict(name=name, ms=ms, calls=count[name],
             share=ms / total if total else None)
        for name, ms in by_category.items()), key=lambda r: -r['ms'])
-  return dict(device_lines=sorted(set(device.values())), step_ms=module_ms,
+  return dict(device_lines=sorted(set(device.values())), step_ms=busy_ms,
               ops=ops, kernels=rows('kernels'), categories=categories)
 
 
@@ -205,8 +210,8 @@ def format_report(report: Mapping[str, Any], top: int) -> str:
              results_lib.Column('calls', 'calls / step', '.0f'),
              results_lib.Column('share', 'share', '.1%')]
   parts = [f"{report['case']} {report['dtype']} {report['optimizer']} "
-           f"r={report['rank']}: {report['step_ms']:.3f} ms of device "
-           'modules per step']
+           f"r={report['rank']}: {report['step_ms']:.3f} ms of device time "
+           'per step']
   for table in ('categories', 'ops', 'kernels'):
     if report[table]:
       parts += [f'\n{table}:\n',

@@ -130,12 +130,58 @@ def test_fused_passes_tool_times_every_piece_on_a_tiny_stack(tmp_path):
   out = tmp_path / 'p.jsonl'
   rows = fused_passes.main(['--shape', '1', '32', '64', '--calls', '1',
                             '--json', str(out)])
-  assert [r['kernel'] for r in rows] == [
-      'copy', 'read', 'apply', 'small', 'leaf_step', 'sketch', 'project']
+  # The default passes, then with dot reconstructions (fma_max_rank=0).
+  assert [(r['kernel'], r.get('fma_max_rank')) for r in rows] == [
+      ('copy', None), ('read', None), ('apply', None), ('small', None),
+      ('leaf_step', None), ('sketch', 8), ('project', 8), ('sketch', 0),
+      ('project', 0), ('lion_sketch', 8), ('lion_project', 8),
+      ('lion_sketch', 0), ('lion_project', 0)]
   for r in rows:
     assert 'error' not in r, r
     assert r['ms'] > 0
   assert len(out.read_text().splitlines()) == len(rows)
+
+
+def _trace(events):
+  """A Chrome trace of one GPU stream: ``(name, microseconds)`` kernels."""
+  meta = [dict(ph='M', pid=1, name='process_name',
+               args=dict(name='/device:GPU:0')),
+          dict(ph='M', pid=1, tid=7, name='thread_name',
+               args=dict(name='Stream #7(Compute)')),
+          dict(ph='M', pid=2, name='process_name', args=dict(name='/host:CPU')),
+          dict(ph='M', pid=2, tid=1, name='thread_name',
+               args=dict(name='python'))]
+  host = [dict(ph='X', pid=2, tid=1, name='PjitFunction(step)', dur=1e4)]
+  return meta + host + [dict(ph='X', pid=1, tid=7, name=n, dur=d)
+                        for n, d in events]
+
+
+def test_step_profile_sums_the_device_kernels_per_step():
+  from benchmarks import step_profile  # pylint: disable=g-import-not-at-top
+
+  # Two steps: two sketch passes of 1 ms, a 3 ms and a 1 ms fusion, an eigh.
+  report = step_profile.summarize(_trace([
+      ('mlorc_adam_sketch', 1000.0), ('loop_add_fusion_1', 3000.0),
+      ('mlorc_adam_sketch', 1000.0), ('loop_add_fusion_1', 1000.0),
+      ('void batch_parallel_jacobi_algo1<syevj>', 500.0)]), steps=2)
+  assert report['device_lines'] == ['/device:GPU:0 / Stream #7(Compute)']
+  assert report['step_ms'] == pytest.approx(3.25)  # the kernels, not the host
+  kernels = {r['name']: (r['ms'], r['calls']) for r in report['kernels']}
+  assert kernels == {'loop_add_fusion_1': (2.0, 1.0),
+                     'mlorc_adam_sketch': (1.0, 1.0),
+                     'void batch_parallel_jacobi_algo1<syevj>': (0.25, 0.5)}
+  assert [(r['name'], r['ms']) for r in report['categories']] == [
+      ('fusion', 2.0), ('pass 1 (sketch)', 1.0), ('eigh', 0.25)]
+  assert report['categories'][0]['share'] == pytest.approx(2.0 / 3.25)
+
+
+def test_step_profile_runs_on_the_cpu(tmp_path):
+  from benchmarks import step_profile  # pylint: disable=g-import-not-at-top
+
+  report = step_profile.main(['--case', 'tiny', '--steps', '1', '--top', '3',
+                              '--json', str(tmp_path / 'p.json')])
+  assert report['ops'] and report['categories']
+  assert json.loads((tmp_path / 'p.json').read_text())['case'] == 'tiny'
 
 
 def test_memory_table_counts_the_states_of_both_optimizers():
