@@ -15,6 +15,17 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def is_nonzero_weight(weight: Any) -> bool:
+  """Whether an optional weight (0 turns its option off) is in use.
+
+  Anything but a concrete zero: a traced weight (``optax.inject_hyperparams``
+  without ``mlorc_optax.STATIC_ARGS``) is in use, even if 0.
+  """
+  if isinstance(weight, jax.core.Tracer):
+    return True
+  return not (np.ndim(weight) == 0 and float(weight) == 0)
+
+
 def check_int(name: str, value: Any, minimum: int) -> int:
   """Returns ``value`` as an int ``>= minimum``; raises naming ``name``."""
   if isinstance(value, bool):

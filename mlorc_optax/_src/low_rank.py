@@ -195,22 +195,11 @@ def _moment_specs(moments: Any) -> dict[str, MomentSpec]:
   return out
 
 
-def _uses(weight: Any) -> bool:
-  """Whether a complement weight is in use: anything but a concrete zero.
-
-  A traced weight (``optax.inject_hyperparams`` without
-  ``mlorc_optax.STATIC_ARGS``) is in use, even if 0.
-  """
-  if isinstance(weight, jax.core.Tracer):
-    return True
-  return not (np.ndim(weight) == 0 and float(weight) == 0)
-
-
 def _check_complements(specs: Mapping[str, MomentSpec],
                        compressor: compressors_lib.MomentCompressor) -> None:
   """Raises, naming ``moments``, where a complement cannot be computed."""
   for name, spec in specs.items():
-    if not _uses(spec.complement):
+    if not checks.is_nonzero_weight(spec.complement):
       continue
     checks.check_nonnegative(f'moments[{name!r}].complement',
                              spec.complement)
@@ -518,7 +507,8 @@ def low_rank_moments(
     # Per field, the weight of its complement this step (MomentSpec).
     weights = {f.name: step_math.complement_weight(
         specs[f.name].complement, specs[f.name].decay, t)
-               for f in fields if _uses(specs[f.name].complement)}
+               for f in fields
+               if checks.is_nonzero_weight(specs[f.name].complement)}
     # The complement of each reference leaf, as a matrix: what is added to
     # the moment read back, and removed (times the decay) from the new one.
     credit = {name: {} for name in weights}

@@ -231,7 +231,8 @@ def scale_by_mlorc_adam(
   nesterov = checks.check_bool('nesterov', nesterov)
   specs = {'mu': low_rank.MomentSpec(decay=b1, complement=complement),
            'nu': low_rank.MomentSpec(nonnegative=True, decay=b2)}
-  if 'mu' not in _compress(compress) and low_rank._uses(complement):  # pylint: disable=protected-access
+  if ('mu' not in _compress(compress)
+      and checks.is_nonzero_weight(complement)):
     raise ValueError(
         f'complement is {complement!r}, but compress={tuple(compress)!r} '
         'keeps the first moment dense: it has no complement.')
