@@ -14,12 +14,12 @@ passed through to its factory, e.g.::
   galore_r4:update_proj_gap=50
   adamw:lr=3e-3                       another reference rate for the grid
 
-Values are parsed as ``int``, ``float``, ``true``/``false``, ``none``, else
-kept as strings; a ``+`` list (``compress=mu+nu``) becomes a tuple for a
-parameter annotated as a sequence, and :data:`VALUE_ALIASES` names objects
-(``compressor=warm``). A key must be a parameter of the factory (checked
-against its signature, so options added to the library later work without
-changes here); ``lr`` is reserved for the reference rate of the grid.
+The options are read by :mod:`benchmarks.toolkit.method_options`, as the
+fine-tuning example reads its own: values parsed as ``int``, ``float``,
+``true``/``false``, ``none`` or strings, ``+`` lists (``compress=mu+nu``) as
+tuples, :data:`VALUE_ALIASES` naming objects (``compressor=warm``), and
+every key a parameter of the factory; ``lr`` is this benchmark's own key,
+the reference rate of the grid.
 
 Every method is built at learning rate 1 (the training loop multiplies the
 update by the tuned rate and the schedule) with the same weight-decay rule:
@@ -39,10 +39,8 @@ the matrices MLorc compresses (the fine-tuning example's
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import functools
-import inspect
 import re
 from collections.abc import Callable
 from typing import Any
@@ -52,6 +50,7 @@ import jax.numpy as jnp
 import optax
 
 import mlorc_optax
+from benchmarks.toolkit import method_options
 from examples.finetune.methods import galore_dimension_numbers
 from mlorc_optax import contrib
 
@@ -162,7 +161,7 @@ def parse(spec: str) -> Method:
       non-integer rank, an option without ``=``, a repeated option, a key
       the factory does not take, or a bad ``lr``.
   """
-  name, _, rest = spec.partition(':')
+  name, _ = method_options.split(spec)
   match = _NAME.fullmatch(name)
   base = BASES.get(match.group('base')) if match else None
   if base is None:
@@ -179,56 +178,22 @@ def parse(spec: str) -> Method:
   if rank is not None and not (rank.isdigit() and int(rank) > 0):
     raise ValueError(f'rank {rank!r} of {name!r} in {spec!r} is not a '
                      'positive integer.')
-  accepted = inspect.signature(base.options_of or base.factory).parameters
-  options = {}
-  for part in rest.split(',') if rest else ():
-    key, eq, text = (s.strip() for s in part.partition('='))
-    if not eq or not key:
-      raise ValueError(f'option {part!r} of {spec!r} is not KEY=VALUE.')
-    if key in options:
-      raise ValueError(f'option {key!r} is given twice in {spec!r}.')
-    if key in _FIXED:
-      raise ValueError(f'option {key!r} of {spec!r} is set by the benchmark '
-                       '(the rank is in the name, the learning rate tuned, the '
-                       'sketch seed is the run\'s seed).')
-    if key != 'lr' and key not in accepted:
-      raise ValueError(
-          f'option {key!r} of {spec!r} is not a parameter of '
-          f'{match.group("base")}\'s factory; it takes: lr, '
-          f'{", ".join(p for p in accepted if p not in _FIXED)}.')
-    options[key] = (_number(text, spec) if key == 'lr'
-                    else _value(key, text, accepted[key]))
+  options = method_options.parse_options(
+      spec, base.options_of or base.factory, fixed=_FIXED,
+      own={'lr': functools.partial(_number, spec=spec)},
+      aliases=VALUE_ALIASES)
   lr = options.pop('lr', base.lr)
   return Method(spec, match.group('base'), int(rank) if rank else None,
                 tuple(options.items()), lr)
 
 
-def _number(text: str, spec: str) -> float:
+def _number(text: str, *, spec: str) -> float:
   try:
     value = float(text)
   except ValueError:
     value = -1.0
   if not value > 0:
     raise ValueError(f'lr={text!r} of {spec!r} is not a positive number.')
-  return value
-
-
-def _value(key: str, text: str, parameter: inspect.Parameter | None) -> Any:
-  """An option's value from its text (see the module docstring)."""
-  if text in VALUE_ALIASES.get(key, {}):
-    return VALUE_ALIASES[key][text]
-  lowered = text.lower()
-  if lowered in ('true', 'false', 'none'):
-    return {'true': True, 'false': False, 'none': None}[lowered]
-  try:
-    value = ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    value = text
-  if not isinstance(value, (int, float)):
-    value = text
-  annotation = str(parameter.annotation) if parameter else ''
-  if isinstance(value, str) and 'Sequence' in annotation:
-    return tuple(value.split('+'))
   return value
 
 

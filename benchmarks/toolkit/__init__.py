@@ -5,7 +5,8 @@ machine and the library versions (:mod:`~benchmarks.toolkit.environment`),
 state bytes, device peaks and XLA's memory analysis
 (:mod:`~benchmarks.toolkit.memory`), warm-call timing
 (:mod:`~benchmarks.toolkit.timing`), one configuration in a fresh process
-(:mod:`~benchmarks.toolkit.isolation`), result JSON and markdown tables
+(:mod:`~benchmarks.toolkit.isolation`), method specs' keyword options
+(:mod:`~benchmarks.toolkit.method_options`), result JSON and markdown tables
 (:mod:`~benchmarks.toolkit.results`, over ``tabulate``), figures
 (:mod:`~benchmarks.toolkit.figures`, over matplotlib) and data fetched from
 the package registry into a cache (:mod:`~benchmarks.toolkit.assets`).
@@ -37,6 +38,7 @@ __all__ = [
     'figures',
     'isolation',
     'memory',
+    'method_options',
     'results',
     'timing',
 ]

@@ -146,10 +146,14 @@ class Config:
 
 
 def _by_method(items: tuple[str, ...], flag: str) -> list[tuple[str, str]]:
-  """Splits ``METHOD=VALUE`` items (a later item of a method wins)."""
+  """Splits ``METHOD=VALUE`` items (a later item of a method wins).
+
+  At the last ``=``: a method may carry options of its own
+  (``mlorc_adamw_r4:complement=1.0=2e-4``).
+  """
   out = {}
   for item in items:
-    name, sep, value = item.partition('=')
+    name, sep, value = item.rpartition('=')
     if not sep or not name or not value:
       raise ValueError(f'{flag} expects METHOD=VALUE, got {item!r}')
     methods_lib.parse(name)

@@ -21,6 +21,14 @@ name                  method
                       (attention query/key/value/output, MLP intermediate/
                       output), base frozen; ``optax.adamw`` on the adapters
                       and the classifier head
+``NAME:KEY=VALUE,...`` any of the above with keyword arguments for its
+                      factory, e.g. ``mlorc_adamw_r4:complement=1.0``,
+                      ``mlorc_adamw_r4:b1=0.9,update_bound=none`` (read by
+                      :mod:`benchmarks.toolkit.method_options`, as the
+                      Shakespeare benchmark reads its specs; the harness
+                      sets the rate, weight decay, mask and rank itself;
+                      named values: :data:`COMPRESSORS`,
+                      :data:`LOW_RANK_MASKS`)
 ====================  =========================================================
 
 Shared settings, so that methods differ only in what they are about:
@@ -58,6 +66,7 @@ import optax
 from flax import nnx
 
 import mlorc_optax
+from benchmarks.toolkit import method_options
 from mlorc_optax import contrib
 
 Kind = Literal['full', 'mlorc', 'galore', 'lora']
@@ -78,6 +87,14 @@ COMPRESSORS: dict[str, Any] = {
 names: the paper's randomized SVD (``'rsvd'``, the default), or the
 compressors of :mod:`mlorc_optax.contrib` (a warm-started sketch,
 LoRA-Pre)."""
+
+LOW_RANK_MASKS: dict[str, Any] = {
+    'with_embeddings': mlorc_optax.path_mask(exclude=r'(^|/)(bias|scale)$'),
+}
+"""Named ``low_rank_mask=`` values for method options: ``with_embeddings``
+compresses every matrix, the word embedding too (the default mask leaves
+embeddings dense, ``mlorc_optax.plan.DEFAULT_EXCLUDED_NAMES``), e.g.
+``mlorc_adamw_r4:low_rank_mask=with_embeddings``."""
 
 GALORE_UPDATE_PROJ_GAP = 50
 """Steps between GaLore projector updates (the paper's value for small GLUE
@@ -156,6 +173,9 @@ class MethodSpec:
     compressor: the name of MLorc's moment compressor, a key of
       :data:`COMPRESSORS` (``'rsvd'``, ``'warm'``, ``'lorapre'``);
       ``'rsvd'`` for the other kinds, which have none.
+    options: ``(key, value)`` keyword arguments for the factory, from the
+      name's ``:KEY=VALUE`` part, in order (they override the harness's
+      defaults, e.g. MLorc-AdamW's ``b1``).
   """
 
   name: str
@@ -163,6 +183,7 @@ class MethodSpec:
   family: Family
   rank: int | None = None
   compressor: str = 'rsvd'
+  options: tuple[tuple[str, Any], ...] = ()
 
   @property
   def label(self) -> str:
@@ -175,11 +196,10 @@ class MethodSpec:
         ('galore', 'adamw'): 'GaLore-AdamW',
         ('lora', 'adamw'): 'LoRA-AdamW',
     }[(self.kind, self.family)]
-    if self.rank is None:
-      return base
-    if self.compressor != 'rsvd':
-      return f'{base} (r={self.rank}, {self.compressor})'
-    return f'{base} (r={self.rank})'
+    details = ([] if self.rank is None else [f'r={self.rank}']) + (
+        [] if self.compressor == 'rsvd' else [self.compressor]) + [
+            f'{key}={_shown(value)}' for key, value in self.options]
+    return f'{base} ({", ".join(details)})' if details else base
 
   @property
   def weight_decay(self) -> float:
@@ -197,19 +217,22 @@ class MethodSpec:
     return self.kind != 'lora'
 
 
-def parse(name: str) -> MethodSpec:
+def parse(spec: str) -> MethodSpec:
   """Parses a method name (see the module docstring) into a spec.
 
   Args:
-    name: e.g. ``'adamw'``, ``'mlorc_adamw_r8'``, ``'galore_r16'``.
+    spec: e.g. ``'adamw'``, ``'mlorc_adamw_r8'``, ``'galore_r16'``,
+      ``'mlorc_adamw_r4:complement=1.0'``.
 
   Returns:
-    The :class:`MethodSpec`.
+    The :class:`MethodSpec` (its ``name`` the whole spec).
 
   Raises:
-    ValueError: unknown name, a rank on a full method, a missing rank or a
-      compressor on a method that is not MLorc.
+    ValueError: unknown name, a rank on a full method, a missing rank, a
+      compressor on a method that is not MLorc, or a bad option (naming
+      it).
   """
+  name, _ = method_options.split(spec)
   match = _NAME.match(name)
   if match is None:
     raise ValueError(
@@ -243,13 +266,46 @@ def parse(name: str) -> MethodSpec:
     raise ValueError(f'{name!r}: give a rank, e.g. {kind_name}_r4.')
   if rank is not None and int(rank) < 1:
     raise ValueError(f'{name!r}: the rank must be >= 1.')
+  options = method_options.parse_options(
+      spec, _factory(kind, family), fixed=_FIXED,
+      aliases={'compressor': COMPRESSORS, 'low_rank_mask': LOW_RANK_MASKS})
+  if 'compressor' in options and match['compressor'] is not None:
+    raise ValueError(f'{spec!r} names its compressor twice (the _'
+                     f'{compressor} suffix and compressor=).')
   return MethodSpec(
-      name=name,
+      name=spec,
       kind=kind,
       family=family,
       rank=None if rank is None else int(rank),
       compressor=compressor,
+      options=tuple(options.items()),
   )
+
+
+#: Factory arguments the harness sets itself (refused as options).
+_FIXED = ('learning_rate', 'weight_decay', 'mask', 'rank',
+          'weight_dimension_numbers', 'update_proj_gap')
+
+
+def _factory(kind: str, family: str) -> Any:
+  """The factory of a method's optimizer (whose parameters options take)."""
+  if kind == 'mlorc':
+    return (mlorc_optax.mlorc_adamw if family == 'adamw'
+            else mlorc_optax.mlorc_lion)
+  if kind == 'galore':
+    return optax.contrib.galore
+  return optax.adamw if family == 'adamw' else optax.lion
+
+
+def _shown(value: Any) -> str:
+  """An option's value in a label (objects by their alias or type)."""
+  for alias, obj in (*COMPRESSORS.items(), *LOW_RANK_MASKS.items()):
+    if value is obj:
+      return alias
+  if isinstance(value, tuple):
+    return '+'.join(map(str, value))
+  return str(value) if isinstance(value, (int, float, str, type(None))) else (
+      type(value).__name__)
 
 
 def decay_mask(params: Any) -> Any:
@@ -307,26 +363,26 @@ def transform(
     harness reuse one compiled train step across runs.
   """
   wd = spec.weight_decay
+  factory = _factory(spec.kind, spec.family)
+  options = dict(spec.options)
   if spec.kind in ('full', 'lora'):
-    factory = optax.adamw if spec.family == 'adamw' else optax.lion
-    return factory(learning_rate, weight_decay=wd, mask=decay_mask)
-  if spec.kind == 'mlorc':
-    factory, extra = (
-        (mlorc_optax.mlorc_adamw, {'b1': MLORC_ADAMW_B1})
-        if spec.family == 'adamw'
-        else (mlorc_optax.mlorc_lion, {})
-    )
     return factory(learning_rate, weight_decay=wd, mask=decay_mask,
-                   rank=spec.rank, compressor=COMPRESSORS[spec.compressor],
-                   **extra)
+                   **options)
+  if spec.kind == 'mlorc':
+    defaults = {'compressor': COMPRESSORS[spec.compressor]}
+    if spec.family == 'adamw':
+      defaults['b1'] = MLORC_ADAMW_B1
+    return factory(learning_rate, weight_decay=wd, mask=decay_mask,
+                   rank=spec.rank, **{**defaults, **options})
   if spec.kind == 'galore':
-    return optax.contrib.galore(
+    return factory(
         learning_rate,
         rank=spec.rank,
         update_proj_gap=galore_update_proj_gap,
         weight_decay=wd,
         mask=decay_mask,
         weight_dimension_numbers=galore_dimension_numbers(spec.rank),
+        **options,
     )
   raise ValueError(f'unknown kind {spec.kind!r}')
 

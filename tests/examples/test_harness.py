@@ -569,3 +569,53 @@ def test_report_merges_runs_of_separate_processes(tmp_path):
   (tmp_path / 'other.json').write_text(json.dumps(other))
   with pytest.raises(ValueError, match='settings differ'):
     report.merge([parts[0], tmp_path / 'other.json'], tmp_path)
+
+
+def test_method_options_pass_through_to_the_factory():
+  """``NAME:KEY=VALUE,...`` as the Shakespeare benchmark reads it: options
+  override the harness's defaults, named values resolve, and bad options
+  name themselves."""
+  spec = methods.parse('mlorc_adamw_r4:complement=1.0,b1=0.9')
+  assert spec.name == 'mlorc_adamw_r4:complement=1.0,b1=0.9'
+  assert (spec.kind, spec.rank, spec.options) == (
+      'mlorc', 4, (('complement', 1.0), ('b1', 0.9)))
+  assert spec.label == 'MLorc-AdamW (r=4, complement=1.0, b1=0.9)'
+  assert spec.default_lr_grid == methods.parse('mlorc_adamw_r4').default_lr_grid
+  params = {'embeddings': {'word': {'embedding': jnp.ones((40, 16))}},
+            'dense': {'kernel': jnp.ones((16, 8)), 'bias': jnp.zeros(8)}}
+  grads = jax.tree.map(lambda x: jnp.cos(jnp.arange(x.size).reshape(x.shape)),
+                       params)
+
+  def two_updates(tx):
+    state = tx.init(params)
+    _, state = tx.update(grads, state, params)
+    return tx.update(jax.tree.map(lambda g: -g, grads), state, params)[0]
+
+  ours = two_updates(methods.transform(spec))
+  # b1=0.9 replaces the harness's 0.8 (it matters from step 2 on).
+  for b1, same in ((0.9, True), (0.8, False)):
+    theirs = two_updates(mlorc_optax.mlorc_adamw(
+        1.0, weight_decay=spec.weight_decay, mask=methods.decay_mask, rank=4,
+        b1=b1, complement=1.0))
+    assert same == all(jax.tree.leaves(jax.tree.map(
+        lambda a, b: bool(jnp.array_equal(a, b)), ours, theirs)))
+  compressed = lambda s: {
+      '/'.join(str(getattr(k, 'key', k)) for k in path): p.compressed
+      for path, p in jax.tree_util.tree_leaves_with_path(
+          mlorc_optax.compression_plan(methods.transform(methods.parse(s)),
+                                       params),
+          is_leaf=lambda x: isinstance(x, mlorc_optax.plan.LeafPlan))}
+  assert compressed('mlorc_adamw_r4')['embeddings/word/embedding'] is False
+  assert compressed('mlorc_adamw_r4:low_rank_mask=with_embeddings') == {
+      'dense/bias': False, 'dense/kernel': True,
+      'embeddings/word/embedding': True}
+  for bad, message in (
+      ('mlorc_adamw_r4:rank=8', "option 'rank' .* is set by the harness"),
+      ('adamw:bogus=1', "option 'bogus' .* is not a parameter of adamw"),
+      ('mlorc_adamw_r4_warm:compressor=warm', 'names its compressor twice')):
+    with pytest.raises(ValueError, match=message):
+      methods.parse(bad)
+  # --lr / --lr-grid split at the last '=': a method's own options stay.
+  cfg = config_lib.Config(methods=('adamw', spec.name), tune=False,
+                          lr=('adamw=1e-4', f'{spec.name}=2e-4'))
+  assert cfg.fixed_lrs() == {'adamw': 1e-4, spec.name: 2e-4}
