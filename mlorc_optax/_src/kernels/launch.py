@@ -18,8 +18,8 @@ factors at most ``KernelConfig.fma_max_rank`` wide are reconstructed with
 float32 multiply-adds over their true rank instead: a ``tf32x3`` dot of rank
 4 padded to 16 is three tensor-core products over mostly zeros. On an H200
 (8 x 4096 x 11008 float32, rank 4, ``benchmarks/fused_passes.py``) that took
-MLorc-AdamW's pass 2 from 2.08 to 1.49 ms and MLorc-Lion's from 1.36 to
-1.04 ms; in pass 1, whose factor columns stream by with every tile, the
+MLorc-AdamW's pass 2 from 2.10 to 1.45 ms and MLorc-Lion's from 1.37 to
+1.16 ms; in pass 1, whose factor columns stream by with every tile, the
 same multiply-adds made the pass slower (3.27 against 1.74 ms), so pass 1
 reconstructs with dots (its factors padded there). Multiply-adds for the
 sketches and projections as well, one tile-sized accumulator per sketch
@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import jax
