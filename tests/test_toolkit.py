@@ -43,10 +43,40 @@ def _cells(line: str) -> list[str]:
 
 def test_the_package_exposes_its_modules():
   assert toolkit.__all__ == ['assets', 'environment', 'figures', 'isolation',
-                             'memory', 'results', 'timing']
+                             'memory', 'method_options', 'results', 'timing']
   assert toolkit.memory is memory and toolkit.results is results
   with pytest.raises(AttributeError):
     toolkit.nothing  # pylint: disable=pointless-statement
+
+
+# ---------------------------------------------------------------------------
+# method_options.
+# ---------------------------------------------------------------------------
+
+
+def test_method_options_parse_against_the_factory():
+  from benchmarks.toolkit import method_options  # pylint: disable=g-import-not-at-top
+  from collections.abc import Sequence  # pylint: disable=g-import-not-at-top
+
+  def factory(learning_rate, b1: float = 0.9, compress: Sequence[str] = (),
+              name: str = 'x', thing=None):
+    del learning_rate, b1, compress, name, thing
+
+  marker = object()
+  spec = 'm:b1=0.8,compress=mu+nu,name=none,thing=it,lr=3'
+  assert method_options.split(spec) == ('m', spec[2:])
+  assert method_options.parse_options(
+      spec, factory, own={'lr': float}, aliases={'thing': {'it': marker}}
+  ) == {'b1': 0.8, 'compress': ('mu', 'nu'), 'name': None, 'thing': marker,
+        'lr': 3.0}
+  assert method_options.parse_options('m', factory) == {}
+  for bad, message in (('m:b1', "'b1' of 'm:b1' is not KEY=VALUE"),
+                       ('m:b1=1,b1=2', "'b1' is given twice"),
+                       ('m:learning_rate=1', 'is set by the harness'),
+                       ('m:b3=1', "'b3' of 'm:b3=1' is not a parameter of "
+                                  'factory; it takes: b1, compress')):
+    with pytest.raises(ValueError, match=message):
+      method_options.parse_options(bad, factory, fixed=('learning_rate',))
 
 
 # ---------------------------------------------------------------------------
