@@ -343,6 +343,12 @@ def test_tiles_and_what_the_kernels_support():
   assert not kernels.supports(64, 30, config)
   assert launch.pow2_at_least(3) == 16 and launch.pow2_at_least(33) == 64
   assert launch.pad_cols(jnp.ones((2, 3, 5)), 16).shape == (2, 3, 16)
+  # Factors up to fma_max_rank (8) wide keep their rank; sketches and wider
+  # factors are padded to a power of two >= 16 for the dots.
+  assert kernels.kernel_widths(4, 4, config) == (4, 16)
+  assert kernels.kernel_widths(8, 40, config) == (8, 64)
+  assert kernels.kernel_widths(9, 9, config) == (16, 16)
+  assert kernels.kernel_widths(4, 4, FULL_DOTS) == (16, 16)
 
 
 def test_kernel_config_is_static_and_hashable():
@@ -363,7 +369,7 @@ def test_kernel_config_is_static_and_hashable():
     ('block_rows', 48), ('block_rows', 8), ('block_cols', 0),
     ('block_cols', 64.0), ('num_warps', 3), ('num_warps', True),
     ('num_stages', 0), ('target_programs', -1), ('group_max_elements', -1),
-    ('group_max_elements', 2.0),
+    ('group_max_elements', 2.0), ('fma_max_rank', -1), ('fma_max_rank', 4.0),
     ('reconstruct_precision', 'highest'), ('accumulate_precision', 'bf16'),
 ])
 def test_kernel_config_rejects_bad_values_naming_the_field(field, value):

@@ -362,6 +362,13 @@ class Placement:
             f'{self.local_view(view).describe()}')
 
 
+def _concrete_sharding(leaf: Any) -> Any:
+  """A concrete array's sharding; None for a tracer or a non-array."""
+  if isinstance(leaf, jax.core.Tracer):
+    return None
+  return getattr(leaf, 'sharding', None)
+
+
 def placement(leaf: Any) -> Placement | None:
   """The placement of a leaf on a mesh of several devices, where known.
 
@@ -371,9 +378,7 @@ def placement(leaf: Any) -> Placement | None:
   while tracing (``jax.jit``, ``jax.eval_shape``: the sharding is not
   known there) and for other shardings.
   """
-  sharding = None
-  if not isinstance(leaf, jax.core.Tracer):
-    sharding = getattr(leaf, 'sharding', None)
+  sharding = _concrete_sharding(leaf)
   if not isinstance(sharding, NamedSharding):
     try:
       sharding = getattr(jax.typeof(leaf), 'sharding', None)
@@ -398,9 +403,7 @@ def on_one_device(leaf: Any) -> bool:
   e.g. ``jax.device_put(x, jax.devices()[1])`` on a machine of several
   GPUs); a tracer (a jitted ``init``) only when the process sees one device.
   """
-  sharding = None
-  if not isinstance(leaf, jax.core.Tracer):
-    sharding = getattr(leaf, 'sharding', None)
+  sharding = _concrete_sharding(leaf)
   if sharding is not None:
     return len(sharding.device_set) == 1
   return jax.device_count() == 1

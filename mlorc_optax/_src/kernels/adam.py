@@ -9,13 +9,16 @@ tile by tile from the previous factors and never stored.
 
 Each pass has a ``jax.numpy`` twin (``*_reference``, dense temporaries), the
 specification the kernel is tested against. Both compute their elementwise
-terms with the same functions of :mod:`mlorc_optax._src.step_math`; the
+terms with the same functions of :mod:`mlorc_optax._src.step_math`; pass 1
+turns them into its outputs with one helper (:func:`_sketch_products`), a
+batched ``einsum`` in the reference and a tile's products in the kernel. The
 kernels' rank-sized products of each tile (reconstruction, sketch,
 projection) are the :class:`~.launch.Products` their launch hands them:
 tensor-core dots, with float32 multiply-add reconstructions in pass 2 for
-factors up to ``KernelConfig.fma_max_rank`` wide. Pass 2's kernel writes each tile of the direction before it accumulates the
-projections, which keeps fewer tiles live (computing all three before
-writing any made the pass 1.6x slower on an H200,
+factors up to ``KernelConfig.fma_max_rank`` wide. Pass 2's kernel writes
+each tile of the direction before it accumulates the projections, which
+keeps fewer tiles live (computing all three before writing any made the
+pass 1.6x slower on an H200,
 ``benchmarks/fused_passes.py``). A grid program owns a block of rows (pass 1)
 or of columns (pass 2) and loops over the other axis inside the kernel, so
 its accumulations never race (:func:`.launch.launch`).
@@ -28,6 +31,7 @@ broadcast), never as columns of one array.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -80,6 +84,23 @@ class ProjectPassOutputs(NamedTuple):
   direction: jax.Array
   b_m: jax.Array
   b_v: jax.Array
+
+
+def _sketch_products(
+    terms: step_math.AdamSketchTerms,
+    sketch_m: Callable[[jax.Array], jax.Array],
+    sketch_v: Callable[[jax.Array], jax.Array],
+) -> SketchPassOutputs:
+  """Pass 1's outputs from its elementwise terms (a whole batch or a tile),
+  with ``sketch_m`` / ``sketch_v`` the products with ``omega_m`` /
+  ``omega_v`` (a batched ``einsum``, or a tile's :class:`~.launch.Products`)."""
+  return SketchPassOutputs(
+      g_omega=sketch_m(terms.g),
+      x_omega=sketch_v(terms.x),
+      neg_omega=sketch_v(terms.negative),
+      neg_count=jnp.sum(terms.negative, axis=-1),
+      neg_sum=jnp.sum(terms.negative_part, axis=-1),
+  )
 
 
 # Shapes of the operands: the same rules for a kernel and its reference,
@@ -139,12 +160,8 @@ def sketch_pass_reference(
       g.astype(_F32), rec, launch_lib.expand_per_matrix(one_minus_b2),
       step_math.overflow_bound(*g.shape[-2:]))
   dot = functools.partial(jnp.einsum, 'bij,bjl->bil', precision=_HI)
-  return SketchPassOutputs(
-      g_omega=dot(terms.g, omega_m),
-      x_omega=dot(terms.x, omega_v),
-      neg_omega=dot(terms.negative, omega_v),
-      neg_count=jnp.sum(terms.negative, axis=-1),
-      neg_sum=jnp.sum(terms.negative_part, axis=-1))
+  return _sketch_products(terms, lambda x: dot(x, omega_m),
+                          lambda x: dot(x, omega_v))
 
 
 def _sketch_kernel(
@@ -161,12 +178,9 @@ def _sketch_kernel(
     rec = products.outer(a, products.cols(vv_ref, b, cols))
     terms = step_math.adam_sketch_terms(
         g_ref[b, rows, cols].astype(_F32), rec, one_b2, bound)
-    tile = SketchPassOutputs(
-        g_omega=products.sketch(terms.g, om_ref, b, cols),
-        x_omega=products.sketch(terms.x, ov_ref, b, cols),
-        neg_omega=products.sketch(terms.negative, ov_ref, b, cols),
-        neg_count=jnp.sum(terms.negative, axis=-1),
-        neg_sum=jnp.sum(terms.negative_part, axis=-1))
+    tile = _sketch_products(
+        terms, lambda x: products.sketch(x, om_ref, b, cols),
+        lambda x: products.sketch(x, ov_ref, b, cols))
     return jax.tree.map(jnp.add, acc, tile)
 
   zl = jnp.zeros((bm, om_ref.shape[-1]), _F32)
