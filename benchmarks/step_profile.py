@@ -186,7 +186,7 @@ def profile(cfg: Config, trace_dir: str) -> dict[str, Any]:
   params = step_time.make_tree(cfg.case, cfg.dtype, 0, as_list)
   grads = step_time.make_tree(cfg.case, cfg.dtype, 1, as_list)
   state = tx.init(params)
-  step = jax.jit(functools.partial(step_time._step, tx),  # pylint: disable=protected-access
+  step = jax.jit(functools.partial(step_time.optimizer_step, tx),
                  donate_argnums=(0, 1))
   for _ in range(3):
     params, state = step(params, state, grads)

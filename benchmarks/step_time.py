@@ -213,7 +213,7 @@ def make_tree(case: str, dtype: str, seed: int, as_list: bool) -> Any:
   return {name: draw((layers, m, n)) for name, (m, n) in mats}
 
 
-def _step(tx, params, state, grads, count=None):
+def optimizer_step(tx, params, state, grads, count=None):
   """One optimizer step; ``count`` pins the step counter (GaLore's SVD)."""
   if count is not None:
     state = optax.tree_utils.tree_set(state, count=count)
@@ -242,7 +242,7 @@ def measure(case: str, dtype: str, optimizer: str, rank: int | None,
     # GaLore: a step that keeps the projectors; its SVD step is timed apart.
     count = jnp.asarray(1, jnp.int32) if optimizer == 'galore' else None
     start = time.perf_counter()
-    compiled = jax.jit(functools.partial(_step, tx), donate_argnums=(0, 1)
+    compiled = jax.jit(functools.partial(optimizer_step, tx), donate_argnums=(0, 1)
                        ).lower(params, state, grads, count).compile()
     result['compile_s'] = time.perf_counter() - start
     analysis = memory.compiled_memory(compiled)
