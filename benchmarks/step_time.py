@@ -16,7 +16,9 @@ LLaMA-7B-shaped matrices, with fixed random gradients:
 * ``tiny``: a few small matrices, for CI.
 
 Optimizers: ``adamw``, ``lion``, ``adafactor`` (optax), ``mlorc_adamw`` and
-``mlorc_lion`` at each ``--ranks`` rank (``mlorc_adamw_reference``,
+``mlorc_lion`` at each ``--ranks`` rank, with options of their factories as
+``NAME:KEY=VALUE,...`` (``mlorc_adamw:complement=1.0,oversample=4``;
+:mod:`benchmarks.toolkit.method_options`) (``mlorc_adamw_reference``,
 ``_xla`` and ``_pallas`` force one implementation of the step;
 ``mlorc_lion_reference``, ``_xla`` and ``_pallas`` likewise for Lion), and
 ``optax.contrib.galore`` (same
@@ -62,6 +64,7 @@ from benchmarks.toolkit import environment
 from benchmarks.toolkit import figures
 from benchmarks.toolkit import isolation
 from benchmarks.toolkit import memory
+from benchmarks.toolkit import method_options
 from benchmarks.toolkit import results as results_lib
 from benchmarks.toolkit import timing
 
@@ -121,7 +124,6 @@ GALORE_GAP = 200
 
 # The command line's choices, from the tables above.
 Case = Literal[tuple(CASES)]  # pytype: disable=invalid-annotation
-Optimizer = Literal[OPTIMIZERS]  # pytype: disable=invalid-annotation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,8 +134,10 @@ class Config:
   """Parameter trees."""
   dtypes: tuple[Literal['float32', 'bfloat16'], ...] = ('float32',)
   """Parameter (and gradient) dtypes."""
-  optimizers: tuple[Optimizer, ...] = OPTIMIZERS[:6]
-  """Optimizers to measure."""
+  optimizers: tuple[str, ...] = OPTIMIZERS[:6]
+  """Optimizers to measure: names of OPTIMIZERS, the MLorc ones with
+  options of their factory as NAME:KEY=VALUE,... (e.g.
+  mlorc_adamw:complement=1.0)."""
   ranks: tuple[int, ...] = (4, 32)
   """Ranks of the low-rank optimizers."""
   galore_ranks: tuple[int, ...] | None = None
@@ -167,23 +171,34 @@ def param_count(case: str) -> int:
 
 
 def make_optimizer(name: str, rank: int | None) -> optax.GradientTransformation:
-  """The optimizer called ``name`` (see :data:`OPTIMIZERS`) at ``rank``."""
+  """The optimizer called ``name`` (see :data:`OPTIMIZERS`) at ``rank``.
+
+  An MLorc name may carry options of its factory after a colon
+  (``mlorc_adamw:complement=1.0,oversample=4``); the tool sets the learning
+  rate and the rank itself.
+  """
   lr = 1e-4
-  implementation = name.rsplit('_', 1)[-1]
-  if name in ('adamw', 'lion', 'adafactor'):
-    return getattr(optax, name)(lr)
-  if name == 'galore':
-    return optax.contrib.galore(lr, rank=rank, update_proj_gap=GALORE_GAP)
-  if name not in OPTIMIZERS:
+  base, options = method_options.split(name)
+  if base not in OPTIMIZERS:
     raise ValueError(f'optimizer must be one of {OPTIMIZERS}, got {name!r}.')
-  make = (mlorc_optax.mlorc_lion if name.startswith('mlorc_lion')
+  if options and not base.startswith('mlorc_'):
+    raise ValueError(f'optimizer {name!r}: only the MLorc optimizers take '
+                     'options.')
+  implementation = base.rsplit('_', 1)[-1]
+  if base in ('adamw', 'lion', 'adafactor'):
+    return getattr(optax, base)(lr)
+  if base == 'galore':
+    return optax.contrib.galore(lr, rank=rank, update_proj_gap=GALORE_GAP)
+  make = (mlorc_optax.mlorc_lion if base.startswith('mlorc_lion')
           else mlorc_optax.mlorc_adamw)
-  if name in MLORC_ALONE:
-    return make(lr, rank=rank, kernel_config=mlorc_optax.kernels.KernelConfig(
-        group_max_elements=0))
-  if implementation in mlorc_optax.plan.IMPLEMENTATIONS:
-    return make(lr, rank=rank, implementation=implementation)
-  return make(lr, rank=rank)
+  kwargs = method_options.parse_options(
+      name, make, fixed=('learning_rate', 'rank', 'implementation'))
+  if base in MLORC_ALONE:
+    kwargs['kernel_config'] = mlorc_optax.kernels.KernelConfig(
+        group_max_elements=0)
+  elif implementation in mlorc_optax.plan.IMPLEMENTATIONS:
+    kwargs['implementation'] = implementation
+  return make(lr, rank=rank, **kwargs)
 
 
 def implementation_of(tx: Any, params: Any) -> str:
@@ -344,13 +359,15 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
   if cfg.render:
     return _write([r for path in cfg.render
                    for r in results_lib.read_json(path)], cfg)
+  for optimizer in cfg.optimizers:  # a bad name or option fails at once
+    make_optimizer(optimizer, cfg.ranks[0] if cfg.ranks else 4)
   environment.configure_xla()
   results = []
   for case in cfg.cases:
     for dtype in cfg.dtypes:
       for optimizer in cfg.optimizers:
         ranks = [None]
-        if optimizer in LOW_RANK:
+        if method_options.split(optimizer)[0] in LOW_RANK:
           ranks = cfg.ranks
           if optimizer == 'galore' and cfg.galore_ranks:
             ranks = cfg.galore_ranks

@@ -14,8 +14,11 @@ import runpy
 import sys
 from pathlib import Path
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
+import mlorc_optax
 from benchmarks import compressor_tracking
 from benchmarks import decompositions
 from benchmarks import memory_table
@@ -61,6 +64,31 @@ def test_step_time_tool_measures_every_optimizer_on_a_tiny_tree(tmp_path):
   assert len(rendered) == len(results)
   assert ['tiny', 'float32', 'mlorc_adamw', '4', 'ok'] in [
       row[:5] for row in _rows((tmp_path / 'r.md').read_text())]
+
+
+def test_step_time_passes_options_to_the_mlorc_factories():
+  params = {'w': jnp.zeros((64, 160))}
+  grads = {'w': jnp.arange(64 * 160.).reshape(64, 160) % 7 - 3}
+
+  def two_steps(tx):
+    state = tx.init(params)
+    for _ in range(2):
+      updates, state = tx.update(grads, state, params)
+    return updates['w']
+
+  got = two_steps(
+      step_time.make_optimizer('mlorc_adamw:complement=1.0,oversample=4', 4))
+  want = two_steps(mlorc_optax.mlorc_adamw(1e-4, rank=4, complement=1.0,
+                                           oversample=4))
+  plain = two_steps(step_time.make_optimizer('mlorc_adamw', 4))
+  np.testing.assert_array_equal(got, want)
+  assert not np.allclose(got, plain)
+  with pytest.raises(ValueError, match='oversampl'):
+    step_time.make_optimizer('mlorc_adamw:oversampl=4', 4)
+  with pytest.raises(ValueError, match='only the MLorc'):
+    step_time.make_optimizer('adamw:b1=0.8', None)
+  with pytest.raises(ValueError, match='set by the harness'):
+    step_time.make_optimizer('mlorc_lion:rank=8', 4)
 
 
 def test_step_time_child_writes_its_one_configuration(tmp_path):
