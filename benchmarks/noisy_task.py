@@ -26,7 +26,7 @@ The task, synthetic and exactly repeatable:
   far each method minimizes a fixed objective from noisy minibatch
   gradients (and the test loss mixes in overfitting).
 * **Methods** are the Shakespeare benchmark's specs
-  (:mod:`benchmarks.shakespeare.methods`: ``mlorc_adamw_r4:complement=1.0``
+  (:mod:`benchmarks.shakespeare.methods`: ``mlorc_adamw_r4:complement=0``
   and so on). Each method's rate is chosen on the tuning set (test
   cross-entropy of seed 0 over ``lr x lr_multipliers``), then ``seeds``
   runs at that rate report the final training loss (on the whole training
@@ -64,18 +64,19 @@ from benchmarks.shakespeare import train as shakespeare_train
 from benchmarks.toolkit import environment
 from benchmarks.toolkit import results as results_lib
 
-#: The comparison by default: AdamW and Lion against MLorc with each option
-#: that acts on the first moment or the update size.
+#: The comparison by default: AdamW and Lion against MLorc at the library
+#: defaults (complement 1, oversample 4), the paper's Algorithm 1, and the
+#: options that act on the first moment or the update size.
 DEFAULT_METHODS = (
     'adamw',
     'mlorc_adamw_r4',
-    'mlorc_adamw_r4:b1=0.8,update_bound=none',
-    'mlorc_adamw_r4:complement=1.0',
+    'mlorc_adamw_r4:b1=0.8,complement=0,oversample=0,update_bound=none',
+    'mlorc_adamw_r4:complement=0,oversample=0',
     'mlorc_adamw_r4:complement=0.3',
-    'mlorc_adamw_r4:compressor=factored',
+    'mlorc_adamw_r4:oversample=0',
     'lion',
     'mlorc_lion_r4',
-    'mlorc_lion_r4:complement=1.0',
+    'mlorc_lion_r4:complement=0,oversample=0',
 )
 
 
@@ -123,7 +124,8 @@ class Config:
       return dataclasses.replace(
           self, preset='default', width=32, val=256, test=512,
           steps=60, warmup=5, lr_multipliers=(0.5, 2.0), seeds=(0, 1),
-          methods=('adamw', 'mlorc_adamw_r4', 'mlorc_adamw_r4:complement=1.0',
+          methods=('adamw', 'mlorc_adamw_r4',
+                   'mlorc_adamw_r4:complement=0,oversample=0',
                    'mlorc_lion_r4'))
     return self
 

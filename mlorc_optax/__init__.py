@@ -21,6 +21,8 @@ from mlorc_optax import plan
 from mlorc_optax._src.alias import STATIC_ARGS
 from mlorc_optax._src.alias import mlorc_adamw
 from mlorc_optax._src.alias import mlorc_lion
+from mlorc_optax._src.transform import PAPER_ADAMW
+from mlorc_optax._src.transform import PAPER_LION
 from mlorc_optax._src.transform import scale_by_mlorc_adam
 from mlorc_optax._src.transform import scale_by_mlorc_lion
 from mlorc_optax._src.low_rank import LowRankMomentsState
@@ -40,6 +42,8 @@ __all__ = (
     'LowRankFactors',
     'LowRankMomentsState',
     'MatrixDimensionNumbers',
+    'PAPER_ADAMW',
+    'PAPER_LION',
     'STATIC_ARGS',
     'compression_plan',
     'factor_partition_specs',

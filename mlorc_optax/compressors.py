@@ -7,6 +7,7 @@ from mlorc_optax._src.compressors import FactorSpec
 from mlorc_optax._src.compressors import MomentCompressor
 from mlorc_optax._src.compressors import RSVDCompressor
 from mlorc_optax._src.compressors import nonnegative_second_moment
+from mlorc_optax._src.compressors import has_left_basis
 from mlorc_optax._src.compressors import streamable
 from mlorc_optax._src.rsvd import reconstruct
 
@@ -16,5 +17,6 @@ __all__ = (
     'RSVDCompressor',
     'nonnegative_second_moment',
     'reconstruct',
+    'has_left_basis',
     'streamable',
 )

@@ -77,9 +77,9 @@ def test_step_time_passes_options_to_the_mlorc_factories():
     return updates['w']
 
   got = two_steps(
-      step_time.make_optimizer('mlorc_adamw:complement=1.0,oversample=4', 4))
-  want = two_steps(mlorc_optax.mlorc_adamw(1e-4, rank=4, complement=1.0,
-                                           oversample=4))
+      step_time.make_optimizer('mlorc_adamw:complement=0.5,oversample=2', 4))
+  want = two_steps(mlorc_optax.mlorc_adamw(1e-4, rank=4, complement=0.5,
+                                           oversample=2))
   plain = two_steps(step_time.make_optimizer('mlorc_adamw', 4))
   np.testing.assert_array_equal(got, want)
   assert not np.allclose(got, plain)

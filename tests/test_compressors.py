@@ -116,13 +116,14 @@ def test_settings_that_would_be_ignored_are_errors():
 def test_the_default_is_the_rsvd_compressor():
   params = {'w': jnp.ones((12, 8))}
   grads = noisy_low_rank({'w': (12, 8)}, 1)[0]
+  # The factories oversample by 4 (docs/quality.md); the object keeps its own.
   a = mlorc_optax.mlorc_adamw(1e-2, rank=2)
   b = mlorc_optax.mlorc_adamw(1e-2, rank=2,
-                              compressor=compressors.RSVDCompressor())
+                              compressor=compressors.RSVDCompressor(4))
   ua, sa = jax.jit(a.update)(grads, a.init(params), params)
   ub, sb = jax.jit(b.update)(grads, b.init(params), params)
   jax.tree.map(np.testing.assert_array_equal, (ua, sa), (ub, sb))
-  # low_rank_moments too: the paper's compressor unless told otherwise.
+  # low_rank_moments, the generic wrapper: the paper's RSVD, no oversampling.
   tx = mlorc_optax.low_rank_moments(optax.scale_by_adam())
   state = jax.eval_shape(tx.init, params)
   assert state.plan.compressor == compressors.RSVDCompressor()

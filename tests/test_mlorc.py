@@ -103,7 +103,7 @@ def test_adam_matches_dense_numpy_algorithm_1(oversample, power_iters):
   rank, seed = 3, 42
   grads = random_grads(shapes, 10, low_rank=2)
   tx = adam_core(dict(rank=rank, seed=seed, oversample=oversample,
-                      power_iters=power_iters))
+                      power_iters=power_iters, complement=0.0))
   params = {k: jnp.zeros(s) for k, s in shapes.items()}
   state = tx.init(params)
   step = jax.jit(tx.update)
@@ -126,7 +126,8 @@ def test_lion_matches_dense_numpy_algorithm_2():
   shapes = {'a': (20, 12), 'b': (2, 10, 16)}
   rank, seed = 3, 7
   grads = random_grads(shapes, 10, seed=1, low_rank=2)
-  tx = mlorc_optax.scale_by_mlorc_lion(0.9, 0.99, rank=rank, seed=seed)
+  tx = mlorc_optax.scale_by_mlorc_lion(0.9, 0.99, rank=rank, seed=seed,
+                                       **mlorc_optax.PAPER_LION)
   params = {k: jnp.zeros(s) for k, s in shapes.items()}
   state = tx.init(params)
   reference = ref.MLorcLion(shapes, jax.random.PRNGKey(seed), rank, 0.9, 0.99)

@@ -234,7 +234,8 @@ def test_step_of_each_leaf():
                     params)
 
   not_compressed = ('dense', 'not compressed')
-  exact = ('reference', 'the sketch is the identity (exact RSVD)')
+  exact = ('reference',
+           'the RSVD is exact (no truncation, or the sketch is the identity)')
   assert steps('xla') == {
       'w': ('xla', "implementation='xla'"),
       'odd': ('xla', "implementation='xla'"),
@@ -257,7 +258,7 @@ def test_step_of_each_leaf():
   # error if the two-pass step is asked for.
   blocked = {
       'not a randomized SVD': dict(compressor=contrib.LoRAPreCompressor(),
-                                   oversample=0),
+                                   oversample=None),
       'a dense moment is kept': dict(compress=('mu',)),
   }
   for why, kw in blocked.items():

@@ -48,7 +48,8 @@ def test_two_pass_matches_dense_numpy_algorithm_1(implementation):
   grads = grads_for(shapes, 6)
   tx = mlorc_optax.scale_by_mlorc_adam(
       B1, B2, 1e-2, rank=rank, seed=seed, low_rank_mask=True,
-      implementation=implementation, kernel_config=FULL)
+      implementation=implementation, kernel_config=FULL, complement=0.0,
+      oversample=0)
   outs, state = run_steps(tx, grads)
   reference = ref.MLorcAdamW(shapes, jax.random.PRNGKey(seed), rank, B1, B2,
                              1e-2)
@@ -264,7 +265,8 @@ def test_lion_two_pass_matches_dense_numpy_algorithm_2(implementation):
   tx = mlorc_optax.scale_by_mlorc_lion(0.9, 0.99, rank=rank, seed=seed,
                                        low_rank_mask=True,
                                        implementation=implementation,
-                                       kernel_config=FULL)
+                                       kernel_config=FULL,
+                                       **mlorc_optax.PAPER_LION)
   outs, state = run_steps(tx, grads)
   reference = ref.MLorcLion(shapes, jax.random.PRNGKey(seed), rank, 0.9, 0.99)
   for t, (g, ours) in enumerate(zip(grads, outs)):
@@ -308,7 +310,8 @@ def test_low_rank_moments_takes_a_public_fast_step():
       update_bound=lambda t: low_rank.adam_update_bound(0.8, 0.99, t, False))
   ours, _ = run_steps(wrapped, grads)
   theirs, _ = run_steps(mlorc_optax.scale_by_mlorc_adam(
-      0.8, 0.99, 1e-2, implementation='xla', complement=0.5), grads)
+      0.8, 0.99, 1e-2, implementation='xla', complement=0.5, oversample=0),
+      grads)
   for a, b in zip(ours, theirs):
     np.testing.assert_array_equal(a['w'], b['w'])
 

@@ -5,7 +5,7 @@ defaults from :data:`PRESETS` and every field is a flag that overrides it::
 
   python -m benchmarks.shakespeare.main --preset tiny --out /tmp/shk
   python -m benchmarks.shakespeare.main --preset h200 --out DIR \\
-      --methods adamw mlorc_adamw_r4 'mlorc_adamw_r4:b1=0.8'
+      --methods adamw mlorc_adamw_r4 'mlorc_adamw_r4:complement=0'
 """
 
 from __future__ import annotations
@@ -16,13 +16,15 @@ import json
 from typing import Literal
 
 #: The methods of the full comparison (``methods.py`` spells the syntax):
-#: MLorc at the library defaults (b1=0.9) and at the paper's b1=0.8.
+#: MLorc at the library defaults and as the paper's Algorithm 1 with its
+#: b1=0.8 (the options of ``mlorc_optax.PAPER_ADAMW``).
+PAPER_ADAMW_OPTIONS = 'b1=0.8,complement=0,oversample=0,update_bound=none'
 DEFAULT_METHODS = (
     'adamw',
     'mlorc_adamw_r4',
-    'mlorc_adamw_r4:b1=0.8',
+    f'mlorc_adamw_r4:{PAPER_ADAMW_OPTIONS}',
     'mlorc_adamw_r8',
-    'mlorc_adamw_r8:b1=0.8',
+    f'mlorc_adamw_r8:{PAPER_ADAMW_OPTIONS}',
     'galore_r4',
     'adafactor',
     'lion',

@@ -9,7 +9,7 @@ passed through to its factory, e.g.::
   mlorc_adamw_r4:b1=0.8               the paper's first-moment decay
   mlorc_adamw_r4:compress=nu          only the second moment compressed
   mlorc_adamw_r4:compressor=warm      contrib.WarmStartCompressor()
-  mlorc_adamw_r4:complement=1.0       the first moment's complement
+  mlorc_adamw_r4:complement=0         without the first moment's complement
   mlorc_adamw_r4:compressor=factored  contrib.FactoredSecondMoment()
   galore_r4:update_proj_gap=50
   adamw:lr=3e-3                       another reference rate for the grid

@@ -306,6 +306,10 @@ class RSVDCompressor(MomentCompressor):
     )
 
 
+def has_left_basis(compressor: MomentCompressor) -> bool:
+  """Whether ``compressor`` overrides :meth:`MomentCompressor.left_basis`,
+  so that the first moment's complement can be computed with it."""
+  return type(compressor).left_basis is not MomentCompressor.left_basis
 
 
 def streamable(compressor: MomentCompressor) -> bool:

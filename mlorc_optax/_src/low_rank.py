@@ -91,7 +91,9 @@ class MomentSpec(NamedTuple):
       ``lambda = 1`` such a direction gets the update of a persistent
       gradient (for Adam, ``m_hat = g`` outside the span: every direction a
       momentum-free full step, as FRUGAL and Fira do for GaLore); the first
-      step is unchanged. Needs ``decay``, a moment that may be negative and
+      step is unchanged, and so is every leaf whose factors do not truncate
+      (rank ``>= min(m, n)``, :attr:`~mlorc_optax.plan.LeafPlan.truncates`),
+      whose moment is exact. Needs ``decay``, a moment that may be negative and
       a compressor with an orthonormal
       :meth:`~mlorc_optax.compressors.MomentCompressor.left_basis`.
 
@@ -208,8 +210,7 @@ def _check_complements(specs: Mapping[str, MomentSpec],
       why = 'it is a non-negative moment (an EMA of g**2)'
     elif spec.decay is None:
       why = 'it has no decay (set MomentSpec(decay=...))'
-    elif (type(compressor).left_basis
-          is compressors_lib.MomentCompressor.left_basis):
+    elif not compressors_lib.has_left_basis(compressor):
       why = (f'the compressor {type(compressor).__name__} has no orthonormal '
              'left_basis')
     if why:
@@ -522,7 +523,7 @@ def low_rank_moments(
         moment = plan.compressor.read(
             x, nonnegative=f.nonnegative, decay=specs[f.name].decay,
             count=state.step)
-        if f.name in weights:
+        if f.name in weights and p.truncates:
           credit[f.name][k] = weights[f.name] * step_math.out_of_span(
               p.view.to_matrix(grads[k]).astype(jnp.float32),
               plan.compressor.left_basis(x))

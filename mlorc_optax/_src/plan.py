@@ -113,6 +113,14 @@ class LeafPlan:
     return self.view is not None
 
   @property
+  def truncates(self) -> bool:
+    """Whether its rank-``k`` factors lose part of a moment
+    (``k < min(rows, cols)``). Where they do not, the RSVD is exact and the
+    moment keeps its whole history: the two-pass step is not needed and the
+    first moment has no complement (``MomentSpec.complement``)."""
+    return self.compressed and self.rank < min(self.view.rows, self.view.cols)
+
+  @property
   def size(self) -> int:
     """The leaf's number of entries (the numbers of a dense moment)."""
     return math.prod(self.shape)
@@ -291,12 +299,14 @@ def two_pass_blocker(
 
 
 def sketches(compressor: compressors.MomentCompressor, p: LeafPlan) -> bool:
-  """Whether the compressor's RSVD of a leaf sketches (the two-pass step
-  computes only RSVDs with a sketch: :func:`compressors.streamable` ones).
+  """Whether the compressor's RSVD of a leaf truncates and sketches (the
+  two-pass step computes only such RSVDs of :func:`compressors.streamable`
+  compressors).
 
-  The sketch is the identity (None) where ``rank + oversample >= cols``
-  (the RSVD is exact there) or where a compressor's ``sketch`` says so; its
-  shape is found abstractly, without drawing it.
+  An RSVD is exact where the factors do not truncate
+  (:attr:`LeafPlan.truncates`) or the sketch is the identity (None: where
+  ``rank + oversample >= cols`` or a compressor's ``sketch`` says so); the
+  sketch's shape is found abstractly, without drawing it.
   """
   if not compressors.streamable(compressor):
     return False
@@ -308,7 +318,7 @@ def sketches(compressor: compressors.MomentCompressor, p: LeafPlan) -> bool:
   sketch = jax.eval_shape(
       lambda f, k: compressor.sketch(f, k, v.batch_shape, v.cols, width),
       factors, jax.ShapeDtypeStruct((2,), jnp.uint32))
-  return width < v.cols and sketch is not None
+  return p.truncates and width < v.cols and sketch is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -475,9 +485,9 @@ def choose_step(
   ``NamedSharding`` XLA would gather its operands.
   ``'pallas'`` falls back to ``'xla'`` (the same two passes in
   ``jax.numpy``) for a matrix (or shard) the kernels cannot tile, and every
-  two-pass choice falls back to ``'reference'`` where the sketch is the
-  identity (``rank + oversample >= cols``: the RSVD is exact there) or the
-  shards are no blocks of the matrices (:func:`shard_blocker`). An explicit
+  two-pass choice falls back to ``'reference'`` where the RSVD is exact
+  (``sketched`` False, :func:`sketches`: no truncation, or the sketch is the
+  identity, ``rank + oversample >= cols``) or the shards are no blocks of the matrices (:func:`shard_blocker`). An explicit
   two-pass ``implementation`` that ``blocker`` rules out is a ``ValueError``
   (:func:`check_implementation`, which the factories also call early).
   A two-pass step chosen with ``where`` runs sharded; without it (unknown
@@ -501,7 +511,7 @@ def choose_step(
   else:
     why = f'implementation={implementation!r}'
   if not sketched:
-    return 'reference', 'the sketch is the identity (exact RSVD)'
+    return 'reference', 'the RSVD is exact (no truncation, or the sketch is the identity)'
   view, what = plan.view, 'does not tile'
   if where is not None:
     blocked = shard_blocker(plan, where)

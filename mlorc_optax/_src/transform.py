@@ -10,6 +10,7 @@ and weight decay.
 
 from __future__ import annotations
 
+import types
 from collections.abc import Sequence
 
 import jax
@@ -26,22 +27,44 @@ from mlorc_optax._src.kernels import launch
 
 _MOMENTS = ('mu', 'nu')
 
+#: The RSVD's extra sketch columns when ``oversample`` is left unset with
+#: ``compressor='rsvd'`` (the paper uses 0). Measured in ``docs/quality.md``:
+#: on the Shakespeare benchmark (rank 4, with the complement) it took
+#: MLorc-AdamW from +1.8 % to +0.2 % of AdamW's validation loss, at the same
+#: state size and about 2 % of the fused step's time.
+DEFAULT_OVERSAMPLE = 4
+
+#: The complement's weight when ``complement`` is left unset (the paper's
+#: step is 0): the largest lever measured in ``docs/quality.md``.
+DEFAULT_COMPLEMENT = 1.0
+
+#: The keyword arguments that turn off every default beyond the paper, so
+#: that ``mlorc_adamw(lr, b1=0.8, **PAPER_ADAMW)`` is the paper's
+#: Algorithm 1 exactly (``docs/quality.md``).
+PAPER_ADAMW = types.MappingProxyType(
+    {'oversample': 0, 'complement': 0.0, 'update_bound': None})
+#: As :data:`PAPER_ADAMW`, for ``mlorc_lion`` (paper Algorithm 2).
+PAPER_LION = types.MappingProxyType({'oversample': 0, 'complement': 0.0})
+
 
 def _compressor(
-    compressor: str | compressors.MomentCompressor, *, oversample: int,
-    power_iters: int
+    compressor: str | compressors.MomentCompressor, *,
+    oversample: int | None, power_iters: int
 ) -> compressors.MomentCompressor:
   """The compressor object for ``compressor=``; raises naming the argument.
 
-  ``'rsvd'`` builds the paper's compressor with ``oversample`` and
-  ``power_iters``; an object is used as it is, and then those two must keep
-  their defaults, so that no setting is silently ignored.
+  ``'rsvd'`` builds the paper's compressor with ``oversample`` (None:
+  :data:`DEFAULT_OVERSAMPLE`) and ``power_iters``; an object is used as it
+  is, and then those two must keep their defaults (None, 0), so that no
+  setting is silently ignored.
   """
-  oversample = checks.check_int('oversample', oversample, 0)
+  if oversample is not None:
+    oversample = checks.check_int('oversample', oversample, 0)
   power_iters = checks.check_int('power_iters', power_iters, 0)
   if isinstance(compressor, compressors.MomentCompressor):
     given = [k for k, v in (('oversample', oversample),
-                            ('power_iters', power_iters)) if v]
+                            ('power_iters', power_iters or None))
+             if v is not None]
     if given:
       raise ValueError(
           f'compressor is a {type(compressor).__name__} object, so '
@@ -53,12 +76,31 @@ def _compressor(
         f"compressor must be 'rsvd' or a MomentCompressor object, got "
         f'{compressor!r}.')
   if compressor == 'rsvd':
-    return compressors.RSVDCompressor(oversample, power_iters)
+    return compressors.RSVDCompressor(
+        DEFAULT_OVERSAMPLE if oversample is None else oversample, power_iters)
   raise ValueError(
       f"compressor must be 'rsvd' or a MomentCompressor object, got "
       f'{compressor!r}. The warm-started sketch and LoRA-Pre are objects of '
       'mlorc_optax.contrib (WarmStartCompressor(), LoRAPreCompressor()).'
   )
+
+
+def _complement(complement: jax.typing.ArrayLike | None, *,
+                first_moment_compressed: bool,
+                compressor: compressors.MomentCompressor
+                ) -> jax.typing.ArrayLike:
+  """The first moment's complement weight for ``complement=``.
+
+  None (unset) is :data:`DEFAULT_COMPLEMENT` where a complement exists (the
+  first moment compressed, by a compressor with an orthonormal left basis)
+  and 0 elsewhere; a weight given explicitly is used as it is (and checked
+  by :func:`mlorc_optax.low_rank_moments`).
+  """
+  if complement is not None:
+    return complement
+  if first_moment_compressed and compressors.has_left_basis(compressor):
+    return DEFAULT_COMPLEMENT
+  return 0.0
 
 
 def _compress(compress: Sequence[str]) -> tuple[str, ...]:
@@ -83,7 +125,7 @@ def scale_by_mlorc_adam(
     *,
     nesterov: bool = False,
     rank: int = 4,
-    oversample: int = 0,
+    oversample: int | None = None,
     power_iters: int = 0,
     seed: int | jax.Array = 0,
     factor_dtype: jax.typing.DTypeLike = jnp.float32,
@@ -93,7 +135,7 @@ def scale_by_mlorc_adam(
     compressor: str | compressors.MomentCompressor = 'rsvd',
     implementation: str | None = None,
     kernel_config: launch.KernelConfig | None = None,
-    complement: jax.typing.ArrayLike = 0.0,
+    complement: jax.typing.ArrayLike | None = None,
     update_bound: str | float | None = 'adam',
 ) -> optax.GradientTransformationExtraArgs:
   """Rescales updates by Adam with low-rank compressed moments (MLorc).
@@ -116,13 +158,14 @@ def scale_by_mlorc_adam(
 
   where ``fix`` is :func:`mlorc_optax.compressors.nonnegative_second_moment`.
   The update ``u`` uses the uncompressed ``m`` and ``v``; the factors start
-  at zero, so the first step is exactly Adam's first step. Beyond the paper
-  (each one argument away from it, ``docs/quality.md``): every entry of
-  ``u`` is clipped to the largest value dense Adam's update can take
-  (``update_bound='adam'``, the default; ``update_bound=None`` is the
-  paper's Algorithm 1 exactly), and ``complement`` credits the gradient's
-  part outside the first moment's rank-``r`` span with the history of a
-  persistent gradient. Leaves that are not compressed keep Adam's own
+  at zero, so the first step is exactly Adam's first step. Three defaults go
+  beyond the paper, each chosen by measurement (``docs/quality.md``):
+  every entry of ``u`` is clipped to the largest value dense Adam's update
+  can take (``update_bound='adam'``), ``complement=1.0`` credits the
+  gradient's part outside the first moment's rank-``r`` span with the
+  history of a persistent gradient, and the RSVD oversamples by
+  ``oversample=4`` columns. ``**mlorc_optax.PAPER_ADAMW`` turns all three
+  off: the paper's Algorithm 1 exactly. Leaves that are not compressed keep Adam's own
   dense moments, so they are never skipped or frozen.
 
   It is :func:`mlorc_optax.low_rank_moments` around
@@ -152,6 +195,8 @@ def scale_by_mlorc_adam(
     nesterov: Nadam-style update, as ``optax.scale_by_adam(nesterov=True)``.
     rank: rank ``r`` of the factors (static; >= 1).
     oversample: extra sketch columns ``p`` of the RSVD (static; >= 0).
+      None (unset): :data:`DEFAULT_OVERSAMPLE` (4) for ``compressor='rsvd'``
+      (the paper's is 0); with a compressor object, set it on the object.
     power_iters: power iterations of the RSVD (static; >= 0).
     seed: int seed or ``jax.random`` key for the RSVD sketches.
     factor_dtype: dtype in which factors (and moments kept dense by
@@ -185,8 +230,10 @@ def scale_by_mlorc_adam(
       :func:`mlorc_optax.format_plan` shows the choice per leaf and why.
     kernel_config: the Pallas kernels' settings
       (:class:`mlorc_optax.kernels.KernelConfig`; static).
-    complement: weight ``lambda >= 0`` of the first moment's complement (0,
-      the default: the paper's step). With ``U`` the previous first moment's
+    complement: weight ``lambda >= 0`` of the first moment's complement
+      (0: the paper's step; None, unset: 1.0 where the first moment is
+      compressed by a compressor with an orthonormal left basis, else 0).
+      With ``U`` the previous first moment's
       left factor, ``lambda (1 - b1^(t-1)) (I - U U^T) g`` is added to
       ``tilde m`` for the update only (the stored moment stays the paper's),
       so that at ``lambda = 1`` a gradient direction outside the rank-``r``
@@ -229,6 +276,11 @@ def scale_by_mlorc_adam(
   checks.check_nonnegative('eps', eps)
   checks.check_nonnegative('eps_root', eps_root)
   nesterov = checks.check_bool('nesterov', nesterov)
+  compressor = _compressor(compressor, oversample=oversample,
+                           power_iters=power_iters)
+  complement = _complement(
+      complement, first_moment_compressed='mu' in _compress(compress),
+      compressor=compressor)
   specs = {'mu': low_rank.MomentSpec(decay=b1, complement=complement),
            'nu': low_rank.MomentSpec(nonnegative=True, decay=b2)}
   if ('mu' not in _compress(compress)
@@ -239,8 +291,7 @@ def scale_by_mlorc_adam(
   return low_rank.low_rank_moments(
       optax.scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov),
       rank=rank,
-      compressor=_compressor(compressor, oversample=oversample,
-                             power_iters=power_iters),
+      compressor=compressor,
       moments={name: specs[name] for name in _compress(compress)},
       seed=seed,
       factor_dtype=factor_dtype,
@@ -273,7 +324,7 @@ def scale_by_mlorc_lion(
     mu_dtype: jax.typing.DTypeLike | None = None,
     *,
     rank: int = 4,
-    oversample: int = 0,
+    oversample: int | None = None,
     power_iters: int = 0,
     seed: int | jax.Array = 0,
     factor_dtype: jax.typing.DTypeLike = jnp.float32,
@@ -282,7 +333,7 @@ def scale_by_mlorc_lion(
     compressor: str | compressors.MomentCompressor = 'rsvd',
     implementation: str | None = None,
     kernel_config: launch.KernelConfig | None = None,
-    complement: jax.typing.ArrayLike = 0.0,
+    complement: jax.typing.ArrayLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Rescales updates by Lion with a low-rank compressed momentum (MLorc).
 
@@ -307,7 +358,8 @@ def scale_by_mlorc_lion(
     b2: decay of the momentum.
     mu_dtype: dtype of the momentum of the leaves that are not compressed.
     rank: rank ``r`` of the factors (static; >= 1).
-    oversample: extra sketch columns of the RSVD (static; >= 0).
+    oversample: extra sketch columns of the RSVD (static; >= 0; None, unset:
+      4 for ``compressor='rsvd'``, the paper's is 0).
     power_iters: power iterations of the RSVD (static; >= 0).
     seed: int seed or ``jax.random`` key for the RSVD sketches.
     factor_dtype: dtype in which the factors are stored.
@@ -322,8 +374,9 @@ def scale_by_mlorc_lion(
       passes need only ``g Omega`` and ``Q^T g`` besides the update, since
       its momentum is linear in ``g``.
     kernel_config: the Pallas kernels' settings (static).
-    complement: weight ``lambda >= 0`` of the momentum's complement (0, the
-      default: the paper's step): ``lambda (1 - b2^(t-1)) (I - U U^T) g`` is
+    complement: weight ``lambda >= 0`` of the momentum's complement (0: the
+      paper's step; None, unset: 1.0 where the compressor has an orthonormal
+      left basis, else 0): ``lambda (1 - b2^(t-1)) (I - U U^T) g`` is
       added to ``tilde m`` in ``c`` (not to the stored momentum), so that at
       ``lambda = 1`` a direction outside the rank-``r`` span gets the sign
       of a persistent gradient's ``c`` instead of ``sign((1 - b1) g)`` alone
@@ -350,11 +403,14 @@ def scale_by_mlorc_lion(
   """
   checks.check_beta('b1', b1)
   checks.check_beta('b2', b2)
+  compressor = _compressor(compressor, oversample=oversample,
+                           power_iters=power_iters)
+  complement = _complement(complement, first_moment_compressed=True,
+                           compressor=compressor)
   return low_rank.low_rank_moments(
       optax.scale_by_lion(b1, b2, mu_dtype),
       rank=rank,
-      compressor=_compressor(compressor, oversample=oversample,
-                             power_iters=power_iters),
+      compressor=compressor,
       moments={'mu': low_rank.MomentSpec(decay=b2, complement=complement)},
       seed=seed,
       factor_dtype=factor_dtype,
