@@ -487,7 +487,8 @@ def choose_step(
   ``jax.numpy``) for a matrix (or shard) the kernels cannot tile, and every
   two-pass choice falls back to ``'reference'`` where the RSVD is exact
   (``sketched`` False, :func:`sketches`: no truncation, or the sketch is the
-  identity, ``rank + oversample >= cols``) or the shards are no blocks of the matrices (:func:`shard_blocker`). An explicit
+  identity, ``rank + oversample >= cols``) or the shards are no blocks of
+  the matrices (:func:`shard_blocker`). An explicit
   two-pass ``implementation`` that ``blocker`` rules out is a ``ValueError``
   (:func:`check_implementation`, which the factories also call early).
   A two-pass step chosen with ``where`` runs sharded; without it (unknown
@@ -511,7 +512,8 @@ def choose_step(
   else:
     why = f'implementation={implementation!r}'
   if not sketched:
-    return 'reference', 'the RSVD is exact (no truncation, or the sketch is the identity)'
+    return 'reference', ('the RSVD is exact (no truncation, or the sketch '
+                         'is the identity)')
   view, what = plan.view, 'does not tile'
   if where is not None:
     blocked = shard_blocker(plan, where)
