@@ -2,8 +2,9 @@
 
 A 64 x 64 linear regression (256 noisy samples, batches of 32, no weight
 decay) trained with ``optax.adamw`` and ``mlorc_adamw`` at rank 4: the
-paper's step (``update_bound=None``), the default (``update_bound='adam'``),
-and each with ``complement=1.0``. Reports the largest ``|update| / lr`` over
+paper's step (``**mlorc_optax.PAPER_ADAMW``), with the update bound, with
+the complement, and the defaults (bound, complement, oversampling) with and
+without the bound. Reports the largest ``|update| / lr`` over
 the run, the number of steps at which it exceeded dense Adam's own bound
 (``mlorc_optax.low_rank.adam_update_bound``), and the final full-batch loss.
 Runs in seconds on a CPU.
@@ -26,14 +27,18 @@ import mlorc_optax
 from benchmarks.toolkit import environment
 from benchmarks.toolkit import results
 
-#: name -> mlorc_adamw keyword arguments (None: optax.adamw).
+#: name -> mlorc_adamw keyword arguments (None: optax.adamw). The paper's
+#: step, the bound alone, the complement with and without the bound, and the
+#: defaults (bounded, complement=1, oversample=4) with and without the bound.
 VARIANTS = {
     'adamw': None,
-    'mlorc_adamw paper (update_bound=None)': dict(update_bound=None),
-    'mlorc_adamw default': dict(),
+    'mlorc_adamw paper': dict(mlorc_optax.PAPER_ADAMW),
+    'mlorc_adamw paper, bounded': dict(complement=0.0, oversample=0),
     'mlorc_adamw paper + complement=1': dict(update_bound=None,
-                                             complement=1.0),
-    'mlorc_adamw default + complement=1': dict(complement=1.0),
+                                             complement=1.0, oversample=0),
+    'mlorc_adamw bounded + complement=1': dict(complement=1.0, oversample=0),
+    'mlorc_adamw default, unbounded': dict(update_bound=None),
+    'mlorc_adamw default': dict(),
 }
 
 
