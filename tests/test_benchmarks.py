@@ -21,6 +21,7 @@ import pytest
 import mlorc_optax
 from benchmarks import compressor_tracking
 from benchmarks import decompositions
+from benchmarks import finetune_steps
 from benchmarks import memory_table
 from benchmarks import step_time
 from benchmarks import update_size
@@ -276,3 +277,23 @@ def test_update_size_tool_reports_every_variant(tmp_path):
   assert by_name['adamw']['steps_over_adam_bound'] == 0
   assert by_name['mlorc_adamw default']['steps_over_adam_bound'] == 0
   assert json.loads(out.read_text())['rows'] == rows
+
+
+def test_finetune_steps_times_each_method_against_its_base(tmp_path):
+  out = finetune_steps.main([
+      '--preset', 'tiny', '--methods', 'adamw', 'mlorc_adamw_r4', 'lion',
+      'mlorc_lion_r4', '--json', str(tmp_path / 'f.json'), '--table',
+      str(tmp_path / 'f.md')])
+  rows = {r['method']: r for r in out['rows']}
+  assert list(rows) == ['adamw', 'mlorc_adamw_r4', 'lion', 'mlorc_lion_r4']
+  assert rows['mlorc_adamw_r4']['base'] == 'adamw'
+  assert rows['mlorc_lion_r4']['base'] == 'lion'
+  for r in rows.values():
+    assert r['step_min_s'] <= r['step_s'] and r['steps_per_s'] > 0
+  # speed = the base's step time / the method's; none for the bases.
+  assert rows['mlorc_lion_r4']['speed'] == pytest.approx(
+      rows['lion']['step_s'] / rows['mlorc_lion_r4']['step_s'])
+  assert rows['adamw']['speed'] is None
+  assert out['config']['calls'] == 3  # the tiny preset
+  assert 'mlorc_adamw_r4' in (tmp_path / 'f.md').read_text()
+
