@@ -182,10 +182,8 @@ def read_trace(trace_dir: str | Path) -> list[dict[str, Any]]:
 
 def profile(cfg: Config, trace_dir: str) -> dict[str, Any]:
   """Compiles the step, warms it up and traces ``cfg.steps`` steps."""
-  tx = step_time.make_optimizer(cfg.optimizer, cfg.rank)
-  as_list = cfg.optimizer.startswith('galore') or cfg.case in step_time.UNSTACKED
-  params = step_time.make_tree(cfg.case, cfg.dtype, 0, as_list)
-  grads = step_time.make_tree(cfg.case, cfg.dtype, 1, as_list)
+  tx, params, grads = step_time.make_problem(cfg.case, cfg.dtype,
+                                             cfg.optimizer, cfg.rank)
   state = tx.init(params)
   step = jax.jit(functools.partial(step_time.optimizer_step, tx),
                  donate_argnums=(0, 1))

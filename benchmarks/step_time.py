@@ -228,6 +228,17 @@ def make_tree(case: str, dtype: str, seed: int, as_list: bool) -> Any:
   return {name: draw((layers, m, n)) for name, (m, n) in mats}
 
 
+def make_problem(case: str, dtype: str, optimizer: str, rank: int | None
+                 ) -> tuple[optax.GradientTransformation, Any, Any]:
+  """``(tx, params, grads)`` of one configuration: GaLore (which cannot
+  treat a leading axis as a batch) and the unstacked cases get lists of
+  matrices."""
+  tx = make_optimizer(optimizer, rank)
+  as_list = optimizer == 'galore' or case in UNSTACKED
+  return (tx, make_tree(case, dtype, 0, as_list),
+          make_tree(case, dtype, 1, as_list))
+
+
 def optimizer_step(tx, params, state, grads, count=None):
   """One optimizer step; ``count`` pins the step counter (GaLore's SVD)."""
   if count is not None:
@@ -245,10 +256,7 @@ def measure(case: str, dtype: str, optimizer: str, rank: int | None,
       device=jax.local_devices()[0].device_kind, jax_version=jax.__version__,
       optax_version=optax.__version__, status='error', error=None)
   try:
-    tx = make_optimizer(optimizer, rank)
-    as_list = optimizer == 'galore' or case in UNSTACKED
-    params = make_tree(case, dtype, 0, as_list)
-    grads = make_tree(case, dtype, 1, as_list)
+    tx, params, grads = make_problem(case, dtype, optimizer, rank)
     if optimizer.startswith('mlorc_'):
       result['implementation'] = implementation_of(tx, params)
     state = tx.init(params)
@@ -257,7 +265,8 @@ def measure(case: str, dtype: str, optimizer: str, rank: int | None,
     # GaLore: a step that keeps the projectors; its SVD step is timed apart.
     count = jnp.asarray(1, jnp.int32) if optimizer == 'galore' else None
     start = time.perf_counter()
-    compiled = jax.jit(functools.partial(optimizer_step, tx), donate_argnums=(0, 1)
+    compiled = jax.jit(functools.partial(optimizer_step, tx),
+                       donate_argnums=(0, 1)
                        ).lower(params, state, grads, count).compile()
     result['compile_s'] = time.perf_counter() - start
     analysis = memory.compiled_memory(compiled)
