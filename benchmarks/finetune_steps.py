@@ -161,14 +161,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   out = run(cfg)
   table = results_lib.markdown_table(out['rows'], TABLE)
   print(f'{environment.device_line(out["device"])}\n{table}')
-  if cfg.json:
-    results_lib.write_json(out, cfg.json)
-  if cfg.table:
-    with open(cfg.table, 'w') as f:
-      f.write(f'{environment.device_line(out["device"])}; batch '
-              f'{out["config"]["batch_size"]} x {out["config"]["max_len"]} '
-              f'tokens, {out["config"]["calls"]} interleaved rounds\n\n'
-              f'{table}\n')
+  config = out['config']
+  results_lib.write_outputs(
+      out, table, json_path=cfg.json, table_path=cfg.table,
+      header=(f'{environment.device_line(out["device"])}; batch '
+              f'{config["batch_size"]} x {config["max_len"]} tokens, '
+              f'{config["calls"]} interleaved rounds'))
   return out
 
 

@@ -369,12 +369,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   out = run(cfg)
   table = format_table(out['rows'], online=not cfg.train)
   print(f'\nnoise floor {out["noise_floor"]:.4f}\n{table}')
-  if cfg.json:
-    results_lib.write_json(out, cfg.json)
-  if cfg.table:
-    with open(cfg.table, 'w') as f:
-      f.write(f'{environment.device_line(out["device"])}; noise floor '
-              f'(teacher test CE) {out["noise_floor"]:.4f}\n\n{table}\n')
+  results_lib.write_outputs(
+      out, table, json_path=cfg.json, table_path=cfg.table,
+      header=(f'{environment.device_line(out["device"])}; noise floor '
+              f'(teacher test CE) {out["noise_floor"]:.4f}'))
   return out
 
 

@@ -390,6 +390,17 @@ def test_write_json_round_trips_and_replaces_the_file_whole(tmp_path):
   assert sorted(p.name for p in path.parent.iterdir()) == ['r.json']
 
 
+def test_write_outputs_writes_each_file_given(tmp_path):
+  json_path, table_path = tmp_path / 'a' / 'r.json', tmp_path / 'b' / 'r.md'
+  results.write_outputs({'x': 1}, '| a |\n|---|', header='CPU; setting',
+                        json_path=json_path, table_path=table_path)
+  assert results.read_json(json_path) == {'x': 1}
+  assert table_path.read_text() == 'CPU; setting\n\n| a |\n|---|\n'
+  results.write_outputs({'x': 2}, 't', header='h', json_path=json_path)
+  assert results.read_json(json_path) == {'x': 2}
+  assert table_path.read_text().startswith('CPU; setting')  # not given
+
+
 def test_json_lines_append(tmp_path):
   path = tmp_path / 'r.jsonl'
   results.append_json_lines([{'a': 1}], path)

@@ -3,7 +3,8 @@
 A measuring program writes plain JSON (:func:`write_json`; numpy and JAX
 values, dataclasses and paths converted by :func:`to_json`) and renders its
 tables from that JSON alone (:func:`markdown_table`, over ``tabulate``), so a
-committed result file renders again without rerunning anything.
+committed result file renders again without rerunning anything;
+:func:`write_outputs` writes both files of a command.
 
 >>> rows = [dict(name='adamw', step_s=0.0116, state_bytes=12 * 2**30),
 ...         dict(name='mlorc_adamw', step_s=0.0213, state_bytes=None)]
@@ -106,6 +107,23 @@ def write_json(obj: Any, path: str | os.PathLike) -> Path:
     os.unlink(tmp)
     raise
   return path
+
+
+def write_outputs(obj: Any, table: str, *, header: str,
+                  json_path: str | os.PathLike | None = None,
+                  table_path: str | os.PathLike | None = None) -> None:
+  """A command's two result files, each where its path is given.
+
+  ``obj`` goes to ``json_path`` (:func:`write_json`); ``header`` (one line:
+  the device and the setting), a blank line and the markdown ``table`` go
+  to ``table_path``.
+  """
+  if json_path:
+    write_json(obj, json_path)
+  if table_path:
+    path = Path(table_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f'{header}\n\n{table}\n')
 
 
 def read_json(path: str | os.PathLike) -> Any:
