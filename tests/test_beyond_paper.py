@@ -283,11 +283,6 @@ def test_factored_second_moment_state_size_is_m_plus_n():
 # The defaults beyond the paper, and the paper one splat away.
 
 
-def _tree_equal(a, b):
-  return all(jax.tree.leaves(jax.tree.map(
-      lambda x, y: bool(jnp.array_equal(x, y)), a, b)))
-
-
 @pytest.mark.parametrize('make,explicit,paper', [
     (mlorc_optax.mlorc_adamw,
      dict(complement=1.0, oversample=4, update_bound='adam'),
@@ -299,11 +294,13 @@ def test_the_defaults_are_the_complement_and_oversampling(make, explicit,
                                                           paper):
   grads = grads_for({'w': (24, 20)}, 4, seed=3)
   default = run_steps(make(1e-2), grads)
-  assert _tree_equal(default, run_steps(make(1e-2, **explicit), grads))
+  jax.tree.map(np.testing.assert_array_equal, default,
+               run_steps(make(1e-2, **explicit), grads))
   plain = run_steps(make(1e-2, complement=0.0, oversample=0,
                          **({'update_bound': None} if 'update_bound' in paper
                             else {})), grads)
-  assert _tree_equal(run_steps(make(1e-2, **paper), grads), plain)
+  jax.tree.map(np.testing.assert_array_equal,
+               run_steps(make(1e-2, **paper), grads), plain)
   # Each default changes the steps after the first (the complement's weight
   # is 0 at step 1), so the splat really is the paper's step.
   assert not np.allclose(default[0][-1]['w'], plain[0][-1]['w'])
@@ -318,15 +315,15 @@ def test_the_default_complement_applies_only_where_there_is_one():
     got = run_steps(mlorc_optax.mlorc_adamw(1e-2, **kwargs), grads)
     want = run_steps(mlorc_optax.mlorc_adamw(1e-2, complement=0.0, **kwargs),
                      grads)
-    assert _tree_equal(got, want)
+    jax.tree.map(np.testing.assert_array_equal, got, want)
 
 
 def test_a_compressor_object_keeps_its_own_oversampling():
   warm = mlorc_optax.contrib.WarmStartCompressor()
   tx = mlorc_optax.mlorc_adamw(1e-2, compressor=warm)
   grads = grads_for({'w': (24, 20)}, 3, seed=5)
-  assert _tree_equal(
-      run_steps(tx, grads),
+  jax.tree.map(
+      np.testing.assert_array_equal, run_steps(tx, grads),
       run_steps(mlorc_optax.mlorc_adamw(1e-2, compressor=warm, complement=1.0),
                 grads))
   with pytest.raises(ValueError, match='oversample must be set on it'):

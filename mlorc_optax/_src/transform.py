@@ -63,9 +63,9 @@ def _compressor(
     oversample = checks.check_int('oversample', oversample, 0)
   power_iters = checks.check_int('power_iters', power_iters, 0)
   if isinstance(compressor, compressors.MomentCompressor):
-    given = [k for k, v in (('oversample', oversample),
-                            ('power_iters', power_iters or None))
-             if v is not None]
+    given = [name for name, is_set in (('oversample', oversample is not None),
+                                       ('power_iters', power_iters != 0))
+             if is_set]
     if given:
       raise ValueError(
           f'compressor is a {type(compressor).__name__} object, so '
@@ -87,21 +87,25 @@ def _compressor(
 
 
 def _complement(complement: jax.typing.ArrayLike | None, *,
-                first_moment_compressed: bool,
+                moments: tuple[str, ...],
                 compressor: compressors.MomentCompressor
                 ) -> jax.typing.ArrayLike:
   """The first moment's complement weight for ``complement=``.
 
   None (unset) is :data:`DEFAULT_COMPLEMENT` where a complement exists (the
-  first moment compressed, by a compressor with an orthonormal left basis)
-  and 0 elsewhere; a weight given explicitly is used as it is (and checked
-  by :func:`mlorc_optax.low_rank_moments`).
+  first moment among the compressed ``moments``, by a compressor with an
+  orthonormal left basis) and 0 elsewhere. A weight given explicitly is used
+  as it is (and checked by :func:`mlorc_optax.low_rank_moments`); a nonzero
+  one for a first moment kept dense raises, naming ``complement``.
   """
-  if complement is not None:
-    return complement
-  if first_moment_compressed and compressors.has_left_basis(compressor):
-    return DEFAULT_COMPLEMENT
-  return 0.0
+  if complement is None:
+    exists = 'mu' in moments and compressors.has_left_basis(compressor)
+    return DEFAULT_COMPLEMENT if exists else 0.0
+  if 'mu' not in moments and checks.is_nonzero_weight(complement):
+    raise ValueError(
+        f'complement is {complement!r}, but compress={moments!r} keeps the '
+        'first moment dense: it has no complement.')
+  return complement
 
 
 def _compress(compress: Sequence[str]) -> tuple[str, ...]:
@@ -277,23 +281,17 @@ def scale_by_mlorc_adam(
   checks.check_nonnegative('eps', eps)
   checks.check_nonnegative('eps_root', eps_root)
   nesterov = checks.check_bool('nesterov', nesterov)
+  moments = _compress(compress)
   compressor = _compressor(compressor, oversample=oversample,
                            power_iters=power_iters)
-  complement = _complement(
-      complement, first_moment_compressed='mu' in _compress(compress),
-      compressor=compressor)
+  complement = _complement(complement, moments=moments, compressor=compressor)
   specs = {'mu': low_rank.MomentSpec(decay=b1, complement=complement),
            'nu': low_rank.MomentSpec(nonnegative=True, decay=b2)}
-  if ('mu' not in _compress(compress)
-      and checks.is_nonzero_weight(complement)):
-    raise ValueError(
-        f'complement is {complement!r}, but compress={tuple(compress)!r} '
-        'keeps the first moment dense: it has no complement.')
   return low_rank.low_rank_moments(
       optax.scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov),
       rank=rank,
       compressor=compressor,
-      moments={name: specs[name] for name in _compress(compress)},
+      moments={name: specs[name] for name in moments},
       seed=seed,
       factor_dtype=factor_dtype,
       low_rank_mask=low_rank_mask,
@@ -406,7 +404,7 @@ def scale_by_mlorc_lion(
   checks.check_beta('b2', b2)
   compressor = _compressor(compressor, oversample=oversample,
                            power_iters=power_iters)
-  complement = _complement(complement, first_moment_compressed=True,
+  complement = _complement(complement, moments=('mu',),
                            compressor=compressor)
   return low_rank.low_rank_moments(
       optax.scale_by_lion(b1, b2, mu_dtype),
