@@ -152,6 +152,11 @@ def test_compressors_are_moment_compressors_with_distinct_names():
   assert compressors.streamable(contrib.WarmStartCompressor())
   assert not compressors.streamable(contrib.LoRAPreCompressor())
   assert not compressors.streamable(compressors.RSVDCompressor(power_iters=1))
+  # The complement needs an orthonormal left basis: the RSVDs have one.
+  assert compressors.has_left_basis(compressors.RSVDCompressor())
+  assert compressors.has_left_basis(contrib.WarmStartCompressor())
+  assert compressors.has_left_basis(contrib.FactoredSecondMoment())
+  assert not compressors.has_left_basis(contrib.LoRAPreCompressor())
 
 
 # --------------------------------------------------------------------------
