@@ -188,8 +188,8 @@ def test_lion_complement_matches_dense_numpy():
 def test_two_pass_complement_equals_the_reference_step(make):
   # The complement is computed by the two-pass step itself (two_pass.py),
   # the same for the Pallas passes and their jax.numpy references: the
-  # Pallas passes (interpret mode) are tested here. 'w' takes them; 'odd'
-  # (not tileable) the reference step, in the same update.
+  # Pallas passes (interpret mode) are tested here. 'w' takes them, and
+  # 'odd' too, zero-padded to whole tiles.
   implementation = 'pallas'
   shapes = {'w': (2, 64, 128), 'odd': (20, 30)}
   # The gradients of test_two_pass_step.py: with these, the second moment's

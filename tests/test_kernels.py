@@ -176,9 +176,11 @@ def test_lion_kernels_equal_their_references(batch, m, n, rank, config,
 # Whole steps of one leaf against the dense NumPy algorithms.
 
 
-def test_leaf_step_is_algorithm_1_with_the_same_sketch():
-  """One step against a dense NumPy (float64) MLorc-AdamW step."""
-  batch, m, n, rank, t = 2, 64, 128, 4, 3
+@pytest.mark.parametrize('batch,m,n', [(2, 64, 128), (1, 50, 70)])
+def test_leaf_step_is_algorithm_1_with_the_same_sketch(batch, m, n):
+  """One step against a dense NumPy (float64) MLorc-AdamW step; 50 x 70
+  matrices are zero-padded to the kernels' tiles and cropped back."""
+  rank, t = 4, 3
   keys = jax.random.split(jax.random.key(3), 5)
   g = jax.random.normal(keys[0], (batch, m, n))
   mu = random_factors(keys[1], batch, m, n, rank)
@@ -214,12 +216,13 @@ def assert_factors_are_rsvd(ours, x, omega, rank):
 
 
 def test_lion_step_is_algorithm_2_with_the_same_sketch():
-  """Two leaves (one tileable, one not) against dense NumPy MLorc-Lion."""
+  """Leaves against dense NumPy MLorc-Lion: a tileable one, and one the
+  kernels take padded to tiles, next to the same shape's reference."""
   b1, b2, rank = 0.9, 0.99, 4
-  keys = jax.random.split(jax.random.key(5), 6)
+  keys = jax.random.split(jax.random.key(5), 9)
   leaves, expected = [], []
   for i, (batch, m, n, use_kernel) in enumerate(
-      ((2, 64, 128, True), (1, 20, 30, False))):
+      ((2, 64, 128, True), (1, 20, 30, False), (2, 20, 30, True))):
     g = jax.random.normal(keys[3 * i], (batch, m, n))
     mu = random_factors(keys[3 * i + 1], batch, m, n, rank)
     omega = jax.random.normal(keys[3 * i + 2], (batch, n, rank))
@@ -241,8 +244,10 @@ def test_adam_step_batches_leaves_and_keeps_their_dtypes():
       one_minus_b1=1 - B1, one_minus_b2=1 - B2, k_m=1 / (1 - B1**t), k_g=0.0,
       c_v=1 / (1 - B2**t), eps=EPS, eps_root=0.0)
   leaves = []
+  # Two 40 x 24 leaves for the kernels: padded to 64 x 32, one launch.
   for i, (shape, use_kernel) in enumerate(
-      (((2, 64, 128), True), ((1, 48, 32), False), ((3, 32, 64), True))):
+      (((2, 64, 128), True), ((1, 48, 32), False), ((3, 32, 64), True),
+       ((2, 40, 24), True), ((1, 40, 24), True))):
     key = jax.random.key(i)
     g = jax.random.normal(key, shape, jnp.bfloat16)
     zero = rsvd.LowRankFactors(jnp.zeros((*shape[:2], rank)),
@@ -342,6 +347,12 @@ def test_tiles_and_what_the_kernels_support():
   assert not kernels.supports(20, 64, config)
   assert not kernels.supports(64, 30, config)
   assert launch.pow2_at_least(3) == 16 and launch.pow2_at_least(33) == 64
+  # What the steps pad an axis the kernels cannot tile to: whole tiles of up
+  # to the target, less than one tile of padding.
+  assert launch.tiled_size(4096, 64) == 4096 and launch.tiled_size(48, 64) == 48
+  assert launch.tiled_size(30522, 64) == 30528  # BERT's vocabulary
+  assert launch.tiled_size(20, 64) == 32 and launch.tiled_size(3, 64) == 16
+  assert launch.tiled_size(100, 32) == 128
   assert launch.pad_cols(jnp.ones((2, 3, 5)), 16).shape == (2, 3, 16)
   # Factors up to fma_max_rank (8) wide keep their rank; sketches and wider
   # factors are padded to a power of two >= 16 for the dots.

@@ -242,7 +242,8 @@ def test_step_of_each_leaf():
       'thin': exact, 'b': not_compressed}
   assert steps('pallas') == {
       'w': ('pallas', "implementation='pallas'"),
-      'odd': ('xla', "implementation='pallas'; 24x40 does not tile"),
+      'odd': ('pallas',
+              "implementation='pallas'; 24x40 padded to 32x64 tiles"),
       'thin': exact, 'b': not_compressed}
   assert steps('reference')['w'] == ('reference',
                                      "implementation='reference'")

@@ -189,7 +189,10 @@ def test_sharded_update_moves_no_dense_moment(adam_runs):
 
 def test_sharded_lion_equals_the_single_device_and_reference_steps(mesh):
   specs = {k: SPECS[k] for k in ('rows', 'layers', 'replicated')}
-  grads = grads_for({k: SHAPE for k in specs}, STEPS, seed=4)
+  shapes = {k: SHAPE for k in specs}
+  # Shards of 48 x 10 that the kernels take zero-padded to 48 x 16 tiles.
+  specs['odd'], shapes['odd'] = SPECS['cols'], (2, 48, 40)
+  grads = grads_for(shapes, STEPS, seed=4)
 
   def make(impl):
     return mlorc_optax.scale_by_mlorc_lion(rank=RANK, complement=0.5,
@@ -287,9 +290,9 @@ def test_automatic_choice_on_several_gpus_needs_the_placement(monkeypatch,
                   ).plan.leaves[0]
   assert (alone.step, alone.step_reason, alone.placement) == (
       'pallas', 'automatic: one NVIDIA GPU', None)
-  # Shards the kernels cannot tile take the same passes in jax.numpy.
+  # Shards the kernels cannot tile are padded to whole tiles.
   odd = jax.device_put(jnp.zeros((2, 48, 40)), NamedSharding(
       mesh, P(None, None, 'model')))
   leaf = tx.init({'w': odd}).plan.leaves[0]
   assert (leaf.step, leaf.step_reason.split('; ')[-1]) == (
-      'xla', '48x10 shards do not tile')
+      'pallas', '48x10 shards padded to 48x16 tiles')

@@ -73,7 +73,7 @@ def test_two_pass_matches_dense_numpy_algorithm_1(implementation):
 ])
 def test_pallas_step_equals_reference_step(settings):
   shapes = {'w': (3, 64, 128)}
-  if not settings:  # the fallbacks once: untileable, exact, not compressed
+  if not settings:  # once: padded to tiles, exact, not compressed
     shapes.update({'x': (128, 32), 'bias': (32,), 'odd': (20, 30),
                    'full': (64, 4)})
   grads = grads_for(shapes, 4, seed=1)
@@ -115,13 +115,13 @@ def test_the_plan_records_which_leaf_takes_which_step_and_why():
   plan = mlorc_optax.compression_plan(tx, params)
   assert plan['w'].step == 'pallas'
   assert (plan['odd'].step, plan['odd'].step_reason) == (
-      'xla', "implementation='pallas'; 20x30 does not tile")
+      'pallas', "implementation='pallas'; 20x30 padded to 32x32 tiles")
   assert plan['full'].step == 'reference'
   assert 'identity' in plan['full'].step_reason
   assert (plan['bias'].step, plan['bias'].step_reason) == (
       'dense', 'not compressed')
   table = mlorc_optax.format_plan(plan)
-  assert '| pallas |' in table and 'does not tile' in table
+  assert '| pallas |' in table and 'padded to 32x32 tiles' in table
 
 
 @pytest.mark.parametrize('make', [mlorc_optax.mlorc_adamw,

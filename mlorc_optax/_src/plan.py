@@ -483,9 +483,9 @@ def choose_step(
   devices where the placement is unknown (``init`` traced under ``Auto``
   mesh axes), since a Pallas call has no sharding rule and under
   ``NamedSharding`` XLA would gather its operands.
-  ``'pallas'`` falls back to ``'xla'`` (the same two passes in
-  ``jax.numpy``) for a matrix (or shard) the kernels cannot tile, and every
-  two-pass choice falls back to ``'reference'`` where the RSVD is exact
+  ``'pallas'`` takes a matrix (or shard) the kernels cannot tile zero-padded
+  to whole tiles (:func:`~mlorc_optax._src.kernels.launch.tiled_size`; the
+  reason says so), and every two-pass choice falls back to ``'reference'`` where the RSVD is exact
   (``sketched`` False, :func:`sketches`: no truncation, or the sketch is the
   identity, ``rank + oversample >= cols``) or the shards are no blocks of
   the matrices (:func:`shard_blocker`). An explicit
@@ -514,17 +514,20 @@ def choose_step(
   if not sketched:
     return 'reference', ('the RSVD is exact (no truncation, or the sketch '
                          'is the identity)')
-  view, what = plan.view, 'does not tile'
+  view, what = plan.view, ''
   if where is not None:
     blocked = shard_blocker(plan, where)
     if blocked is not None:
       return 'reference', f'{why}; {blocked}'
     why = f'{why}; {where.describe(view)}'
     if not where.replicated:  # the kernels tile each device's shard
-      view, what = where.local_view(view), 'shards do not tile'
+      view, what = where.local_view(view), ' shards'
   if implementation == 'pallas' and not launch.supports(
       view.rows, view.cols, kernel_config):
-    return 'xla', f'{why}; {view.rows}x{view.cols} {what}'
+    rows = launch.tiled_size(view.rows, kernel_config.block_rows)
+    cols = launch.tiled_size(view.cols, kernel_config.block_cols)
+    return implementation, (f'{why}; {view.rows}x{view.cols}{what} padded '
+                            f'to {rows}x{cols} tiles')
   return implementation, why
 
 

@@ -76,7 +76,11 @@ dense matrix crosses devices, and the result is the single-device step's
 Every leaf says whether its passes run as the Pallas kernels
 (``use_kernel=True``: Triton on an NVIDIA GPU, or Pallas' interpreter with
 ``interpret=True``), which read the gradient once per pass, or as their
-``jax.numpy`` references (dense temporaries; any shape). Which one a leaf
+``jax.numpy`` references (dense temporaries). Both take any shape: a
+matrix whose sides no power-of-two tile divides goes to the kernels
+zero-padded to whole tiles, which changes none of its results
+(:meth:`AdamLeafInputs.padded`) and costs a copy of its gradient and of its
+update. Which one a leaf
 gets, and whether the two-pass step runs at all, is decided by the caller:
 this module only orchestrates. Traffic: the reference step reads and writes
 several float32 copies of every moment; the two-pass step reads the gradient
@@ -108,6 +112,7 @@ from mlorc_optax._src.kernels import lion
 from mlorc_optax._src.kernels.launch import KernelConfig
 from mlorc_optax._src.kernels.launch import kernel_widths
 from mlorc_optax._src.kernels.launch import pad_cols
+from mlorc_optax._src.kernels.launch import tiled_size
 
 _F32 = jnp.float32
 _HI = step_math.HIGHEST
@@ -152,6 +157,31 @@ def _credited(factors: rsvd.LowRankFactors, p: jax.Array,
       u, jnp.ones_like(s), v * s[..., None, :] - alpha * step_math.mT(p))
 
 
+def _zero_padded(x: jax.Array, rows: int, cols: int | None) -> jax.Array:
+  """``x [..., a, b]`` with zero rows up to ``rows`` (and zero columns up to
+  ``cols``, unless None)."""
+  a, b = x.shape[-2:]
+  widths = [(0, rows - a), (0, 0 if cols is None else cols - b)]
+  return jnp.pad(x, [(0, 0)] * (x.ndim - 2) + widths)
+
+
+def _padded_rows(factors: rsvd.LowRankFactors, rows: int,
+                 cols: int) -> rsvd.LowRankFactors:
+  """Factors of ``[..., rows, cols]`` matrices: zero rows of ``u`` and ``v``
+  (the factorization of the zero-padded matrix)."""
+  return factors._replace(u=_zero_padded(factors.u, rows, None),
+                          v=_zero_padded(factors.v, cols, None))
+
+
+def _cropped(result: tuple[Any, ...], rows: int, cols: int) -> tuple[Any, ...]:
+  """A padded step's ``(direction, factors, ...)`` cut back to ``rows x
+  cols`` matrices."""
+  direction, *factors = result
+  return (direction[..., :rows, :cols],
+          *(f._replace(u=f.u[..., :rows, :], v=f.v[..., :cols, :])
+            for f in factors))
+
+
 def _sketch_of(a: jax.Array, v_omega: jax.Array) -> jax.Array:
   """``a (v^T omega)`` ``[B, m, l]``: a factored matrix's sketch, cheaply."""
   return jnp.einsum('bmk,bkl->bml', a, v_omega, precision=_HI)
@@ -194,9 +224,10 @@ class AdamLeafInputs(NamedTuple):
     nu: previous second-moment factors.
     omega_m: this step's first-moment sketch ``[B, n, l]`` (``k <= l``).
     omega_v: this step's second-moment sketch ``[B, n, l]``.
-    use_kernel: the Pallas passes (else the ``jax.numpy`` references); the
-      Pallas passes need ``m`` and ``n`` tileable
-      (:func:`~mlorc_optax._src.kernels.launch.supports`).
+    use_kernel: the Pallas passes (else the ``jax.numpy`` references). A
+      matrix they cannot tile is zero-padded to tiles first
+      (:func:`~mlorc_optax._src.kernels.launch.tiled_size`), its results
+      cropped (:meth:`padded`).
     axes: inside ``shard_map``, the mesh axes the matrices are split over
       (:class:`MatrixAxes`; every array above is then this device's block:
       ``g`` and ``mu.u`` of rows, ``g``, ``mu.v`` and ``omega_m`` of
@@ -210,6 +241,26 @@ class AdamLeafInputs(NamedTuple):
   omega_v: jax.Array
   use_kernel: bool
   axes: MatrixAxes = MatrixAxes()
+
+  def padded(self, rows: int, cols: int) -> AdamLeafInputs:
+    """These inputs with zero rows and columns up to ``rows x cols``.
+
+    The step of the padded matrices is the step of the originals, padded:
+    zero rows of ``g`` and ``U`` (zero columns of ``g``, zero rows of ``V``
+    and ``Omega``) add nothing to any sketch, projection, Gram matrix or
+    count of negative entries (a reconstructed zero is not negative), so
+    ``Q``, the factors' ``s`` and the original block of every output are
+    unchanged, and the padding's own direction and factor rows are zero
+    (:func:`_cropped` removes them). Only the clip bound of
+    :func:`~mlorc_optax._src.step_math.overflow_bound`, a function of the
+    padded size, is lower by less than one tile in ``max(m, n)``.
+    """
+    return self._replace(
+        g=_zero_padded(self.g, rows, cols),
+        mu=_padded_rows(self.mu, rows, cols),
+        nu=_padded_rows(self.nu, rows, cols),
+        omega_m=_zero_padded(self.omega_m, cols, None),
+        omega_v=_zero_padded(self.omega_v, cols, None))
 
 
 def _adam_step(
@@ -329,6 +380,13 @@ class LionLeafInputs(NamedTuple):
   use_kernel: bool
   axes: MatrixAxes = MatrixAxes()
 
+  def padded(self, rows: int, cols: int) -> LionLeafInputs:
+    """These inputs with zero rows and columns up to ``rows x cols`` (as
+    :meth:`AdamLeafInputs.padded`; ``sign(0) = 0`` in the padding)."""
+    return self._replace(g=_zero_padded(self.g, rows, cols),
+                         mu=_padded_rows(self.mu, rows, cols),
+                         omega=_zero_padded(self.omega, cols, None))
+
 
 def _lion_step(
     leaves: Sequence[LionLeafInputs],
@@ -421,10 +479,18 @@ def _grouped(step: Callable[..., list[Any]], leaves: Sequence[Any],
              config: KernelConfig, **kwargs: Any) -> list[Any]:
   """``step`` over ``leaves``, equal-shaped small leaves in one batch.
 
-  Every computation of a step is per matrix, so concatenating leaves along
-  the batch axis changes no result; it only makes one launch of each pass
-  (and one of each small factorization) serve the whole group.
+  A leaf for the kernels that they cannot tile is zero-padded to tiles
+  first and its results cropped (``padded``, exact). Every computation of a
+  step is per matrix, so concatenating leaves along the batch axis changes
+  no result; it only makes one launch of each pass (and one of each small
+  factorization) serve the whole group.
   """
+  shapes = [leaf.g.shape[-2:] for leaf in leaves]
+  tiled = [(tiled_size(m, config.block_rows), tiled_size(n, config.block_cols))
+           if leaf.use_kernel else (m, n)
+           for leaf, (m, n) in zip(leaves, shapes)]
+  leaves = [leaf if tuple(t) == tuple(s) else leaf.padded(*t)
+            for leaf, s, t in zip(leaves, shapes, tiled)]
   groups = _groups(leaves, config)
   merged = []
   for group in groups:
@@ -445,7 +511,8 @@ def _grouped(step: Callable[..., list[Any]], leaves: Sequence[Any],
       out[i] = result if len(group) == 1 else jax.tree_util.tree_map(
           lambda x, a=start, b=stop: x[a:b], result)
       start = stop
-  return out
+  return [o if tuple(t) == tuple(s) else _cropped(o, *s)
+          for o, s, t in zip(out, shapes, tiled)]
 
 
 def adam_step(
@@ -461,7 +528,8 @@ def adam_step(
   Pass 1 for every leaf, then all the ``Q`` factorizations together, then
   pass 2 for every leaf, then all the small SVDs together (module
   docstring). Small leaves of equal shapes and dtypes share one launch of
-  each pass (``config.group_max_elements``).
+  each pass (``config.group_max_elements``); a matrix the kernels cannot
+  tile is padded to tiles (:meth:`AdamLeafInputs.padded`).
 
   Args:
     leaves: :class:`AdamLeafInputs`, one per compressed leaf.

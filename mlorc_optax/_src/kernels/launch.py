@@ -168,6 +168,20 @@ def supports(rows: int, cols: int, config: KernelConfig) -> bool:
           and tile(cols, config.block_cols) is not None)
 
 
+def tiled_size(dim: int, target: int) -> int:
+  """The size an axis of ``dim`` entries is zero-padded to for the kernels.
+
+  ``dim`` itself where a tile divides it (:func:`tile`); else the next
+  multiple of ``min(target, pow2_at_least(dim))``: full tiles of up to
+  ``target``, fewer than one tile of padding (a 30,522-row vocabulary
+  becomes 30,528 rows at ``target=64``; 20 rows become 32).
+  """
+  if tile(dim, target) is not None:
+    return dim
+  t = min(target, pow2_at_least(dim))
+  return -(-dim // t) * t
+
+
 def pow2_at_least(x: int, lo: int = MIN_TILE) -> int:
   """The smallest power of two ``>= max(x, lo)`` (``lo`` a power of two)."""
   return max(lo, 1 << (max(x, 1) - 1).bit_length())
