@@ -111,6 +111,7 @@ def compiled_steps(cfg: Config) -> dict[str, Any]:
     start = time.perf_counter()
     compiled = train.compiled_train_step(graphdef, state, batch, lr)
     seconds = time.perf_counter() - start
+    print(f'{name}: compiled in {seconds:.1f} s', flush=True)
     # The state is donated: each call returns the next one.
     out[name] = (lambda s, c=compiled: c(s, batch, lr)[0], state, seconds)
   return out

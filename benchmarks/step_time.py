@@ -13,6 +13,9 @@ LLaMA-7B-shaped matrices, with fixed random gradients:
 * ``minilm_L6_unstacked``: the 36 matrices of MiniLM-L6 (the fine-tuning
   example's model), each its own leaf, as in an unstacked model: a step
   bound by the fixed cost of each launch;
+* ``bert_vocab``: one ``30522 x 384`` matrix, MiniLM's word embedding
+  (compressed when ``low_rank_mask=`` includes it): no power-of-two tile
+  divides its rows, so the kernels take it zero-padded to whole tiles;
 * ``tiny``: a few small matrices, for CI.
 
 Optimizers: ``adamw``, ``lion``, ``adafactor`` (optax), ``mlorc_adamw`` and
@@ -100,6 +103,7 @@ CASES: dict[str, tuple[int, tuple[tuple[str, tuple[int, int]], ...]]] = {
     'small_32x1024x2816': (32, (('w', (1024, 2816)),)),
     'tiny': (2, (('wq', (64, 64)), ('w_up', (64, 160)), ('w_down', (160, 64)))),
     'minilm_L6_unstacked': (6, MINILM_LAYER),
+    'bert_vocab': (1, (('vocab', (30522, 384)),)),
 }
 
 #: ``mlorc_adamw`` and ``mlorc_lion`` pick their implementation

@@ -331,12 +331,41 @@ def test_svds_of_projections_are_the_svds_of_q_b():
 # Tiles, grids and the static config.
 
 
-def test_splits_fill_the_gpu_and_divide_the_loop():
-  assert launch.splits(8 * 64, 172, 2048) == 4  # 8 x 4096 rows: 512 programs
-  assert launch.splits(8 * 172, 64, 2048) == 1  # 1376 programs are enough
-  assert launch.splits(1, 172, 2048) == 4  # 172 = 4 * 43
-  assert launch.splits(1, 3, 2048) == 1
-  assert launch.splits(1, 172, 1) == 1
+def test_splits_fill_the_gpu_however_the_loop_factors():
+  split = launch.splits(8 * 64, 172, 2048)  # 8 x 4096 rows: 512 programs
+  assert (split.parts, split.size) == (4, 43)
+  assert launch.splits(8 * 172, 64, 2048).parts == 1  # 1376 are enough
+  # BERT's vocabulary, 477 row blocks of 64 (477 = 9 * 53), in 6 column
+  # programs: 239 parts of 2 blocks, the last of 1.
+  split = launch.splits(6, 477, 2048)
+  assert (split.parts, split.size) == (239, 2)
+  assert [tuple(map(int, split.blocks(p))) for p in (0, 1, 238)] == [
+      (0, 2), (2, 4), (476, 477)]
+  assert launch.splits(1, 3, 2048).parts == 3  # never more parts than blocks
+  assert launch.splits(1, 172, 1).parts == 1
+
+
+@pytest.mark.parametrize('target_programs,sizes', [
+    (5, (5,)), (10, (3, 2)), (15, (2, 2, 1)), (25, (1,) * 5)])
+def test_uneven_splits_sum_every_block_once(target_programs, sizes):
+  """80 x 80 matrices in 16 x 16 tiles: 5 programs, each looping over 5
+  blocks, in parts of these sizes; every split gives the reference sketch
+  and projection."""
+  split = launch.splits(5, 5, target_programs)
+  assert [int(e) - int(b) for b, e in map(split.blocks, range(split.parts))
+          ] == list(sizes)
+  config = dataclasses.replace(FULL, block_rows=16, block_cols=16,
+                               target_programs=target_programs)
+  g, a_m, v_m, a_v, v_v, omegas, qs = pass_inputs(1, 80, 80, 4, jnp.float32,
+                                                  config=config)
+  ours = kernels.lion_sketch_pass(g, omegas[0], config=config,
+                                  interpret=INTERPRET)
+  assert_close(ours, kernels.lion_sketch_pass_reference(g, omegas[0]), 1e-5)
+  coef = kernels.LionCoefficients(0.9, 0.1)
+  ours = kernels.lion_project_pass(g, a_m, v_m, qs[0], coef, config=config,
+                                   interpret=INTERPRET)
+  theirs = kernels.lion_project_pass_reference(g, a_m, v_m, qs[0], coef)
+  assert_close(ours.q_g, theirs.q_g, 1e-5)
 
 
 def test_tiles_and_what_the_kernels_support():

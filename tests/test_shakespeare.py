@@ -133,6 +133,18 @@ def test_method_options_pass_through_to_the_factory():
   assert inner.nu['w'].u.shape == (32, 4)  # the second is compressed
 
 
+def test_the_embedding_is_compressed_only_when_the_mask_says_so():
+  params = {'embed': {'embedding': jax.ShapeDtypeStruct((64, 32),
+                                                        np.float32)}}
+  for spec, compressed in (('mlorc_adamw_r4', False),
+                           ('mlorc_adamw_r4:low_rank_mask=with_embeddings',
+                            True)):
+    inner = jax.eval_shape(methods.parse(spec).build().init,
+                           params)[0].inner_state
+    mu = inner.mu['embed']['embedding']
+    assert (getattr(mu, 'shape', None) != (64, 32)) == compressed, spec
+
+
 def _tiny_params():
   return jax.eval_shape(
       lambda: train.init_params(train.model_config(TINY), 0))

@@ -11,6 +11,7 @@ passed through to its factory, e.g.::
   mlorc_adamw_r4:compressor=warm      contrib.WarmStartCompressor()
   mlorc_adamw_r4:complement=0         without the first moment's complement
   mlorc_adamw_r4:compressor=factored  contrib.FactoredSecondMoment()
+  mlorc_adamw_r4:low_rank_mask=with_embeddings   the embedding compressed too
   galore_r4:update_proj_gap=50
   adamw:lr=3e-3                       another reference rate for the grid
 
@@ -51,6 +52,7 @@ import optax
 
 import mlorc_optax
 from benchmarks.toolkit import method_options
+from examples.finetune.methods import LOW_RANK_MASKS
 from examples.finetune.methods import galore_dimension_numbers
 from mlorc_optax import contrib
 
@@ -119,6 +121,7 @@ VALUE_ALIASES: dict[str, dict[str, Any]] = {
     'compressor': {'warm': contrib.WarmStartCompressor(),
                    'lorapre': contrib.LoRAPreCompressor(),
                    'factored': contrib.FactoredSecondMoment()},
+    'low_rank_mask': LOW_RANK_MASKS,
 }
 #: Options the benchmark sets itself.
 _FIXED = ('learning_rate', 'rank', 'seed', 'weight_dimension_numbers')

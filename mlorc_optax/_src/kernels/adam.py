@@ -166,7 +166,7 @@ def sketch_pass_reference(
 
 def _sketch_kernel(
     one_b2_ref, g_ref, av_ref, vv_ref, om_ref, ov_ref, *out_refs,
-    bm, bn, loop_blocks, bound, products,
+    bm, bn, loop, bound, products,
 ):
   b, i, part = launch_lib.program()
   rows = launch_lib.block(i, bm)
@@ -185,7 +185,7 @@ def _sketch_kernel(
 
   zl = jnp.zeros((bm, om_ref.shape[-1]), _F32)
   zr = jnp.zeros((bm,), _F32)
-  acc = jax.lax.fori_loop(part * loop_blocks, (part + 1) * loop_blocks, body,
+  acc = jax.lax.fori_loop(*loop.blocks(part), body,
                           SketchPassOutputs(zl, zl, zl, zr, zr))
   for ref, x in zip(out_refs, acc):
     ref[part, b, rows] = x
@@ -293,7 +293,7 @@ def project_pass_reference(
 def _project_kernel(
     coef_ref, zeta_ref, g_ref, am_ref, vm_ref, av_ref, vv_ref, qm_ref, qv_ref,
     d_ref, bm_ref, bv_ref,
-    *, bm, bn, loop_blocks, bound, products,
+    *, bm, bn, loop, bound, products,
 ):
   b, j, part = launch_lib.program()
   cols = launch_lib.block(j, bn)
@@ -316,8 +316,7 @@ def _project_kernel(
             acc[1] + products.project(qv_ref, b, rows, v))
 
   z = jnp.zeros((qm_ref.shape[-1], bn), _F32)
-  acc_m, acc_v = jax.lax.fori_loop(
-      part * loop_blocks, (part + 1) * loop_blocks, body, (z, z))
+  acc_m, acc_v = jax.lax.fori_loop(*loop.blocks(part), body, (z, z))
   bm_ref[part, b, :, cols] = acc_m
   bv_ref[part, b, :, cols] = acc_v
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -148,18 +148,31 @@ def tile(dim: int, target: int) -> int | None:
   return None
 
 
-def splits(programs: int, loop: int, target_programs: int) -> int:
-  """How many parts the inner loop of ``loop`` blocks is split into.
+class LoopSplit(NamedTuple):
+  """A kernel's inner loop of ``total`` blocks, split into ``parts`` parts
+  of ``size`` blocks (the last part may be shorter); :func:`splits`."""
 
-  The largest power of two ``<= target_programs / programs`` that divides
-  ``loop`` (at least 1), so that ``programs * splits`` programs keep the GPU
-  busy; each part's partial sums are added afterwards.
+  parts: int
+  size: int
+  total: int
+
+  def blocks(self, part: Any) -> tuple[Any, Any]:
+    """``(first, end)``: the blocks of ``part`` (a program id)."""
+    return part * self.size, jnp.minimum((part + 1) * self.size, self.total)
+
+
+def splits(programs: int, loop: int, target_programs: int) -> LoopSplit:
+  """How the inner loop of ``loop`` blocks is split into parts.
+
+  Into about ``target_programs / programs`` parts (at least 1, at most
+  ``loop``) of equal size but for the last, so that ``programs * parts``
+  programs keep the GPU busy however ``loop`` factors (BERT's vocabulary,
+  477 row blocks, a prime's multiple, is split as finely as a power of
+  two); each part's partial sums are added afterwards.
   """
-  want = max(1, target_programs // max(programs, 1))
-  k = 1
-  while 2 * k <= want and loop % (2 * k) == 0:
-    k *= 2
-  return k
+  want = max(1, min(loop, target_programs // max(programs, 1)))
+  size = -(-loop // want)
+  return LoopSplit(-(-loop // size), size, loop)
 
 
 def supports(rows: int, cols: int, config: KernelConfig) -> bool:
@@ -317,8 +330,9 @@ def launch(
 
   Args:
     kernel: the kernel body; it gets the refs of ``args`` and of the outputs,
-      and the keywords ``bm``, ``bn`` (tile sides), ``loop_blocks`` (blocks
-      per part), ``bound`` (:func:`step_math.overflow_bound`) and
+      and the keywords ``bm``, ``bn`` (tile sides), ``loop``
+      (:class:`LoopSplit`: ``loop.blocks(part)`` are its part's blocks of
+      the inner loop), ``bound`` (:func:`step_math.overflow_bound`) and
       ``products`` (:class:`Products` at the config's precisions,
       :func:`dot_precisions`, reconstructing by multiply-adds where
       :func:`uses_fma` says so for ``rank``); its grid position is
@@ -348,17 +362,18 @@ def launch(
         f'{config.block_rows}, block_cols={config.block_cols} (see supports).')
   blocks, loop = ((rows // bm, cols // bn) if over == 'rows'
                   else (cols // bn, rows // bm))
-  parts = splits(batch * blocks, loop, config.target_programs)
+  split = splits(batch * blocks, loop, config.target_programs)
   products = Products(*dot_precisions(config, interpret),
                       fma=rank is not None and uses_fma(rank, config))
   body = functools.partial(
-      kernel, bm=bm, bn=bn, loop_blocks=loop // parts,
+      kernel, bm=bm, bn=bn, loop=split,
       bound=step_math.overflow_bound(rows, cols), products=products)
   # Triton's compiler parameters select the Triton lowering (not Mosaic GPU).
   params = None if interpret else plt.CompilerParams(
       num_warps=config.num_warps, num_stages=config.num_stages)
   return pl.pallas_call(
-      body, out_shape=out_shape(parts), grid=(batch, blocks, parts),
+      body, out_shape=out_shape(split.parts),
+      grid=(batch, blocks, split.parts),
       interpret=interpret, compiler_params=params, name=name,
   )(*args)
 

@@ -94,7 +94,7 @@ def lion_sketch_pass_reference(g: jax.Array, omega: jax.Array) -> jax.Array:
   return jnp.einsum('bij,bjl->bil', g, omega, precision=_HI)
 
 
-def _lion_sketch_kernel(g_ref, om_ref, go_ref, *, bm, bn, loop_blocks, bound,
+def _lion_sketch_kernel(g_ref, om_ref, go_ref, *, bm, bn, loop, bound,
                         products):
   b, i, part = launch_lib.program()
   rows = launch_lib.block(i, bm)
@@ -104,7 +104,7 @@ def _lion_sketch_kernel(g_ref, om_ref, go_ref, *, bm, bn, loop_blocks, bound,
     g = step_math.clip_magnitude(g_ref[b, rows, cols].astype(_F32), bound)
     return acc + products.sketch(g, om_ref, b, cols)
 
-  acc = jax.lax.fori_loop(part * loop_blocks, (part + 1) * loop_blocks, body,
+  acc = jax.lax.fori_loop(*loop.blocks(part), body,
                           jnp.zeros((bm, om_ref.shape[-1]), _F32))
   go_ref[part, b, rows, :] = acc
 
@@ -171,7 +171,7 @@ def lion_project_pass_reference(
 
 
 def _lion_project_kernel(coef_ref, g_ref, a_ref, v_ref, q_ref, d_ref, qg_ref,
-                         *, bm, bn, loop_blocks, bound, products):
+                         *, bm, bn, loop, bound, products):
   b, j, part = launch_lib.program()
   cols = launch_lib.block(j, bn)
   c = jax.tree.map(lambda ref: ref[b], coef_ref)
@@ -186,7 +186,7 @@ def _lion_project_kernel(coef_ref, g_ref, a_ref, v_ref, q_ref, d_ref, qg_ref,
     return acc + products.project(q_ref, b, rows,
                                   step_math.clip_magnitude(g, bound))
 
-  acc = jax.lax.fori_loop(part * loop_blocks, (part + 1) * loop_blocks, body,
+  acc = jax.lax.fori_loop(*loop.blocks(part), body,
                           jnp.zeros((q_ref.shape[-1], bn), _F32))
   qg_ref[part, b, :, cols] = acc
 
