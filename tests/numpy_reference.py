@@ -62,22 +62,35 @@ def complement(g, u):
   return g - u @ (np.swapaxes(u, -1, -2) @ g)
 
 
+def span_norm_ratio(d, g, u):
+  """``||U^T d|| / ||U^T g||`` per matrix (0 where ``U^T g = 0``)."""
+  ut = np.swapaxes(u, -1, -2)
+  num = np.sqrt(np.sum((ut @ d)**2, axis=(-2, -1), keepdims=True))
+  den = np.sqrt(np.sum((ut @ g)**2, axis=(-2, -1), keepdims=True))
+  return np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
+
+
 class MLorcAdamW:
   """Algorithm 1 on a dict of matrices ``[..., m, n]`` (lr = 1, no decay).
 
   With ``bounded``, every entry of the update is clipped to
-  :func:`adam_bound`; with ``lam > 0``, ``lam (1 - b1^(t-1)) (I - U U^T) g``
-  is added to the previous first moment for the update only (the library's
-  ``update_bound='adam'`` and ``complement=lam``). With ``factored``, the
+  :func:`adam_bound`; with ``lam > 0``, ``c = lam (1 - b1^(t-1)) (I - U U^T)
+  g`` is added to the previous first moment for the update only (the
+  library's ``update_bound='adam'`` and ``complement=lam``), or with
+  ``mode='state'`` for the stored moment too, or with ``mode='norm'`` the
+  update gets ``phi c``, ``phi = ||U^T d|| / ||U^T g||`` (the library's
+  ``complement_mode``). With ``factored``, the
   second moment is kept as its row and column sums and read back as
   ``R C^T / sum(R)`` (``contrib.FactoredSecondMoment``).
   """
 
   def __init__(self, shapes, key, rank, b1, b2, eps, oversample=0,
-               power_iters=0, bounded=True, lam=0.0, factored=False):
+               power_iters=0, bounded=True, lam=0.0, factored=False,
+               mode='moment'):
     self.key, self.rank, self.b1, self.b2, self.eps = key, rank, b1, b2, eps
     self.oversample, self.power_iters = oversample, power_iters
     self.bounded, self.lam, self.factored = bounded, lam, factored
+    self.mode = mode
     self.t = 0
     self.factors = {}
     for name, shape in shapes.items():
@@ -106,10 +119,15 @@ class MLorcAdamW:
       mom = b1 * m_prev + (1 - b1) * g
       var = b2 * v_prev + (1 - b2) * g**2
       t = self.t + 1
-      credit = self.lam * (1 - b1**(t - 1)) * complement(
-          g, self.factors[name]['mu'][0])
-      m_hat, v_hat = (mom + b1 * credit) / (1 - b1**t), var / (1 - b2**t)
+      u = self.factors[name]['mu'][0]
+      credit = self.lam * (1 - b1**(t - 1)) * complement(g, u)
+      credited = mom if self.mode == 'norm' else mom + b1 * credit
+      m_hat, v_hat = credited / (1 - b1**t), var / (1 - b2**t)
       out[name] = m_hat / (np.sqrt(v_hat) + self.eps)
+      if self.mode == 'norm':
+        out[name] = out[name] + span_norm_ratio(out[name], g, u) * credit
+      if self.mode == 'state':
+        mom = credited
       if self.bounded:
         bound = adam_bound(b1, b2, t)
         out[name] = np.clip(out[name], -bound, bound)
@@ -127,11 +145,14 @@ class MLorcLion:
   """Algorithm 2 on a dict of matrices (lr = 1, no decay).
 
   With ``lam > 0``, ``lam (1 - b2^(t-1)) (I - U U^T) g`` is added to the
-  previous momentum in ``c`` only (the library's ``complement=lam``).
+  previous momentum in ``c`` only (the library's ``complement=lam``), or
+  with ``mode='state'`` to the stored momentum too, or with ``mode='norm'``
+  the update gets ``phi`` times it (as :class:`MLorcAdamW`).
   """
 
-  def __init__(self, shapes, key, rank, b1, b2, lam=0.0):
+  def __init__(self, shapes, key, rank, b1, b2, lam=0.0, mode='moment'):
     self.key, self.rank, self.b1, self.b2, self.lam = key, rank, b1, b2, lam
+    self.mode = mode
     self.t = 0
     self.factors = {}
     for name, shape in shapes.items():
@@ -147,11 +168,15 @@ class MLorcLion:
       *batch, m, n = g.shape
       k = min(self.rank, m, n)
       m_prev = reconstruct(*self.factors[name])
-      credit = self.lam * (1 - self.b2**self.t) * complement(
-          g, self.factors[name][0])
-      c = self.b1 * (m_prev + credit) + (1 - self.b1) * g
-      mom = self.b2 * m_prev + (1 - self.b2) * g
+      u = self.factors[name][0]
+      credit = self.lam * (1 - self.b2**self.t) * complement(g, u)
+      credited = m_prev if self.mode == 'norm' else m_prev + credit
+      c = self.b1 * credited + (1 - self.b1) * g
+      mom = self.b2 * (credited if self.mode == 'state' else m_prev) + (
+          1 - self.b2) * g
       out[name] = np.sign(c)
+      if self.mode == 'norm':
+        out[name] = out[name] + span_norm_ratio(out[name], g, u) * credit
       omega = sketch(self.key, self.t, i, 0, batch, n, k)
       self.factors[name] = rsvd(mom, omega, k)
     self.t += 1

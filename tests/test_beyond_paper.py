@@ -18,6 +18,7 @@ import mlorc_optax
 from benchmarks import update_size
 from mlorc_optax import kernels
 from mlorc_optax import low_rank
+from mlorc_optax._src import plan as plan_lib
 
 import numpy_reference as ref
 from closeness import assert_close, assert_close_but_for_the_fix, grads_for
@@ -138,46 +139,58 @@ def test_complement_credits_nothing_where_the_factors_do_not_truncate():
     assert_close(a['w'], b['w'], 1e-4)
 
 
-@pytest.mark.parametrize('lam,bounded', [(1.0, True), (0.3, False)])
-def test_adam_complement_matches_dense_numpy(lam, bounded):
+@pytest.mark.parametrize('lam,bounded,mode', [
+    (1.0, True, 'moment'), (0.3, False, 'moment'), (1.0, True, 'state'),
+    (0.5, False, 'norm')])
+def test_adam_complement_matches_dense_numpy(lam, bounded, mode):
   shapes = {'a': (20, 12), 'b': (2, 10, 16), 'c': (7, 30)}
   rank, seed, eps = 3, 42, 1e-2
   grads = grads_for(shapes, 6)
   tx = mlorc_optax.scale_by_mlorc_adam(
       0.9, 0.999, eps, rank=rank, seed=seed, low_rank_mask=True,
-      complement=lam, update_bound='adam' if bounded else None, oversample=0)
+      complement=lam, complement_mode=mode,
+      update_bound='adam' if bounded else None, oversample=0)
   outs, state = run_steps(tx, grads)
   reference = ref.MLorcAdamW(shapes, jax.random.PRNGKey(seed), rank, 0.9,
-                             0.999, eps, bounded=bounded, lam=lam)
+                             0.999, eps, bounded=bounded, lam=lam, mode=mode)
+  plain = ref.MLorcAdamW(shapes, jax.random.PRNGKey(seed), rank, 0.9, 0.999,
+                         eps, bounded=bounded)
   for t, (g, ours) in enumerate(zip(grads, outs)):
-    theirs = reference.step(g)
+    theirs, without = reference.step(g), plain.step(g)
     for k in shapes:
       assert_close_but_for_the_fix(ours[k], theirs[k], 5e-4,
                                    f'step {t}, leaf {k}')
-  # The stored moment is the paper's: the complement never reaches it.
+  assert not np.allclose(theirs['a'], without['a'], rtol=1e-2)
+  # The stored moment: the paper's ('moment', 'norm'; the complement never
+  # reaches it) or the credited one ('state'), as the reference keeps it.
   for k in shapes:
     assert_close(mlorc_optax.compressors.reconstruct(state.inner_state.mu[k]),
                  ref.reconstruct(*reference.factors[k]['mu']), 1e-4)
 
 
-def test_lion_complement_matches_dense_numpy():
+@pytest.mark.parametrize('mode', ['moment', 'state', 'norm'])
+def test_lion_complement_matches_dense_numpy(mode):
   shapes = {'a': (20, 12), 'b': (2, 10, 16)}
   rank, seed = 3, 7
   grads = grads_for(shapes, 6, seed=1)
   tx = mlorc_optax.scale_by_mlorc_lion(0.9, 0.99, rank=rank, seed=seed,
                                        low_rank_mask=True, complement=1.0,
-                                       oversample=0)
+                                       complement_mode=mode, oversample=0)
   outs, state = run_steps(tx, grads)
   reference = ref.MLorcLion(shapes, jax.random.PRNGKey(seed), rank, 0.9, 0.99,
-                            lam=1.0)
+                            lam=1.0, mode=mode)
   changed = 0
   plain = ref.MLorcLion(shapes, jax.random.PRNGKey(seed), rank, 0.9, 0.99)
   for t, (g, ours) in enumerate(zip(grads, outs)):
     theirs, without = reference.step(g), plain.step(g)
-    for k in shapes:  # signs; an entry with c ~ 0 may flip
-      assert np.mean(np.asarray(ours[k]) != theirs[k]) <= 1e-2, (t, k)
+    for k in shapes:
+      if mode == 'norm':  # sign(c) + phi c; an entry with c ~ 0 may flip
+        assert_close_but_for_the_fix(ours[k], theirs[k], 1e-3,
+                                     f'step {t}, leaf {k}', 1e-2)
+      else:  # signs; an entry with c ~ 0 may flip
+        assert np.mean(np.asarray(ours[k]) != theirs[k]) <= 1e-2, (t, k)
       changed += np.sum(theirs[k] != without[k])
-  assert changed > 0  # the complement changed some signs
+  assert changed > 0  # the complement changed the update
   for k in shapes:
     assert_close(mlorc_optax.compressors.reconstruct(state.inner_state.mu[k]),
                  ref.reconstruct(*reference.factors[k]), 1e-4)
@@ -348,11 +361,36 @@ def test_a_compressor_object_keeps_its_own_oversampling():
      'update_bound'),
     (mlorc_optax.mlorc_lion, dict(complement=float('nan')), ValueError,
      'complement'),
+    (mlorc_optax.mlorc_adamw, dict(complement_mode='fira'), ValueError,
+     r"complement_mode must be one of \('moment', 'state', 'norm'\)"),
+    (mlorc_optax.mlorc_lion, dict(complement_mode='norm',
+                                  implementation='pallas'), ValueError,
+     "complement_mode='norm' has no two-pass step"),
 ])
 def test_bad_options_are_rejected_naming_the_argument(make, kwargs, error,
                                                       match):
   with pytest.raises(error, match=match):
     make(1e-3, **kwargs)
+
+
+@pytest.mark.parametrize('make', [mlorc_optax.mlorc_adamw,
+                                  mlorc_optax.mlorc_lion])
+@pytest.mark.parametrize('mode', ['state', 'norm'])
+def test_other_complement_modes_take_the_reference_step(make, mode,
+                                                        monkeypatch):
+  """Only complement_mode='moment' has a two-pass step; the automatic
+  choice says why it keeps the reference step, even on a GPU."""
+  monkeypatch.setattr(plan_lib, 'on_nvidia_gpu', lambda: True)
+  plan = mlorc_optax.compression_plan(make(1e-3, complement_mode=mode),
+                                      {'w': jnp.zeros((64, 128))})['w']
+  assert (plan.step, plan.step_reason) == (
+      'reference', f"automatic: complement_mode={mode!r} has no two-pass "
+      'step')
+  # Without a complement the mode changes nothing: the two-pass step runs.
+  plan = mlorc_optax.compression_plan(
+      make(1e-3, complement=0.0, complement_mode=mode,
+           implementation='pallas'), {'w': jnp.zeros((64, 128))})['w']
+  assert plan.step == 'pallas'
 
 
 def test_low_rank_moments_rejects_a_complement_it_cannot_compute():
@@ -366,3 +404,7 @@ def test_low_rank_moments_rejects_a_complement_it_cannot_compute():
             complement=1.0)})
   with pytest.raises(TypeError, match='update_bound'):
     mlorc_optax.low_rank_moments(optax.scale_by_adam(), update_bound=3.0)
+  with pytest.raises(ValueError,
+                     match=r"moments\['mu'\].complement_mode must be one of"):
+    mlorc_optax.low_rank_moments(optax.scale_by_adam(), moments={
+        'mu': low_rank.MomentSpec(decay=0.9, complement_mode='fira')})

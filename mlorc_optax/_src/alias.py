@@ -57,6 +57,7 @@ def mlorc_adamw(
     implementation: str | None = None,
     kernel_config: launch.KernelConfig | None = None,
     complement: jax.typing.ArrayLike | None = None,
+    complement_mode: str = 'moment',
     update_bound: str | float | None = 'adam',
 ) -> optax.GradientTransformationExtraArgs:
   """AdamW whose moments are stored as low-rank factors (MLorc-AdamW).
@@ -140,6 +141,9 @@ def mlorc_adamw(
       (:class:`mlorc_optax.kernels.KernelConfig`; static).
     complement: weight of the first moment's complement (unset: 1.0; 0: the
       paper's step); see :func:`mlorc_optax.scale_by_mlorc_adam`.
+    complement_mode: ``'moment'`` (default), ``'state'`` or ``'norm'``
+      (Fira's scaling): how the complement enters the step; see
+      :func:`mlorc_optax.scale_by_mlorc_adam`.
     update_bound: ``'adam'`` (default: no update entry larger than dense
       Adam's can be), a number, or None (the paper's Algorithm 1 exactly);
       see :func:`mlorc_optax.scale_by_mlorc_adam`.
@@ -189,6 +193,7 @@ def mlorc_adamw(
           implementation=implementation,
           kernel_config=kernel_config,
           complement=complement,
+          complement_mode=complement_mode,
           update_bound=update_bound,
       ),
       optax.add_decayed_weights(weight_decay, mask),
@@ -215,6 +220,7 @@ def mlorc_lion(
     implementation: str | None = None,
     kernel_config: launch.KernelConfig | None = None,
     complement: jax.typing.ArrayLike | None = None,
+    complement_mode: str = 'moment',
 ) -> optax.GradientTransformationExtraArgs:
   """Lion whose momentum is stored as low-rank factors (MLorc-Lion).
 
@@ -267,6 +273,8 @@ def mlorc_lion(
     complement: weight of the momentum's complement (unset: 1.0; 0: the
       paper's step, ``**mlorc_optax.PAPER_LION`` with ``oversample=0``); see
       :func:`mlorc_optax.scale_by_mlorc_lion`.
+    complement_mode: ``'moment'`` (default), ``'state'`` or ``'norm'``; see
+      :func:`mlorc_optax.scale_by_mlorc_lion`.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -301,6 +309,7 @@ def mlorc_lion(
           implementation=implementation,
           kernel_config=kernel_config,
           complement=complement,
+          complement_mode=complement_mode,
       ),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate),

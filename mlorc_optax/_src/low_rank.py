@@ -96,16 +96,41 @@ class MomentSpec(NamedTuple):
       whose moment is exact. Needs ``decay``, a moment that may be negative and
       a compressor with an orthonormal
       :meth:`~mlorc_optax.compressors.MomentCompressor.left_basis`.
+    complement_mode: how the complement ``c = lambda (1 - decay^(t-1)) (I -
+      U U^T) g`` enters the step (:data:`COMPLEMENT_MODES`):
+
+      * ``'moment'`` (default): as above, added to the moment the inner
+        optimizer reads, never stored; the only mode the two-pass step
+        computes.
+      * ``'state'``: added, and kept in the stored moment too (the new
+        moment recompressed is ``decay (tilde m + c) + (1 - decay) g``), so
+        the compressed subspace also follows a gradient that persists
+        outside it.
+      * ``'norm'``: Fira's norm-based scaling (Chen et al. 2024) instead:
+        the moment is left alone and the update ``d`` of the inner optimizer
+        gets ``phi c`` added, with ``phi = ||U^T d|| / ||U^T g||`` per
+        matrix, the factor by which the optimizer scaled the gradient inside
+        the span (Frobenius norms; 0 where ``U^T g = 0``).
 
   Examples:
     >>> import mlorc_optax
     >>> mlorc_optax.low_rank.DEFAULT_MOMENTS['nu']
-    MomentSpec(nonnegative=True, decay=None, complement=0.0)
+    MomentSpec(nonnegative=True, decay=None, complement=0.0, complement_mode='moment')
+
+  References:
+    Chen et al., *Fira: Can We Achieve Full-rank Training of LLMs Under
+    Low-rank Constraint?*, https://arxiv.org/abs/2410.01623 (the norm-based
+    scaling of the out-of-subspace gradient).
   """
 
   nonnegative: bool = False
   decay: Any = None
   complement: Any = 0.0
+  complement_mode: str = 'moment'
+
+
+#: The values of ``MomentSpec.complement_mode``.
+COMPLEMENT_MODES: tuple[str, ...] = ('moment', 'state', 'norm')
 
 
 #: The moment fields of optax's own states that :func:`low_rank_moments`
@@ -201,6 +226,10 @@ def _check_complements(specs: Mapping[str, MomentSpec],
                        compressor: compressors_lib.MomentCompressor) -> None:
   """Raises, naming ``moments``, where a complement cannot be computed."""
   for name, spec in specs.items():
+    if spec.complement_mode not in COMPLEMENT_MODES:
+      raise ValueError(
+          f'moments[{name!r}].complement_mode must be one of '
+          f'{COMPLEMENT_MODES}, got {spec.complement_mode!r}.')
     if not checks.is_nonzero_weight(spec.complement):
       continue
     checks.check_nonnegative(f'moments[{name!r}].complement',
@@ -383,10 +412,12 @@ def low_rank_moments(
     low_rank_mask = bool(low_rank_mask)
   kernel_config = kernel_config or launch.KernelConfig()
   fast_fields = None if fast_step is None else tuple(fast_step.fields)
+  modes = tuple(sorted({spec.complement_mode for spec in specs.values()
+                        if checks.is_nonzero_weight(spec.complement)}))
   blocker = plan_lib.two_pass_blocker(
       fast_fields=fast_fields,
       compressed_fields=tuple(n for n in (fast_fields or ()) if n in specs),
-      compressor=compressor)
+      compressor=compressor, complement_modes=modes)
   implementation = plan_lib.check_implementation(
       implementation, blocker=blocker)
   key = checks.key_data(seed)
@@ -411,7 +442,7 @@ def low_rank_moments(
       )
     blocker_now = plan_lib.two_pass_blocker(
         fast_fields=fast_fields, compressed_fields=compressed,
-        compressor=compressor)
+        compressor=compressor, complement_modes=modes)
     leaf_plans, _ = plan_lib.plan_leaves(
         params, rank=rank, low_rank_mask=low_rank_mask,
         dimension_numbers=dimension_numbers)
@@ -527,7 +558,8 @@ def low_rank_moments(
           credit[f.name][k] = weights[f.name] * step_math.out_of_span(
               p.view.to_matrix(grads[k]).astype(jnp.float32),
               plan.compressor.left_basis(x))
-          moment = moment + credit[f.name][k]
+          if specs[f.name].complement_mode != 'norm':
+            moment = moment + credit[f.name][k]
         dense.append(p.view.from_matrix(moment))
       dense_state = moment_fields.replace(dense_state, f, masked(dense))
     inner_params = None if params is None else masked(
@@ -549,6 +581,13 @@ def low_rank_moments(
       if p.step != 'reference':
         continue
       g32 = p.view.to_matrix(grads[k]).astype(jnp.float32)
+      for f in fields:  # Fira's norm-based scaling (MomentSpec)
+        if (k in credit.get(f.name, {})
+            and specs[f.name].complement_mode == 'norm'):
+          d = p.view.to_matrix(out[k]).astype(jnp.float32)
+          phi = step_math.span_norm_ratio(
+              d, g32, plan.compressor.left_basis(stored[f.name][k]))
+          out[k] = p.view.from_matrix(d + phi * credit[f.name][k])
       if update_bound is not None:
         out[k] = jnp.clip(out[k], -bound, bound)
       out[k] = out[k].astype(grads[k].dtype)
@@ -556,7 +595,9 @@ def low_rank_moments(
         if f.name not in p.moments:
           continue
         moment = p.view.to_matrix(new[f.name][k]).astype(jnp.float32)
-        if k in credit.get(f.name, {}):
+        if (k in credit.get(f.name, {})
+            and specs[f.name].complement_mode == 'moment'):
+          # The stored moment is the paper's ('state' keeps the credit).
           moment = moment - specs[f.name].decay * credit[f.name][k]
         factors = plan.compressor.update(
             stored[f.name][k],

@@ -277,6 +277,7 @@ def two_pass_blocker(
     fast_fields: tuple[str, ...] | None,
     compressed_fields: tuple[str, ...],
     compressor: compressors.MomentCompressor,
+    complement_modes: tuple[str, ...] = (),
 ) -> str | None:
   """Why the two-pass step cannot compute these settings, or None if it can.
 
@@ -286,6 +287,8 @@ def two_pass_blocker(
       optimizer has none.
     compressed_fields: the inner state's fields that are compressed.
     compressor: the moment compressor.
+    complement_modes: the ``MomentSpec.complement_mode`` of every moment
+      with a complement (the two-pass step computes ``'moment'`` only).
   """
   if fast_fields is None:
     return 'no two-pass step for this optimizer'
@@ -295,6 +298,9 @@ def two_pass_blocker(
   if set(compressed_fields) != set(fast_fields):
     return (f'compressed moments {compressed_fields} are not '
             f'{fast_fields}: a dense moment is kept')
+  other = [mode for mode in complement_modes if mode != 'moment']
+  if other:
+    return f'complement_mode={other[0]!r} has no two-pass step'
   return None
 
 

@@ -252,6 +252,24 @@ def out_of_span(g: jax.Array, u: jax.Array) -> jax.Array:
   return g - jnp.einsum('...mk,...kn->...mn', u, p, precision=HIGHEST)
 
 
+def span_norm_ratio(d: jax.Array, g: jax.Array, u: jax.Array) -> jax.Array:
+  """``||U^T d|| / ||U^T g||`` per matrix, ``[..., 1, 1]`` (0 where
+  ``U^T g = 0``).
+
+  With ``U [..., m, k]`` orthonormal, the factor by which an optimizer that
+  turned ``g`` into ``d`` scaled the gradient inside ``span(U)``: Fira's
+  norm-based scaling of the gradient outside a low-rank subspace (Chen et
+  al. 2024, https://arxiv.org/abs/2410.01623), with MLorc's first-moment
+  span as the subspace.
+  """
+  u = unsharded_matrix(u)
+  norm = lambda x: jnp.sqrt(jnp.sum(
+      jnp.einsum('...mk,...mn->...kn', u, x, precision=HIGHEST)**2,
+      axis=(-2, -1), keepdims=True))
+  den = norm(g)
+  return jnp.where(den > 0, norm(d) / jnp.where(den > 0, den, 1.0), 0.0)
+
+
 class AdamSketchTerms(NamedTuple):
   """The elementwise terms pass 1 of the two-pass Adam step sketches.
 

@@ -86,6 +86,14 @@ def _compressor(
   )
 
 
+def _complement_mode(complement_mode: str) -> str:
+  """``complement_mode=``, checked (:data:`low_rank.COMPLEMENT_MODES`)."""
+  if complement_mode not in low_rank.COMPLEMENT_MODES:
+    raise ValueError(f'complement_mode must be one of '
+                     f'{low_rank.COMPLEMENT_MODES}, got {complement_mode!r}.')
+  return complement_mode
+
+
 def _complement(complement: jax.typing.ArrayLike | None, *,
                 moments: tuple[str, ...],
                 compressor: compressors.MomentCompressor
@@ -141,6 +149,7 @@ def scale_by_mlorc_adam(
     implementation: str | None = None,
     kernel_config: launch.KernelConfig | None = None,
     complement: jax.typing.ArrayLike | None = None,
+    complement_mode: str = 'moment',
     update_bound: str | float | None = 'adam',
 ) -> optax.GradientTransformationExtraArgs:
   """Rescales updates by Adam with low-rank compressed moments (MLorc).
@@ -246,6 +255,14 @@ def scale_by_mlorc_adam(
       ``(1 - b1) g / (1 - b1^t)``. See
       :class:`mlorc_optax.low_rank.MomentSpec`. Costs one more read of the
       gradient per step.
+    complement_mode: how the complement enters the step (static):
+      ``'moment'`` (default; as above), ``'state'`` (kept in the stored
+      moment too, so the compressed subspace follows a gradient that
+      persists outside it) or ``'norm'`` (Fira's norm-based scaling: the
+      update gets ``phi lambda (1 - b1^(t-1)) (I - U U^T) g`` with ``phi =
+      ||U^T u|| / ||U^T g||``, the moments left alone);
+      :class:`mlorc_optax.low_rank.MomentSpec`. Only ``'moment'`` has a
+      two-pass step: the others take the reference step.
     update_bound: the largest magnitude of an update entry of a compressed
       leaf: ``'adam'`` (default) the bound that dense Adam's own update
       never exceeds with these ``b1``, ``b2`` at step ``t`` (1 at ``t = 1``,
@@ -285,7 +302,9 @@ def scale_by_mlorc_adam(
   compressor = _compressor(compressor, oversample=oversample,
                            power_iters=power_iters)
   complement = _complement(complement, moments=moments, compressor=compressor)
-  specs = {'mu': low_rank.MomentSpec(decay=b1, complement=complement),
+  specs = {'mu': low_rank.MomentSpec(decay=b1, complement=complement,
+                                     complement_mode=_complement_mode(
+                                         complement_mode)),
            'nu': low_rank.MomentSpec(nonnegative=True, decay=b2)}
   return low_rank.low_rank_moments(
       optax.scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nesterov=nesterov),
@@ -333,6 +352,7 @@ def scale_by_mlorc_lion(
     implementation: str | None = None,
     kernel_config: launch.KernelConfig | None = None,
     complement: jax.typing.ArrayLike | None = None,
+    complement_mode: str = 'moment',
 ) -> optax.GradientTransformationExtraArgs:
   """Rescales updates by Lion with a low-rank compressed momentum (MLorc).
 
@@ -380,6 +400,9 @@ def scale_by_mlorc_lion(
       ``lambda = 1`` a direction outside the rank-``r`` span gets the sign
       of a persistent gradient's ``c`` instead of ``sign((1 - b1) g)`` alone
       (see :func:`scale_by_mlorc_adam`). One more read of the gradient.
+    complement_mode: ``'moment'`` (default), ``'state'`` or ``'norm'``, as
+      for :func:`scale_by_mlorc_adam` (static; with ``'norm'``, ``phi`` is
+      the ratio by which the sign update scaled the gradient in the span).
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a
@@ -410,7 +433,9 @@ def scale_by_mlorc_lion(
       optax.scale_by_lion(b1, b2, mu_dtype),
       rank=rank,
       compressor=compressor,
-      moments={'mu': low_rank.MomentSpec(decay=b2, complement=complement)},
+      moments={'mu': low_rank.MomentSpec(decay=b2, complement=complement,
+                                         complement_mode=_complement_mode(
+                                             complement_mode))},
       seed=seed,
       factor_dtype=factor_dtype,
       low_rank_mask=low_rank_mask,
