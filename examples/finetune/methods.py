@@ -82,11 +82,12 @@ COMPRESSORS: dict[str, Any] = {
     'rsvd': 'rsvd',
     'warm': contrib.WarmStartCompressor(),
     'lorapre': contrib.LoRAPreCompressor(),
+    'factored': contrib.FactoredSecondMoment(),
 }
 """The ``compressor=`` of MLorc's optimizers by the name used in method
 names: the paper's randomized SVD (``'rsvd'``, the default), or the
 compressors of :mod:`mlorc_optax.contrib` (a warm-started sketch,
-LoRA-Pre)."""
+LoRA-Pre, the second moment as Adafactor's row and column statistics)."""
 
 LOW_RANK_MASKS: dict[str, Any] = {
     'with_embeddings': mlorc_optax.path_mask(exclude=r'(^|/)(bias|scale)$'),
