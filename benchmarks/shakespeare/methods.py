@@ -52,9 +52,9 @@ import optax
 
 import mlorc_optax
 from benchmarks.toolkit import method_options
+from examples.finetune.methods import COMPRESSORS
 from examples.finetune.methods import LOW_RANK_MASKS
 from examples.finetune.methods import galore_dimension_numbers
-from mlorc_optax import contrib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,9 +118,7 @@ WEIGHT_DECAY = {'adam': 0.1, 'lion': 0.5, 'adafactor': 0.01}
 GALORE_UPDATE_PROJ_GAP = 200
 #: Named objects usable as option values, by option.
 VALUE_ALIASES: dict[str, dict[str, Any]] = {
-    'compressor': {'warm': contrib.WarmStartCompressor(),
-                   'lorapre': contrib.LoRAPreCompressor(),
-                   'factored': contrib.FactoredSecondMoment()},
+    'compressor': COMPRESSORS,
     'low_rank_mask': LOW_RANK_MASKS,
 }
 #: Options the benchmark sets itself.

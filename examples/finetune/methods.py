@@ -12,7 +12,8 @@ name                  method
 ``lion``              ``optax.lion``, every ``nnx.Param`` trained
 ``mlorc_lion_r{r}``   ``mlorc_optax.mlorc_lion(rank=r)``, every param
 ``..._r{r}_{c}``      an MLorc method with the compressor named ``c``
-                      (:data:`COMPRESSORS`: ``warm``, ``lorapre``; no
+                      (:data:`COMPRESSORS`: ``warm``, ``lorapre``,
+                      ``factored``; no
                       suffix: the paper's ``rsvd``), e.g.
                       ``mlorc_adamw_r4_lorapre``
 ``galore_r{r}``       ``optax.contrib.galore(rank=r)`` (GaLore-AdamW) projecting
@@ -172,7 +173,8 @@ class MethodSpec:
     family: ``'adamw'`` or ``'lion'`` (the base optimizer).
     rank: the rank of the low-rank methods, None for full fine-tuning.
     compressor: the name of MLorc's moment compressor, a key of
-      :data:`COMPRESSORS` (``'rsvd'``, ``'warm'``, ``'lorapre'``);
+      :data:`COMPRESSORS` (``'rsvd'``, ``'warm'``, ``'lorapre'``,
+      ``'factored'``);
       ``'rsvd'`` for the other kinds, which have none.
     options: ``(key, value)`` keyword arguments for the factory, from the
       name's ``:KEY=VALUE`` part, in order (they override the harness's
@@ -238,7 +240,8 @@ def parse(spec: str) -> MethodSpec:
   if match is None:
     raise ValueError(
         f'Unknown method {name!r}. Known: adamw, lion, mlorc_adamw_r<R>, '
-        'mlorc_lion_r<R> (optionally suffixed _warm or _lorapre), '
+        'mlorc_lion_r<R> (optionally suffixed '
+        + ', '.join(f'_{c}' for c in COMPRESSORS if c != 'rsvd') + '), '
         'galore_r<R>, lora_r<R> (e.g. '
         f'{", ".join(DEFAULT_METHODS)}).'
     )
@@ -251,7 +254,8 @@ def parse(spec: str) -> MethodSpec:
   ):
     raise ValueError(
         f'{name!r}: only MLorc methods take a compressor suffix, one of '
-        '_warm, _lorapre (no suffix: rsvd).'
+        + ', '.join(f'_{c}' for c in COMPRESSORS if c != 'rsvd')
+        + ' (no suffix: rsvd).'
     )
   kind, family = {
       'adamw': ('full', 'adamw'),

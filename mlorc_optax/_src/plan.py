@@ -491,10 +491,10 @@ def choose_step(
   ``NamedSharding`` XLA would gather its operands.
   ``'pallas'`` takes a matrix (or shard) the kernels cannot tile zero-padded
   to whole tiles (:func:`~mlorc_optax._src.kernels.launch.tiled_size`; the
-  reason says so), and every two-pass choice falls back to ``'reference'`` where the RSVD is exact
-  (``sketched`` False, :func:`sketches`: no truncation, or the sketch is the
-  identity, ``rank + oversample >= cols``) or the shards are no blocks of
-  the matrices (:func:`shard_blocker`). An explicit
+  reason says so), and every two-pass choice falls back to ``'reference'``
+  where the RSVD is exact (``sketched`` False, :func:`sketches`: no
+  truncation, or the sketch is the identity, ``rank + oversample >= cols``)
+  or the shards are no blocks of the matrices (:func:`shard_blocker`). An explicit
   two-pass ``implementation`` that ``blocker`` rules out is a ``ValueError``
   (:func:`check_implementation`, which the factories also call early).
   A two-pass step chosen with ``where`` runs sharded; without it (unknown

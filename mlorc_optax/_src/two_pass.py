@@ -489,7 +489,7 @@ def _grouped(step: Callable[..., list[Any]], leaves: Sequence[Any],
   tiled = [(tiled_size(m, config.block_rows), tiled_size(n, config.block_cols))
            if leaf.use_kernel else (m, n)
            for leaf, (m, n) in zip(leaves, shapes)]
-  leaves = [leaf if tuple(t) == tuple(s) else leaf.padded(*t)
+  leaves = [leaf if t == s else leaf.padded(*t)
             for leaf, s, t in zip(leaves, shapes, tiled)]
   groups = _groups(leaves, config)
   merged = []
@@ -511,7 +511,7 @@ def _grouped(step: Callable[..., list[Any]], leaves: Sequence[Any],
       out[i] = result if len(group) == 1 else jax.tree_util.tree_map(
           lambda x, a=start, b=stop: x[a:b], result)
       start = stop
-  return [o if tuple(t) == tuple(s) else _cropped(o, *s)
+  return [o if t == s else _cropped(o, *s)
           for o, s, t in zip(out, shapes, tiled)]
 
 

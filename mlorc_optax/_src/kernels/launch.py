@@ -167,8 +167,8 @@ def splits(programs: int, loop: int, target_programs: int) -> LoopSplit:
   Into about ``target_programs / programs`` parts (at least 1, at most
   ``loop``) of equal size but for the last, so that ``programs * parts``
   programs keep the GPU busy however ``loop`` factors (BERT's vocabulary,
-  477 row blocks, a prime's multiple, is split as finely as a power of
-  two); each part's partial sums are added afterwards.
+  477 row blocks, an odd number, is split as finely as a power of two
+  would be); each part's partial sums are added afterwards.
   """
   want = max(1, min(loop, target_programs // max(programs, 1)))
   size = -(-loop // want)
