@@ -237,3 +237,34 @@ def test_tiny_preset_runs_end_to_end_and_resumes(tmp_path, archive):
 
   again = main_lib.main(argv)  # Everything is there: nothing is trained.
   assert again['runs'] == results['runs']
+
+
+def _result(command, methods, runs, **extra):
+  return dict(command=command, methods={m: {} for m in methods},
+              runs=[dict(method=m, lr=lr, seed=s) for m, lr, s in runs],
+              **extra)
+
+
+def test_merging_an_earlier_call_keeps_its_runs_commands_and_figure():
+  now = _result('call 3', ['adamw', 'b'], [('adamw', 1e-3, 0), ('b', 1, 0)])
+  old = _result('call 2', ['adamw', 'a'],
+                [('adamw', 1e-3, 0), ('a', 2, 0), ('a', 2, 1)],
+                merged_command=['call 1', 'call 3'], figure_methods=['a'])
+  main_lib.merge_previous(now, old)
+  assert list(now['methods']) == ['adamw', 'b', 'a']
+  assert [(r['method'], r['seed']) for r in now['runs']] == [
+      ('adamw', 0), ('b', 0), ('a', 0), ('a', 1)]
+  # Every earlier command, oldest first; never this call's own.
+  assert now['merged_command'] == ['call 1', 'call 2']
+  assert now['figure_methods'] == ['a']
+  main_lib.merge_previous(now, _result('call 1', [], []))
+  assert now['merged_command'] == ['call 1', 'call 2']
+
+
+def test_the_figure_draws_the_listed_methods_in_their_order():
+  rows = [{'method': m} for m in ('adamw', 'a', 'b')]
+  assert report.figure_rows({}, rows) == rows
+  chosen = report.figure_rows({'figure_methods': ['b', 'adamw']}, rows)
+  assert [r['method'] for r in chosen] == ['b', 'adamw']
+  with pytest.raises(ValueError, match=r"figure_methods names \['c'\]"):
+    report.figure_rows({'figure_methods': ['c']}, rows)

@@ -24,7 +24,7 @@ import shlex
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +114,29 @@ def _previous(config: config_lib.Config) -> list[dict[str, Any]]:
   return found
 
 
+def merge_previous(results: dict[str, Any], old: Mapping[str, Any]) -> None:
+  """Adds an earlier call's results (same setup) to ``results``, in place.
+
+  Its methods and runs (a run this call already holds is kept as is), the
+  commands that made them (``merged_command``: every earlier command whose
+  runs the results hold, oldest first, without this call's own) and the
+  figure's choice of methods (``figure_methods``, :mod:`.report`).
+  """
+  for spec, info in old['methods'].items():
+    results['methods'].setdefault(spec, info)
+  seen = {(r['method'], r['lr'], r['seed']) for r in results['runs']}
+  results['runs'] += [r for r in old['runs']
+                      if (r['method'], r['lr'], r['seed']) not in seen]
+  commands = results.get('merged_command', [])
+  for command in [*old.get('merged_command', []), old['command']]:
+    if command != results['command'] and command not in commands:
+      commands.append(command)
+  if commands:
+    results['merged_command'] = commands
+  if 'figure_methods' in old:
+    results.setdefault('figure_methods', old['figure_methods'])
+
+
 def _header(config, command, texts, splits, corpus, archive, methods):
   cfg = train.model_config(config)
   params = jax.eval_shape(lambda: train.init_params(cfg, 0))
@@ -179,11 +202,7 @@ def run(config: config_lib.Config, *, command: str) -> dict[str, Any]:
   corpus = train.make_corpus(texts, splits, config)
   results = _header(config, command, texts, splits, corpus, archive, methods)
   for old in _previous(config):
-    for spec, info in old['methods'].items():
-      results['methods'].setdefault(spec, info)
-    seen = {(r['method'], r['lr'], r['seed']) for r in results['runs']}
-    results['runs'] += [r for r in old['runs']
-                        if (r['method'], r['lr'], r['seed']) not in seen]
+    merge_previous(results, old)
   store = Store(results, Path(config.out))
   with concurrent.futures.ThreadPoolExecutor(max(config.jobs, 1)) as pool:
     for future in [pool.submit(_run_method, m, store, corpus, config)

@@ -5,6 +5,11 @@ Everything here reads the results dictionary that ``main.py`` writes
 
   python -m benchmarks.shakespeare.report benchmarks/results/shakespeare
 
+The figure draws every method, or only those the results name under
+``figure_methods`` (a merged result holds dozens; their legend would
+bury the curves). ``--figure-methods M ...`` after the folder sets that
+list and writes it into ``results.json``.
+
 The learning rate of a method is the grid point with the lowest tuning-split
 loss for the first seed (:func:`choose_lr`); its final numbers are the
 validation losses of that rate over the seeds, and its paired difference to
@@ -142,14 +147,36 @@ def curves(results: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]
   return out
 
 
+def figure_rows(results: Mapping[str, Any],
+                rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+  """The rows the figure draws: ``results['figure_methods']`` in that
+  order, or every row when the results name none.
+
+  Raises:
+    ValueError: naming a listed method the results do not hold.
+  """
+  chosen = results.get('figure_methods')
+  if not chosen:
+    return list(rows)
+  by_method = {row['method']: row for row in rows}
+  missing = [m for m in chosen if m not in by_method]
+  if missing:
+    raise ValueError(f'figure_methods names {missing}, which the results do '
+                     f'not hold; they hold {sorted(by_method)}.')
+  return [by_method[m] for m in chosen]
+
+
 def figure(results: Mapping[str, Any], rows: Sequence[Mapping[str, Any]],
            path: str | Path) -> Path:
-  """Validation loss against steps: the whole run, and its second half."""
-  series = curves(results, rows)
+  """Validation loss against steps: the whole run, and its second half
+  (the methods of :func:`figure_rows`)."""
+  series = curves(results, figure_rows(results, rows))
   windows = results['data']['windows']['curve']
   ylabel = f'validation loss, nats/byte ({windows} windows)'
+  title = ('Shakespeare: validation loss, mean over seeds at each '
+           "method's rate")
   with toolkit.figures.panels(path, 2, figsize=(12, 4.5),
-                              title=results['command']) as (left, right):
+                              title=title) as (left, right):
     toolkit.figures.draw_lines(left, series, xlabel='step', ylabel=ylabel)
     half = {k: (xs[len(xs) // 2:], ys[len(ys) // 2:])
             for k, (xs, ys) in series.items()}
@@ -204,8 +231,19 @@ def write(results: Mapping[str, Any], out: str | Path, *,
     figure(results, summarize(results), out / 'curves.png')
 
 
-if __name__ == '__main__':
-  folder = Path(sys.argv[1])
-  results_ = toolkit.results.read_json(folder / 'results.json')
+def _main(argv: Sequence[str]) -> None:
+  """``FOLDER [--figure-methods M ...]``: re-renders a committed result."""
+  if not argv or argv[0].startswith('-') or (
+      len(argv) > 1 and argv[1] != '--figure-methods'):
+    raise SystemExit('usage: python -m benchmarks.shakespeare.report FOLDER '
+                     '[--figure-methods METHOD ...]')
+  folder = Path(argv[0])
+  results_ = dict(toolkit.results.read_json(folder / 'results.json'))
+  if len(argv) > 1:
+    results_['figure_methods'] = list(argv[2:])
   write(results_, folder)
   print(main_table(summarize(results_)))
+
+
+if __name__ == '__main__':
+  _main(sys.argv[1:])
