@@ -73,9 +73,10 @@ def test_two_pass_matches_dense_numpy_algorithm_1(implementation):
 ])
 def test_pallas_step_equals_reference_step(settings):
   shapes = {'w': (3, 64, 128)}
-  if not settings:  # once: padded to tiles, exact, not compressed
-    shapes.update({'x': (128, 32), 'bias': (32,), 'odd': (20, 30),
-                   'full': (64, 4)})
+  if not settings:  # once: padded to tiles, exact, not compressed, and
+    # two equal-shaped leaves, whose sketches the fast step draws in one call
+    shapes.update({'x': (128, 32), 'y': (128, 32), 'bias': (32,),
+                   'odd': (20, 30), 'full': (64, 4)})
   grads = grads_for(shapes, 4, seed=1)
   results = {}
   for impl in ('reference', 'pallas'):

@@ -72,6 +72,46 @@ class _Local(NamedTuple):
   axes: two_pass.MatrixAxes
 
 
+def _sketches(leaves: Sequence[LeafInputs],
+              compressor: compressors.RSVDCompressor) -> list[list[Any]]:
+  """Per leaf and field, its sketch: ``compressor.sketch`` of its factors
+  and key, drawn whole.
+
+  Draws of equal shapes for unplaced leaves (equal-shaped leaves of an
+  unstacked model on one device) are made in one vectorized call, which
+  gives the values of one call each without a launch per leaf and field.
+  A placed leaf's sketch is drawn alone, so that XLA draws it as
+  ``shard_map`` splits it instead of moving a stacked draw's shards.
+  """
+  draws: dict[Any, list[tuple[int, int]]] = {}
+  for i, (p, _, factors, _) in enumerate(leaves):
+    view = p.view
+    width = rsvd.sketch_width(view.rows, view.cols, p.rank,
+                              compressor.oversample)
+    for j, f in enumerate(factors):
+      shapes = tuple((jnp.shape(x), jnp.result_type(x))
+                     for x in jax.tree.leaves(f))
+      alone = (i, j) if p.placement is not None else None
+      draws.setdefault((view.batch_shape, view.cols, width, type(f), shapes,
+                        alone), []).append((i, j))
+  out = [[None] * len(factors) for _, _, factors, _ in leaves]
+  for (batch, cols, width, *_), members in draws.items():
+    if len(members) == 1:
+      (i, j), = members
+      out[i][j] = compressor.sketch(leaves[i][2][j], leaves[i][3][j], batch,
+                                    cols, width)
+      continue
+    stack = lambda *xs: jnp.stack([jnp.asarray(x) for x in xs])
+    factors = jax.tree.map(stack, *[leaves[i][2][j] for i, j in members])
+    keys = stack(*[leaves[i][3][j] for i, j in members])
+    drawn = jax.vmap(
+        lambda f, k: compressor.sketch(f, k, batch, cols, width))(factors,
+                                                                  keys)
+    for n, (i, j) in enumerate(members):
+      out[i][j] = drawn[n]
+  return out
+
+
 def _matrix_axes(p: plan_lib.LeafPlan) -> two_pass.MatrixAxes:
   """The mesh axes (of more than one device) that split the rows and the
   columns of a leaf's matrices; none without a placement."""
@@ -113,15 +153,10 @@ def _run(
     Per leaf ``(update, new factors per field)``, shaped like the parameter
     and its factors.
   """
-  whole = []
-  for p, g, factors, keys in leaves:
-    view = p.view
-    width = rsvd.sketch_width(view.rows, view.cols, p.rank,
-                              compressor.oversample)
-    whole.append((g, [rsvd.LowRankFactors(*map(jnp.asarray, f))
-                      for f in factors],
-                  [compressor.sketch(f, k, view.batch_shape, view.cols, width)
-                   for f, k in zip(factors, keys)]))
+  whole = [(g, [rsvd.LowRankFactors(*map(jnp.asarray, f)) for f in factors],
+            omegas)
+           for (_, g, factors, _), omegas in zip(
+               leaves, _sketches(leaves, compressor))]
 
   def local(plans, arrays, values):
     inputs, views = [], []

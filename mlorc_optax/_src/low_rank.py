@@ -255,8 +255,22 @@ def _check_complements(specs: Mapping[str, MomentSpec],
 # The transform.
 
 
-def _leaf_keys(key: jax.Array, step: jax.Array, index: int) -> jax.Array:
+def _leaf_keys(key: jax.Array, step: jax.Array, index: Any) -> jax.Array:
   return jax.random.fold_in(jax.random.fold_in(key, step), index)
+
+
+def _sketch_keys(key: jax.Array, step: jax.Array, leaves: Sequence[int],
+                 fields: Sequence[int]) -> jax.Array:
+  """``[len(leaves), len(fields), ...]``: the key of each leaf's and field's
+  sketch, ``fold_in(_leaf_keys(key, step, leaf), field)``, hashed in one
+  vectorized call (the same keys as one call each, without a launch per
+  leaf and field)."""
+  leaf = jnp.asarray(leaves, jnp.uint32)[:, None]
+  field = jnp.asarray(fields, jnp.uint32)[None, :]
+  shape = (len(leaves), len(fields))
+  one = lambda i, j: jax.random.fold_in(_leaf_keys(key, step, i), j)
+  return jax.vmap(jax.vmap(one))(jnp.broadcast_to(leaf, shape),
+                                 jnp.broadcast_to(field, shape))
 
 
 def _zero_factors(p: plan_lib.LeafPlan, leaf: Any, compressor, dtype,
@@ -626,11 +640,14 @@ def low_rank_moments(
             "implementation='reference' (docs/mlorc.md, \"Differentiating "
             'through the update").')
 
+      sketch_keys = _sketch_keys(state.sketch_key, state.step,
+                                 [leaf_index[k] for k in idx],
+                                 [f.index for f in fields])
       results = two_pass(
           [grads[k] for k in idx],
           [[stored[f.name][k] for f in fields] for k in idx],
-          [[jax.random.fold_in(keys(k), f.index) for f in fields]
-           for k in idx],
+          [[sketch_keys[n, j] for j in range(len(fields))]
+           for n in range(len(idx))],
           state.step, weights, bound)
       for k, (direction, factors) in zip(idx, results):
         out[k] = direction
