@@ -297,3 +297,46 @@ def test_finetune_steps_times_each_method_against_its_base(tmp_path):
   assert out['config']['calls'] == 3  # the tiny preset
   assert 'mlorc_adamw_r4' in (tmp_path / 'f.md').read_text()
 
+
+
+def test_sketch_ablation_full_variant_is_the_library_pass(tmp_path):
+  """The ablation's ``full`` kernel computes what the library's pass 1 does,
+  so the other variants' times are differences from the real kernel; a
+  variant that leaves a stage out changes only that stage's output."""
+  from benchmarks import sketch_ablation  # pylint: disable=g-import-not-at-top
+
+  x = sketch_ablation.inputs((2, 64, 128), 4, 'float32')
+  library = mlorc_optax.kernels.sketch_pass(**x, interpret=True)
+  run = lambda name, **kw: sketch_ablation.sketch_variant(
+      **dict(x, **kw), variant=sketch_ablation.VARIANTS[name], interpret=True)
+  full = run('full')
+  # Interpret mode computes every dot in float32: the same expressions as
+  # the library's kernel, equal to float32 rounding.
+  for name, ours, theirs in zip(library._fields, full, library):
+    scale = float(jnp.max(jnp.abs(theirs))) + 1.0
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5 * scale,
+                               err_msg=name)
+  assert float(jnp.sum(library.neg_count)) > 0  # the fix's terms are exercised
+  for name, same in (('reconstruct_fma', library),
+                     ('shared_omega', mlorc_optax.kernels.sketch_pass(
+                         **dict(x, omega_v=x['omega_m']), interpret=True))):
+    for field, ours, theirs in zip(library._fields, run(name), same):
+      scale = float(jnp.max(jnp.abs(theirs))) + 1.0
+      np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5 * scale,
+                                 err_msg=f'{name}: {field}')
+  dropped = run('no_indicator_sketch')
+  assert not np.any(dropped.neg_omega)
+  np.testing.assert_array_equal(dropped.x_omega, full.x_omega)
+
+  out = tmp_path / 'a.jsonl'
+  rows = sketch_ablation.main(['--shape', '1', '32', '64', '--calls', '1',
+                               '--variants', 'full', 'no_reconstruction',
+                               '--json', str(out)])
+  assert [r['variant'] for r in rows] == [
+      'read', 'copy', 'library_sketch_pass', 'lion_sketch_pass', 'full',
+      'no_reconstruction']
+  for r in rows:
+    assert 'error' not in r, r
+  assert len(out.read_text().splitlines()) == len(rows)
+  with pytest.raises(ValueError, match="--variants: unknown \\['nope'\\]"):
+    sketch_ablation.main(['--variants', 'nope'])
