@@ -80,6 +80,7 @@ class Variant(NamedTuple):
   num_stages: int = 3
 
   def config(self) -> kernels.KernelConfig:
+    """The tiling as a :class:`~mlorc_optax.kernels.KernelConfig`."""
     return kernels.KernelConfig(
         block_rows=self.block_rows, block_cols=self.block_cols,
         num_warps=self.num_warps, num_stages=self.num_stages,
@@ -168,7 +169,18 @@ def sketch_variant(
 ) -> adam.SketchPassOutputs:
   """Pass 1 as ``variant`` computes it; arguments as
   :func:`mlorc_optax.kernels.sketch_pass` (factors of the true rank: the
-  ``'dot'`` reconstruction pads them, as the library does)."""
+  ``'dot'`` reconstruction pads them, as the library does).
+
+  Raises:
+    ValueError: naming a field of ``variant`` that holds an unknown stage.
+  """
+  if variant.reconstruct not in ('dot', 'fma', 'none'):
+    raise ValueError("variant.reconstruct must be 'dot', 'fma' or 'none', "
+                     f'got {variant.reconstruct!r}.')
+  unknown = sorted(set(variant.sketches) - {'g', 'x', 'neg'})
+  if unknown:
+    raise ValueError(f"variant.sketches: unknown {unknown}; known: 'g', "
+                     "'x', 'neg'.")
   batch, rows, _ = g.shape
   width = omega_m.shape[-1]
   rank = a_v.shape[-1]

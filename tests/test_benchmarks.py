@@ -340,3 +340,10 @@ def test_sketch_ablation_full_variant_is_the_library_pass(tmp_path):
   assert len(out.read_text().splitlines()) == len(rows)
   with pytest.raises(ValueError, match="--variants: unknown \\['nope'\\]"):
     sketch_ablation.main(['--variants', 'nope'])
+  bad = sketch_ablation.Variant
+  with pytest.raises(ValueError, match='variant.reconstruct'):
+    sketch_ablation.sketch_variant(**x, variant=bad(reconstruct='dots'),
+                                   interpret=True)
+  with pytest.raises(ValueError, match=r"variant.sketches: unknown \['v'\]"):
+    sketch_ablation.sketch_variant(**x, variant=bad(sketches=('g', 'v')),
+                                   interpret=True)
