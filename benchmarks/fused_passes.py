@@ -20,9 +20,9 @@ each as the median of ``--calls`` warm calls, with its achieved bandwidth
 (bytes it must move / time). The passes run with the default
 :class:`mlorc_optax.kernels.KernelConfig` (multiply-add reconstructions up
 to rank 8) and with dot reconstructions at every rank (``fma_max_rank=0``);
-``--sweep`` also times them for other tile sizes, warp and stage counts, dot
-precisions and program targets (the config's fields, recorded with each
-row). The kernels are compiled through Triton on a GPU and interpreted
+``--sweep`` also times all four passes for other tile sizes, warp and stage
+counts (:data:`SWEEP_TILINGS`), dot precisions and program targets (the
+config's fields, recorded with each row). The kernels are compiled through Triton on a GPU and interpreted
 elsewhere (CI times nothing). Prints one JSON line per row and appends them
 to ``--json``.
 
@@ -68,6 +68,15 @@ class Config:
   """Append the rows here as JSON lines."""
 
 
+#: The sweep's tilings ``(block_rows, block_cols, num_warps, num_stages)``:
+#: square and narrow tiles on 2-8 warps (narrow tiles on 2 warps cut pass 1
+#: by 41 % for bfloat16 gradients, ``benchmarks/README.md``).
+SWEEP_TILINGS = (
+    (32, 32, 2, 3), (64, 32, 2, 3), (32, 64, 2, 3), (64, 32, 4, 3),
+    (64, 64, 2, 3), (64, 64, 8, 3), (64, 64, 4, 2), (128, 32, 4, 3),
+    (32, 128, 4, 3), (128, 64, 8, 3), (64, 128, 8, 3), (128, 128, 8, 3))
+
+
 def sweep_configs(sweep: bool) -> list[Any]:
   """The :class:`~mlorc_optax.kernels.KernelConfig` values the passes run with.
 
@@ -80,13 +89,13 @@ def sweep_configs(sweep: bool) -> list[Any]:
   # Dot reconstructions at every rank, next to the default's choice.
   configs = [default, replace(fma_max_rank=0)]
   if sweep:
+    # Each tiling for every pass and dtype (no per-pass entries).
     configs += [replace(block_rows=bm, block_cols=bn, num_warps=w,
-                        num_stages=st) for bm, bn, w, st in (
-        (32, 64, 4, 2), (64, 32, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2),
-        (128, 64, 8, 2), (32, 32, 4, 2), (64, 128, 4, 3), (128, 32, 4, 3))]
+                        num_stages=st, pass_tilings=())
+                for bm, bn, w, st in SWEEP_TILINGS]
     configs += [replace(reconstruct_precision=rp, accumulate_precision=ap)
                 for rp, ap in (('tf32x3', 'tf32x3'), ('tf32', 'tf32'))]
-    configs += [replace(target_programs=t) for t in (1, 1024, 4096, 8192)]
+    configs += [replace(target_programs=t) for t in (1024, 8192)]
   return configs
 
 
@@ -176,18 +185,15 @@ def measure(batch: int, rows: int, cols: int, rank: int, dtype: str,
         kernels.LionCoefficients(0.9, 0.1), config=config,
         interpret=interpret)
 
+  passes = (('sketch', sketch, 1), ('project', project, 2),
+            ('lion_sketch', lion_sketch, 1), ('lion_project', lion_project, 2))
   for config in sweep_configs(sweep):
     fields = dataclasses.asdict(config)
-    record('sketch', functools.partial(sketch, config=config), (g,),
-           size * item, **fields)
-    record('project', functools.partial(project, config=config), (g,),
-           2 * size * item, **fields)
-  for config in sweep_configs(False):
-    fields = dataclasses.asdict(config)
-    record('lion_sketch', functools.partial(lion_sketch, config=config), (g,),
-           size * item, **fields)
-    record('lion_project', functools.partial(lion_project, config=config),
-           (g,), 2 * size * item, **fields)
+    for (name, fn, moved), kernel in zip(passes, kernels.PASSES):
+      # The tiling this pass took (its pass_tilings entry or the fields).
+      tiling = config.tiling(kernel, dt)._asdict()
+      record(name, functools.partial(fn, config=config), (g,),
+             moved * size * item, **fields, tiling=tiling)
   return rows_out
 
 

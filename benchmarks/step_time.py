@@ -174,12 +174,22 @@ def param_count(case: str) -> int:
   return layers * sum(m * n for _, (m, n) in mats)
 
 
+#: Kernel settings an MLorc option may name
+#: (``mlorc_adamw:kernel_config=uniform_tiling``): the default
+#: :class:`~mlorc_optax.kernels.KernelConfig` but for its per-pass tilings,
+#: every pass in the same tiles (as before they existed).
+KERNEL_CONFIGS = {
+    'uniform_tiling': mlorc_optax.kernels.KernelConfig(pass_tilings=()),
+}
+
+
 def make_optimizer(name: str, rank: int | None) -> optax.GradientTransformation:
   """The optimizer called ``name`` (see :data:`OPTIMIZERS`) at ``rank``.
 
   An MLorc name may carry options of its factory after a colon
-  (``mlorc_adamw:complement=1.0,oversample=4``); the tool sets the learning
-  rate and the rank itself.
+  (``mlorc_adamw:complement=1.0,oversample=4``; ``kernel_config`` by a name
+  of :data:`KERNEL_CONFIGS`); the tool sets the learning rate and the rank
+  itself.
   """
   lr = 1e-4
   base, options = method_options.split(name)
@@ -196,7 +206,8 @@ def make_optimizer(name: str, rank: int | None) -> optax.GradientTransformation:
   make = (mlorc_optax.mlorc_lion if base.startswith('mlorc_lion')
           else mlorc_optax.mlorc_adamw)
   kwargs = method_options.parse_options(
-      name, make, fixed=('learning_rate', 'rank', 'implementation'))
+      name, make, fixed=('learning_rate', 'rank', 'implementation'),
+      aliases={'kernel_config': KERNEL_CONFIGS})
   if base in MLORC_ALONE:
     kwargs['kernel_config'] = mlorc_optax.kernels.KernelConfig(
         group_max_elements=0)

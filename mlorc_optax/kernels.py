@@ -18,8 +18,9 @@ NVIDIA GPU, Pallas' interpreter with ``interpret=True``) with a plain
 * whole steps over many leaves: :func:`adam_step`, :func:`lion_step`.
 
 Nothing here chooses an implementation or looks at the devices: ``config``
-(a frozen, hashable :class:`KernelConfig`) and ``interpret`` are passed
-explicitly, :func:`supports` says which matrices the kernels can tile and
+(a frozen, hashable :class:`KernelConfig`, with a :class:`PassTiling` per
+pass and gradient width where one differs from its fields) and
+``interpret`` are passed explicitly, :func:`supports` says which matrices the kernels can tile and
 :func:`kernel_widths` how wide factors and sketches must be (sketches, and
 factors wider than ``KernelConfig.fma_max_rank``, padded with zero columns
 to a power of two >= 16 for the tensor-core dots; narrower factors at their
@@ -49,7 +50,9 @@ from mlorc_optax._src.kernels.adam import sketch_pass
 from mlorc_optax._src.kernels.adam import sketch_pass_reference
 from mlorc_optax._src.kernels.gram import orthonormal_bases
 from mlorc_optax._src.kernels.gram import svds_of_projections
+from mlorc_optax._src.kernels.launch import PASSES
 from mlorc_optax._src.kernels.launch import KernelConfig
+from mlorc_optax._src.kernels.launch import PassTiling
 from mlorc_optax._src.kernels.launch import kernel_widths
 from mlorc_optax._src.kernels.launch import supports
 from mlorc_optax._src.kernels.lion import LionCoefficients
@@ -71,6 +74,8 @@ __all__ = (
     'LionCoefficients',
     'LionLeafInputs',
     'LionProjectPassOutputs',
+    'PASSES',
+    'PassTiling',
     'ProjectPassOutputs',
     'SketchPassOutputs',
     'adam_step',

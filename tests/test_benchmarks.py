@@ -8,6 +8,7 @@ results still render.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import runpy
@@ -92,6 +93,21 @@ def test_step_time_passes_options_to_the_mlorc_factories():
     step_time.make_optimizer('mlorc_lion:rank=8', 4)
 
 
+def test_step_time_names_kernel_configs(monkeypatch):
+  seen = {}
+  factory = mlorc_optax.mlorc_adamw
+
+  @functools.wraps(factory)
+  def spy(*args, **kwargs):
+    seen.update(kwargs)
+    return factory(*args, **kwargs)
+
+  monkeypatch.setattr(mlorc_optax, 'mlorc_adamw', spy)
+  step_time.make_optimizer('mlorc_adamw:kernel_config=uniform_tiling', 4)
+  assert seen['kernel_config'] == mlorc_optax.kernels.KernelConfig(
+      pass_tilings=())
+
+
 def test_step_time_child_writes_its_one_configuration(tmp_path):
   # What `--isolate` runs in each fresh process (here in this one).
   out = tmp_path / 'child.json'
@@ -159,12 +175,13 @@ def test_fused_passes_tool_times_every_piece_on_a_tiny_stack(tmp_path):
   out = tmp_path / 'p.jsonl'
   rows = fused_passes.main(['--shape', '1', '32', '64', '--calls', '1',
                             '--json', str(out)])
-  # The default passes, then with dot reconstructions (fma_max_rank=0).
+  # The four passes with the default config, then with dot reconstructions
+  # (fma_max_rank=0).
+  passes = ('sketch', 'project', 'lion_sketch', 'lion_project')
   assert [(r['kernel'], r.get('fma_max_rank')) for r in rows] == [
       ('copy', None), ('read', None), ('apply', None), ('small', None),
-      ('leaf_step', None), ('sketch', 8), ('project', 8), ('sketch', 0),
-      ('project', 0), ('lion_sketch', 8), ('lion_project', 8),
-      ('lion_sketch', 0), ('lion_project', 0)]
+      ('leaf_step', None), *((p, 8) for p in passes),
+      *((p, 0) for p in passes)]
   for r in rows:
     assert 'error' not in r, r
     assert r['ms'] > 0

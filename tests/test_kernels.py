@@ -405,6 +405,79 @@ def test_kernel_config_is_static_and_hashable():
       jax.lax.DotAlgorithmPreset.TF32_TF32_F32)
 
 
+def _launched_tiles(config, name, dtype, shape=(1, 128, 256)):
+  """``(bm, bn, num_warps, num_stages)`` that :func:`launch.launch` gives the
+  pass ``name`` for a gradient of ``dtype`` (a probe kernel, traced only)."""
+  seen = {}
+
+  def probe(g_ref, o_ref, *, bm, bn, **_):
+    seen.update(bm=bm, bn=bn)
+    o_ref[...] = jnp.zeros(o_ref.shape, o_ref.dtype)
+
+  g = jax.ShapeDtypeStruct(shape, dtype)
+  jax.eval_shape(lambda g: launch.launch(
+      probe, g, over='rows', args=(g,), config=config, interpret=True,
+      name=name,
+      out_shape=lambda parts: jax.ShapeDtypeStruct((1,), jnp.float32)), g)
+  tiling = config.tiling(name, dtype)
+  return seen['bm'], seen['bn'], tiling.num_warps, tiling.num_stages
+
+
+def test_each_pass_takes_its_tiling_for_the_gradient_width():
+  """MLorc-AdamW's pass 1 with 16-bit gradients gets its own tiles and warps
+  by default; every other pass and float32 take the config's fields."""
+  config = kernels.KernelConfig()
+  assert config.pass_tilings == (
+      kernels.PassTiling('mlorc_adam_sketch', 2, 64, 32, 2, 3),)
+  for dtype in (jnp.bfloat16, jnp.float16):
+    assert _launched_tiles(config, 'mlorc_adam_sketch', dtype) == (64, 32, 2,
+                                                                   3)
+  assert _launched_tiles(config, 'mlorc_adam_sketch', jnp.float32) == (
+      64, 64, 4, 3)
+  for name in kernels.PASSES[1:]:
+    for dtype in (jnp.bfloat16, jnp.float32):
+      assert _launched_tiles(config, name, dtype) == (64, 64, 4, 3), name
+  # Entries replace the fields of one pass and width; none: the fields.
+  mine = kernels.KernelConfig(block_rows=32, num_warps=8, pass_tilings=(
+      kernels.PassTiling('mlorc_lion_project', 4, 16, 128, 2, 1),))
+  assert _launched_tiles(mine, 'mlorc_lion_project', jnp.float32) == (
+      16, 128, 2, 1)
+  assert _launched_tiles(mine, 'mlorc_lion_project', jnp.bfloat16) == (
+      32, 64, 8, 3)
+  assert _launched_tiles(mine, 'mlorc_adam_sketch', jnp.bfloat16) == (
+      32, 64, 8, 3)
+  # A tile wider than the matrix allows falls back as the fields' do.
+  assert _launched_tiles(mine, 'mlorc_lion_project', jnp.float32,
+                         (1, 48, 96))[:2] == (16, 32)
+
+
+@pytest.mark.parametrize('entry,match', [
+    (kernels.PassTiling('mlorc_adam_sketchy', 2, 64, 32, 2, 3),
+     r'pass_tilings\[0\]\.kernel must be one of'),
+    (kernels.PassTiling('mlorc_adam_sketch', 8, 64, 32, 2, 3),
+     r'pass_tilings\[0\]\.itemsize must be 2 or 4'),
+    (kernels.PassTiling('mlorc_adam_sketch', 2, 48, 32, 2, 3),
+     r'pass_tilings\[0\]\.block_rows must be a power of two'),
+    (kernels.PassTiling('mlorc_adam_sketch', 2, 64, 32, 3, 3),
+     r'pass_tilings\[0\]\.num_warps must be a power of two'),
+    (kernels.PassTiling('mlorc_adam_sketch', 2, 64, 32, 2, 0),
+     r'pass_tilings\[0\]\.num_stages must be an int'),
+    (('mlorc_adam_sketch', 2, 64, 32, 2, 3),
+     r'pass_tilings\[0\] must be a PassTiling'),
+])
+def test_pass_tilings_reject_bad_entries_naming_them(entry, match):
+  with pytest.raises(ValueError, match=match):
+    kernels.KernelConfig(pass_tilings=(entry,))
+
+
+def test_pass_tilings_reject_a_repeated_entry_and_a_list():
+  entry = kernels.PassTiling('mlorc_lion_sketch', 4, 64, 32, 2, 3)
+  with pytest.raises(ValueError, match=r'pass_tilings\[1\] repeats'):
+    kernels.KernelConfig(pass_tilings=(entry, entry._replace(num_warps=4)))
+  with pytest.raises(ValueError, match='pass_tilings must be a tuple'):
+    kernels.KernelConfig(pass_tilings=[entry])
+
+
 @pytest.mark.parametrize('field,value', [
     ('block_rows', 48), ('block_rows', 8), ('block_cols', 0),
     ('block_cols', 64.0), ('num_warps', 3), ('num_warps', True),
@@ -519,3 +592,5 @@ def test_every_pallas_call_is_named():
   names = _pallas_call_names(jax.make_jaxpr(steps)(g).jaxpr)
   assert sorted(names) == ['mlorc_adam_project', 'mlorc_adam_sketch',
                            'mlorc_lion_project', 'mlorc_lion_sketch']
+  # The names are the keys of KernelConfig.pass_tilings.
+  assert sorted(names) == sorted(kernels.PASSES)

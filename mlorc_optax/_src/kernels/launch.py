@@ -5,7 +5,10 @@ and block of rows (or of columns), looping over the other axis inside the
 kernel so that its accumulations never race, that loop split into several
 programs when the grid alone would leave the GPU idle (:func:`splits`). The
 settings are a frozen :class:`KernelConfig`, passed as a static argument:
-there is no module-level state to set.
+there is no module-level state to set. Its tiling can differ by pass and
+gradient width (:class:`PassTiling`): MLorc-AdamW's pass 1, which holds the
+most per tile, runs faster in narrower tiles on fewer warps with 16-bit
+gradients.
 
 A pass's kernel computes three kinds of rank-sized products on each tile,
 through the :class:`Products` its launch hands it: the reconstruction
@@ -57,6 +60,55 @@ def _is_pow2(x: Any) -> bool:
           and x & (x - 1) == 0)
 
 
+#: The passes' names (each ``pallas_call``'s, as profiles show it), the keys
+#: of :attr:`KernelConfig.pass_tilings`.
+PASSES = ('mlorc_adam_sketch', 'mlorc_adam_project', 'mlorc_lion_sketch',
+          'mlorc_lion_project')
+
+
+class PassTiling(NamedTuple):
+  """The tiling of one pass for gradients of one width
+  (:attr:`KernelConfig.pass_tilings`).
+
+  Attributes:
+    kernel: the pass, one of :data:`PASSES`.
+    itemsize: bytes per gradient entry it applies to (2: bfloat16 or
+      float16; 4: float32).
+    block_rows, block_cols, num_warps, num_stages: as the
+      :class:`KernelConfig` fields of these names.
+  """
+
+  kernel: str
+  itemsize: int
+  block_rows: int
+  block_cols: int
+  num_warps: int
+  num_stages: int
+
+
+#: The default :attr:`KernelConfig.pass_tilings`. MLorc-AdamW's pass 1 with
+#: 16-bit gradients in 64 x 32 tiles on 2 warps: on an H200 (8 x 4096 x 11008
+#: bfloat16, r=4) that took it from 1.63 to 1.09 ms, where no other tiling
+#: helped any pass by more than the runs' spread, in float32 or bfloat16
+#: (``benchmarks/README.md``, "Tilings per pass").
+DEFAULT_PASS_TILINGS = (PassTiling('mlorc_adam_sketch', 2, 64, 32, 2, 3),)
+
+
+def _check_tiling(where: str, block_rows: Any, block_cols: Any,
+                  num_warps: Any, num_stages: Any) -> None:
+  for name, value in (('block_rows', block_rows), ('block_cols', block_cols)):
+    if not _is_pow2(value) or value < MIN_TILE:
+      raise ValueError(f'{where}.{name} must be a power of two >= {MIN_TILE}, '
+                       f'got {value!r}.')
+  if not _is_pow2(num_warps):
+    raise ValueError(f'{where}.num_warps must be a power of two, got '
+                     f'{num_warps!r}.')
+  if not isinstance(num_stages, int) or isinstance(num_stages, bool) or (
+      num_stages < 1):
+    raise ValueError(f'{where}.num_stages must be an int >= 1, got '
+                     f'{num_stages!r}.')
+
+
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
   """How the Pallas passes are tiled and compiled (hashable, static).
@@ -69,10 +121,16 @@ class KernelConfig:
   Attributes:
     block_rows: largest tile height (a power of two ``>= 16``); a matrix gets
       the largest power of two ``<= block_rows`` dividing its rows
-      (:func:`tile`).
+      (:func:`tile`). With ``block_cols`` it also sets which matrices the
+      kernels take unpadded and how the others are padded
+      (:func:`supports`, :func:`tiled_size`).
     block_cols: largest tile width, likewise for the columns.
     num_warps: Triton warps per program (a power of two).
     num_stages: Triton software-pipelining stages (``>= 1``).
+    pass_tilings: :class:`PassTiling` entries, each replacing the four
+      fields above for one pass and gradient width (at most one entry per
+      pair); the passes without one use the fields (:meth:`tiling`). Any
+      tile fits a matrix the fields fit, since both are multiples of 16.
     reconstruct_precision: precision of the reconstructions ``U S V^T``
       (which the update uses): ``'tf32x3'``, three TF32 tensor-core products
       per dot, float32-level accuracy; ``'tf32'``, one (10-bit mantissa
@@ -107,22 +165,33 @@ class KernelConfig:
   target_programs: int = 2048
   group_max_elements: int = 1 << 22
   fma_max_rank: int = 8
+  pass_tilings: tuple[PassTiling, ...] = DEFAULT_PASS_TILINGS
 
   def __post_init__(self):
-    for name in ('block_rows', 'block_cols'):
-      value = getattr(self, name)
-      if not _is_pow2(value) or value < MIN_TILE:
-        raise ValueError(
-            f'KernelConfig.{name} must be a power of two >= {MIN_TILE}, got '
-            f'{value!r}.')
-    if not _is_pow2(self.num_warps):
-      raise ValueError('KernelConfig.num_warps must be a power of two, got '
-                       f'{self.num_warps!r}.')
-    for name in ('num_stages', 'target_programs'):
-      value = getattr(self, name)
-      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f'KernelConfig.{name} must be an int >= 1, got '
-                         f'{value!r}.')
+    _check_tiling('KernelConfig', self.block_rows, self.block_cols,
+                  self.num_warps, self.num_stages)
+    if not isinstance(self.pass_tilings, tuple):
+      raise ValueError('KernelConfig.pass_tilings must be a tuple of '
+                       f'PassTiling, got {self.pass_tilings!r}.')
+    seen = set()
+    for i, entry in enumerate(self.pass_tilings):
+      where = f'KernelConfig.pass_tilings[{i}]'
+      if not isinstance(entry, PassTiling):
+        raise ValueError(f'{where} must be a PassTiling, got {entry!r}.')
+      if entry.kernel not in PASSES:
+        raise ValueError(f'{where}.kernel must be one of {PASSES}, got '
+                         f'{entry.kernel!r}.')
+      if entry.itemsize not in (2, 4):
+        raise ValueError(f'{where}.itemsize must be 2 or 4, got '
+                         f'{entry.itemsize!r}.')
+      if entry[:2] in seen:
+        raise ValueError(f'{where} repeats the entry for {entry[:2]}.')
+      seen.add(entry[:2])
+      _check_tiling(where, *entry[2:])
+    value = self.target_programs
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      raise ValueError('KernelConfig.target_programs must be an int >= 1, '
+                       f'got {value!r}.')
     for name in ('group_max_elements', 'fma_max_rank'):
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -133,6 +202,16 @@ class KernelConfig:
       if value not in PRECISIONS:
         raise ValueError(f'KernelConfig.{name} must be one of '
                          f'{tuple(PRECISIONS)}, got {value!r}.')
+
+  def tiling(self, kernel: str, dtype: Any) -> PassTiling:
+    """The tiling of pass ``kernel`` (:data:`PASSES`) for gradients of
+    ``dtype``: its :attr:`pass_tilings` entry, else the config's fields."""
+    itemsize = jnp.dtype(dtype).itemsize
+    for entry in self.pass_tilings:
+      if (entry.kernel, entry.itemsize) == (kernel, itemsize):
+        return entry
+    return PassTiling(kernel, itemsize, self.block_rows, self.block_cols,
+                      self.num_warps, self.num_stages)
 
 
 def tile(dim: int, target: int) -> int | None:
@@ -343,7 +422,9 @@ def launch(
     args: the kernel's inputs (a pytree each; its refs keep the structure).
     config: the static :class:`KernelConfig`.
     interpret: run in Pallas' interpreter (no GPU needed).
-    name: the ``pallas_call``'s name, as profiles and HLO show it.
+    name: the ``pallas_call``'s name, as profiles and HLO show it, and the
+      pass whose tiling ``config`` gives (:meth:`KernelConfig.tiling`, for
+      ``g``'s dtype).
     rank: the width of the factors the kernel reconstructs by
       multiply-adds where :func:`uses_fma` says so (pass 2); None: every
       reconstruction a dot (pass 1, whose factors must then be dot
@@ -355,11 +436,13 @@ def launch(
   if over not in ('rows', 'cols'):
     raise ValueError(f"over must be 'rows' or 'cols', got {over!r}.")
   batch, rows, cols = g.shape
-  bm, bn = tile(rows, config.block_rows), tile(cols, config.block_cols)
+  tiling = config.tiling(name, g.dtype)
+  bm, bn = tile(rows, tiling.block_rows), tile(cols, tiling.block_cols)
   if bm is None or bn is None:
     raise ValueError(
         f'{name}: a {rows} x {cols} matrix cannot be tiled with block_rows='
-        f'{config.block_rows}, block_cols={config.block_cols} (see supports).')
+        f'{tiling.block_rows}, block_cols={tiling.block_cols} (see '
+        'supports).')
   blocks, loop = ((rows // bm, cols // bn) if over == 'rows'
                   else (cols // bn, rows // bm))
   split = splits(batch * blocks, loop, config.target_programs)
@@ -370,7 +453,7 @@ def launch(
       bound=step_math.overflow_bound(rows, cols), products=products)
   # Triton's compiler parameters select the Triton lowering (not Mosaic GPU).
   params = None if interpret else plt.CompilerParams(
-      num_warps=config.num_warps, num_stages=config.num_stages)
+      num_warps=tiling.num_warps, num_stages=tiling.num_stages)
   return pl.pallas_call(
       body, out_shape=out_shape(split.parts),
       grid=(batch, blocks, split.parts),
