@@ -125,6 +125,13 @@ def track(grads, rank, compressor, kwargs, b1, b2, seed):
   comp = COMPRESSORS[compressor](**kwargs)
   tx = mlorc_optax.scale_by_mlorc_adam(
       b1, b2, rank=rank, seed=seed, compressor=comp, low_rank_mask=True)
+  return tracking_errors(grads, tx, comp, b1, b2)
+
+
+def tracking_errors(grads, tx, comp, b1, b2):
+  """Per-step relative errors ``(m, v, direction)`` of ``tx`` (a
+  ``scale_by_mlorc_adam`` whose one leaf ``comp`` compresses), each
+  ``[steps]``, against ``optax.scale_by_adam(b1, b2)``."""
   adam = optax.scale_by_adam(b1, b2)
   params = {'w': jnp.zeros(grads.shape[1:])}
 

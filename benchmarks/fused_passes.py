@@ -93,8 +93,11 @@ def sweep_configs(sweep: bool) -> list[Any]:
     configs += [replace(block_rows=bm, block_cols=bn, num_warps=w,
                         num_stages=st, pass_tilings=())
                 for bm, bn, w, st in SWEEP_TILINGS]
-    configs += [replace(reconstruct_precision=rp, accumulate_precision=ap)
-                for rp, ap in (('tf32x3', 'tf32x3'), ('tf32', 'tf32'))]
+    configs += [replace(reconstruct_precision=rp, sketch_precision=sp,
+                        project_precision=pp)
+                for rp, sp, pp in (('tf32x3', 'tf32x3', 'tf32x3'),
+                                   ('tf32x3', 'tf32', 'tf32'),
+                                   ('tf32', 'tf32', 'tf32'))]
     configs += [replace(target_programs=t) for t in (1024, 8192)]
   return configs
 

@@ -15,7 +15,7 @@ The stages of a tile of pass 1 (:mod:`mlorc_optax.kernels` docs):
    16 columns; or float32 multiply-adds over the true rank);
 2. the elementwise terms (:func:`mlorc_optax._src.step_math.adam_sketch_terms`);
 3. three sketches ``g @ omega_m``, ``x @ omega_v``, ``1{r < 0} @ omega_v``
-   (``tf32`` dots);
+   (dots at ``KernelConfig.sketch_precision``, ``bf16`` by default);
 4. two row sums (negative entries and their magnitudes).
 
 A :class:`Variant` drops or changes stages; ``full`` is the library's
@@ -64,6 +64,9 @@ class Variant(NamedTuple):
     indicator_bf16: ``1{r < 0} @ omega_v`` as a bfloat16 dot (the indicator
       is exact in bfloat16; ``omega`` is rounded).
     shared_omega: ``omega_v = omega_m`` (one sketch matrix read per tile).
+    sketch_precision: the sketches' dot precision (the library's default
+      ``'bf16'``: both operands rounded to bfloat16, float32 sums; before
+      the seventh session ``'tf32'``).
     block_rows, block_cols, num_warps, num_stages: the tiling
       (:class:`~mlorc_optax.kernels.KernelConfig`).
   """
@@ -74,6 +77,7 @@ class Variant(NamedTuple):
   row_sums: bool = True
   indicator_bf16: bool = False
   shared_omega: bool = False
+  sketch_precision: str = 'bf16'
   block_rows: int = 64
   block_cols: int = 64
   num_warps: int = 4
@@ -84,7 +88,8 @@ class Variant(NamedTuple):
     return kernels.KernelConfig(
         block_rows=self.block_rows, block_cols=self.block_cols,
         num_warps=self.num_warps, num_stages=self.num_stages,
-        reconstruct_precision=self.reconstruct_precision)
+        reconstruct_precision=self.reconstruct_precision,
+        sketch_precision=self.sketch_precision, pass_tilings=())
 
 
 VARIANTS: dict[str, Variant] = {
@@ -107,6 +112,11 @@ VARIANTS: dict[str, Variant] = {
     'tiles_64x32_2_warps': Variant(block_cols=32, num_warps=2),
     'tiles_64x16': Variant(block_cols=16),
     'tiles_64x128_8_warps': Variant(block_cols=128, num_warps=8),
+    'sketches_tf32': Variant(sketch_precision='tf32'),
+    'sketches_tf32_tiles_64x32_2_warps': Variant(
+        sketch_precision='tf32', block_cols=32, num_warps=2),
+    'reconstruct_tf32_tiles_64x32_2_warps': Variant(
+        reconstruct_precision='tf32', block_cols=32, num_warps=2),
     'stages_2': Variant(num_stages=2),
     'stages_4': Variant(num_stages=4),
 }
@@ -136,7 +146,7 @@ def _kernel(one_b2_ref, g_ref, av_ref, vv_ref, om_ref, ov_ref, *out_refs,
     terms = step_math.adam_sketch_terms(g, rec, one_b2, bound)
     om = om_ref[b, cols, :]
     ov = om if variant.shared_omega else ov_ref[b, cols, :]
-    dot = lambda x, o: jnp.dot(x, o, precision=products.accumulate)
+    dot = lambda x, o: jnp.dot(x, o, precision=products.precisions.sketches)
     new = list(acc)
     if 'g' in variant.sketches:
       new[0] = acc[0] + dot(terms.g, om)

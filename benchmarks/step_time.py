@@ -175,11 +175,14 @@ def param_count(case: str) -> int:
 
 
 #: Kernel settings an MLorc option may name
-#: (``mlorc_adamw:kernel_config=uniform_tiling``): the default
-#: :class:`~mlorc_optax.kernels.KernelConfig` but for its per-pass tilings,
-#: every pass in the same tiles (as before they existed).
+#: (``mlorc_adamw:kernel_config=uniform_tiling``), each the default
+#: :class:`~mlorc_optax.kernels.KernelConfig` but for one setting:
+#: ``uniform_tiling``, every pass in the same tiles (as before per-pass
+#: tilings existed); ``tf32_sketches``, pass 1's sketches at TF32 (as before
+#: bfloat16 sketches).
 KERNEL_CONFIGS = {
     'uniform_tiling': mlorc_optax.kernels.KernelConfig(pass_tilings=()),
+    'tf32_sketches': mlorc_optax.kernels.KernelConfig(sketch_precision='tf32'),
 }
 
 

@@ -15,6 +15,7 @@ import runpy
 import sys
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -91,6 +92,21 @@ def test_step_time_passes_options_to_the_mlorc_factories():
     step_time.make_optimizer('adamw:b1=0.8', None)
   with pytest.raises(ValueError, match='set by the harness'):
     step_time.make_optimizer('mlorc_lion:rank=8', 4)
+
+
+def test_sketch_precision_tool_tracks_every_precision():
+  from benchmarks import sketch_precision  # pylint: disable=g-import-not-at-top
+
+  out = sketch_precision.main(['--rows', '32', '--cols', '64', '--steps', '4',
+                               '--seeds', '0', '--precisions', 'bf16',
+                               'tf32x3'])
+  bf16, full = out['rows']
+  assert (bf16['sketch_precision'], full['sketch_precision']) == ('bf16',
+                                                                  'tf32x3')
+  for name in ('m_error', 'v_error', 'direction_error'):
+    assert 0 < bf16[name] < 2, name
+    if jax.default_backend() != 'gpu':  # interpret mode: float32 dots
+      assert bf16[name] == full[name], name
 
 
 def test_step_time_names_kernel_configs(monkeypatch):

@@ -17,10 +17,11 @@ of either reconstruction is a large relative error of that entry, and
 ``m / sqrt(v)`` magnifies it; both are equally exact there. The fix of
 equation (2) is discontinuous, so a few entries may differ by more
 (:func:`closeness.assert_close_but_for_the_fix`). On a GPU the kernels'
-sketch and projection products default to TF32
-(``KernelConfig.accumulate_precision``), within 3e-3 of the float32 products
-(:func:`test_tf32_products_stay_within_tf32_rounding`), so the other tests
-pass ``FULL``, a config with float32-level (``'tf32x3'``) products; in
+sketches default to bfloat16 operands (``KernelConfig.sketch_precision``),
+each product within ``2**-8`` of its magnitude, and the projections to TF32
+(``project_precision``), within 3e-3 of the float32 products
+(:func:`test_gpu_default_products_stay_within_their_rounding`), so the other
+tests pass ``FULL``, a config with float32-level (``'tf32x3'``) products; in
 interpret mode every dot is float32 whatever the config.
 """
 
@@ -47,7 +48,8 @@ B1, B2, EPS = 0.9, 0.999, 1e-8
 INTERPRET = jax.default_backend() != 'gpu'
 #: Float32-level kernel dots on a GPU (no effect in interpret mode); factors
 #: up to rank 8 are reconstructed with multiply-adds.
-FULL = kernels.KernelConfig(accumulate_precision='tf32x3')
+FULL = kernels.KernelConfig(sketch_precision='tf32x3',
+                             project_precision='tf32x3')
 #: The same with every product a tensor-core dot (factors padded to 16).
 FULL_DOTS = dataclasses.replace(FULL, fma_max_rank=0)
 
@@ -130,26 +132,41 @@ def test_project_kernel_equals_its_reference(batch, m, n, rank, config,
 
 
 @pytest.mark.parametrize('batch,m,n,rank', SHAPES[1:3])
-def test_tf32_products_stay_within_tf32_rounding(batch, m, n, rank):
-  """The GPU default: TF32 sketch and projection products (10-bit inputs).
+def test_gpu_default_products_stay_within_their_rounding(batch, m, n, rank):
+  """The GPU defaults: sketches from bfloat16 operands, TF32 projections.
 
-  In interpret mode every dot is float32, so this only binds on a GPU.
+  A sketch entry ``sum_j x_j omega_j`` from operands rounded to bfloat16
+  (8-bit mantissa, relative rounding ``2**-9`` each) is off by at most
+  ``2**-8 sum_j |x_j omega_j|`` (the same sum of magnitudes: the reference
+  pass of ``|g|`` and ``|omega|``, whose terms are the magnitudes of the
+  pass's terms), plus float32 rounding. The projections take TF32 inputs
+  (10-bit mantissa): within 3e-3 of the largest float32 product. In
+  interpret mode every dot is float32, so this only binds on a GPU.
   """
   config = kernels.KernelConfig()
-  assert config.accumulate_precision == 'tf32'
+  assert (config.sketch_precision, config.project_precision) == ('bf16',
+                                                                 'tf32')
   g, a_m, v_m, a_v, v_v, (om, ov), (q_m, q_v) = pass_inputs(
       batch, m, n, rank, jnp.float32)
+  ours = kernels.sketch_pass(g, a_v, v_v, om, ov, 1 - B2, config=config,
+                             interpret=INTERPRET)
+  theirs = kernels.sketch_pass_reference(g, a_v, v_v, om, ov, 1 - B2)
+  bounds = kernels.sketch_pass_reference(jnp.abs(g), a_v, v_v, jnp.abs(om),
+                                         jnp.abs(ov), 1 - B2)
+  lion = (kernels.lion_sketch_pass(g, om, config=config, interpret=INTERPRET),
+          kernels.lion_sketch_pass_reference(g, om), bounds.g_omega)
+  for x, y, bound in [*zip(ours[:3], theirs[:3], bounds[:3]), lion]:
+    x, y, bound = (np.asarray(a, np.float64) for a in (x, y, bound))
+    assert np.all(np.abs(x - y) <= 2.0**-8 * bound
+                  + 1e-5 * np.abs(y).max())
+  for x, y in zip(ours[3:], theirs[3:]):  # the row sums: float32
+    assert_close(x, y, 1e-5)
   project_args = (g, a_m, v_m, a_v, v_v, q_m, q_v, coefficients(batch),
                   zetas(batch))
-  for ours, theirs in (
-      (kernels.sketch_pass(g, a_v, v_v, om, ov, 1 - B2, config=config,
-                           interpret=INTERPRET),
-       kernels.sketch_pass_reference(g, a_v, v_v, om, ov, 1 - B2)),
-      (kernels.project_pass(*project_args, config=config,
-                            interpret=INTERPRET)[1:],
-       kernels.project_pass_reference(*project_args)[1:])):
-    for x, y in zip(ours, theirs):
-      assert_close(x, y, 3e-3)
+  for x, y in zip(kernels.project_pass(*project_args, config=config,
+                                       interpret=INTERPRET)[1:],
+                  kernels.project_pass_reference(*project_args)[1:]):
+    assert_close(x, y, 3e-3)
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
@@ -399,10 +416,25 @@ def test_kernel_config_is_static_and_hashable():
   with pytest.raises(AttributeError):
     config.block_rows = 64  # frozen
   hi = step_math.HIGHEST
-  assert launch.dot_precisions(config, interpret=True) == (hi, hi)
+  assert launch.dot_precisions(config, interpret=True) == (hi, hi, hi)
+  preset = jax.lax.DotAlgorithmPreset
   assert launch.dot_precisions(config, interpret=False) == (
-      jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
-      jax.lax.DotAlgorithmPreset.TF32_TF32_F32)
+      preset.TF32_TF32_F32_X3, preset.BF16_BF16_F32, preset.TF32_TF32_F32)
+
+
+def test_compiled_bf16_sketches_round_omega_once_for_both_products():
+  """With bfloat16 sketches a compiled pass multiplies by ``omega`` rounded
+  to bfloat16, and so must the small products ``V^T omega`` outside it:
+  the step hands both the rounded values. Interpret mode, and sketches at
+  another precision, keep ``omega`` as drawn."""
+  omega = jax.random.normal(jax.random.key(0), (2, 64, 16))
+  rounded = launch.sketch_operand(omega, kernels.KernelConfig(), False)
+  np.testing.assert_array_equal(
+      rounded, omega.astype(jnp.bfloat16).astype(jnp.float32))
+  assert rounded.dtype == jnp.float32
+  assert not np.array_equal(rounded, omega)
+  for config, interpret in ((kernels.KernelConfig(), True), (FULL, False)):
+    assert launch.sketch_operand(omega, config, interpret) is omega
 
 
 def _launched_tiles(config, name, dtype, shape=(1, 128, 256)):
@@ -483,7 +515,8 @@ def test_pass_tilings_reject_a_repeated_entry_and_a_list():
     ('block_cols', 64.0), ('num_warps', 3), ('num_warps', True),
     ('num_stages', 0), ('target_programs', -1), ('group_max_elements', -1),
     ('group_max_elements', 2.0), ('fma_max_rank', -1), ('fma_max_rank', 4.0),
-    ('reconstruct_precision', 'highest'), ('accumulate_precision', 'bf16'),
+    ('reconstruct_precision', 'highest'), ('sketch_precision', 'bfloat16'),
+    ('project_precision', 'tf16'),
 ])
 def test_kernel_config_rejects_bad_values_naming_the_field(field, value):
   with pytest.raises(ValueError, match=f'KernelConfig.{field} must be'):

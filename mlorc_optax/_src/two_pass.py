@@ -112,6 +112,7 @@ from mlorc_optax._src.kernels import lion
 from mlorc_optax._src.kernels.launch import KernelConfig
 from mlorc_optax._src.kernels.launch import kernel_widths
 from mlorc_optax._src.kernels.launch import pad_cols
+from mlorc_optax._src.kernels.launch import sketch_operand
 from mlorc_optax._src.kernels.launch import tiled_size
 
 _F32 = jnp.float32
@@ -133,6 +134,14 @@ def _pass(
   if use_kernel:
     return functools.partial(kernel, config=config, interpret=interpret)
   return reference
+
+
+def _sketch(leaf: Any, omega: jax.Array, config: KernelConfig,
+            interpret: bool) -> jax.Array:
+  """A leaf's sketch in float32, as its pass 1 multiplies by it (rounded
+  for a compiled kernel's bfloat16 sketches, :func:`sketch_operand`)."""
+  omega = _f32(omega)
+  return sketch_operand(omega, config, interpret) if leaf.use_kernel else omega
 
 
 def _padded_factors(
@@ -281,8 +290,8 @@ def _adam_step(
     r_pad, l_pad = kernel_widths(leaf.mu.s.shape[-1], l, config)
     a_m, v_m = _padded_factors(leaf.mu, b1, r_pad)
     a_v, v_v = _padded_factors(leaf.nu, b2, r_pad)
-    om = pad_cols(_f32(leaf.omega_m), l_pad)
-    ov = pad_cols(_f32(leaf.omega_v), l_pad)
+    om, ov = (pad_cols(_sketch(leaf, o, config, interpret), l_pad)
+              for o in (leaf.omega_m, leaf.omega_v))
     sketch = _pass(leaf.use_kernel, adam.sketch_pass,
                    adam.sketch_pass_reference, config, interpret)
     p1 = sketch(leaf.g, a_v, v_v, om, ov, c.one_minus_b2)
@@ -407,7 +416,7 @@ def _lion_step(
     l = leaf.omega.shape[-1]
     r_pad, l_pad = kernel_widths(leaf.mu.s.shape[-1], l, config)
     a, v = _padded_factors(leaf.mu, 1.0, r_pad)
-    om = pad_cols(_f32(leaf.omega), l_pad)
+    om = pad_cols(_sketch(leaf, leaf.omega, config, interpret), l_pad)
     sketch = _pass(leaf.use_kernel, lion.lion_sketch_pass,
                    lion.lion_sketch_pass_reference, config, interpret)
     g_omega, v_omega = gram.psum(

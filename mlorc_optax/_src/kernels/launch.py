@@ -52,6 +52,7 @@ PRECISIONS = {
     'tf32x3': jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
     'tf32': jax.lax.DotAlgorithmPreset.TF32_TF32_F32,
     'ieee': jax.lax.DotAlgorithmPreset.F32_F32_F32,
+    'bf16': jax.lax.DotAlgorithmPreset.BF16_BF16_F32,
 }
 
 
@@ -134,11 +135,24 @@ class KernelConfig:
     reconstruct_precision: precision of the reconstructions ``U S V^T``
       (which the update uses): ``'tf32x3'``, three TF32 tensor-core products
       per dot, float32-level accuracy; ``'tf32'``, one (10-bit mantissa
-      inputs); ``'ieee'``, scalar float32 FMAs (slowest).
-    accumulate_precision: precision of the accumulated sketch and projection
-      products, the same choices. ``'tf32'`` is within 3e-3 of the float32
-      products, and the two passes ran 19% faster with it than with
-      ``'tf32x3'`` in the H100 sweep.
+      inputs); ``'bf16'``, one with both operands rounded to bfloat16
+      (8-bit mantissa) and float32 sums; ``'ieee'``, scalar float32 FMAs
+      (slowest).
+    sketch_precision: precision of pass 1's sketches ``tile @ omega``, the
+      same choices. They only find the range the moments are projected on,
+      with the default ``'bf16'`` each is the sketch of a matrix within
+      ``2**-9`` of the moment, entry by entry of the streamed part
+      (``(1 - b1) g``, or ``(1 - b2) g**2 + r_-``; ``omega`` rounded once,
+      :func:`sketch_operand`). That moves the singular values, and so the
+      range finder's error ``||(I - Q Q^T) M||``, by no more than ``2**-9``
+      of the streamed part's Frobenius norm, far below the rank-``r``
+      truncation error; the projections that make the factors stay at
+      ``project_precision``. On an H200 it took MLorc-AdamW's pass 1 from
+      1.76 to 0.99 ms (8 x 4096 x 11008 float32, ``benchmarks/README.md``).
+    project_precision: precision of pass 2's projections ``Q^T tile``, from
+      which the new factors come, the same choices. ``'tf32'`` is within
+      3e-3 of the float32 products, and the two passes ran 19% faster with
+      it than with ``'tf32x3'`` in the H100 sweep.
     target_programs: grid programs a pass aims for (an H100 has 132 SMs,
       each running up to 16 programs of 4 warps); a pass whose grid is
       smaller splits its inner loop into more programs and sums their partial
@@ -161,7 +175,8 @@ class KernelConfig:
   num_warps: int = 4
   num_stages: int = 3
   reconstruct_precision: str = 'tf32x3'
-  accumulate_precision: str = 'tf32'
+  sketch_precision: str = 'bf16'
+  project_precision: str = 'tf32'
   target_programs: int = 2048
   group_max_elements: int = 1 << 22
   fma_max_rank: int = 8
@@ -197,7 +212,8 @@ class KernelConfig:
       if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ValueError(f'KernelConfig.{name} must be an int >= 0, got '
                          f'{value!r}.')
-    for name in ('reconstruct_precision', 'accumulate_precision'):
+    for name in ('reconstruct_precision', 'sketch_precision',
+                 'project_precision'):
       value = getattr(self, name)
       if value not in PRECISIONS:
         raise ValueError(f'KernelConfig.{name} must be one of '
@@ -296,6 +312,22 @@ def kernel_widths(rank: int, width: int,
   return r, pow2_at_least(width)
 
 
+def sketch_operand(omega: jax.Array, config: KernelConfig,
+                   interpret: bool) -> jax.Array:
+  """``omega`` as the compiled kernels' sketches multiply by it.
+
+  Rounded to bfloat16 (and held in its dtype) where they sketch at
+  ``'bf16'``, so that the small products ``V^T omega`` outside the kernels
+  use the same sketch: the sketch is then exactly ``(M + E) omega`` with
+  ``E`` only the rounding of the streamed tile (``KernelConfig.
+  sketch_precision``). Unchanged otherwise, and in interpret mode, whose
+  dots are float32.
+  """
+  if interpret or config.sketch_precision != 'bf16':
+    return omega
+  return omega.astype(jnp.bfloat16).astype(omega.dtype)
+
+
 def pad_cols(x: jax.Array, width: int) -> jax.Array:
   """``x [..., k]`` padded with zero columns to ``[..., width]``."""
   return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])])
@@ -316,16 +348,22 @@ def program() -> tuple[Any, Any, Any]:
   return pl.program_id(0), pl.program_id(1), pl.program_id(2)
 
 
-def dot_precisions(config: KernelConfig, interpret: bool) -> tuple[Any, Any]:
-  """``(reconstruct, accumulate)`` dot precisions of a kernel.
+class DotPrecisions(NamedTuple):
+  """The dot precisions of a kernel's :class:`Products`."""
 
-  ``HIGHEST`` for both in interpret mode (the CPU has no TF32), else the
-  config's presets.
-  """
+  reconstructions: Any
+  sketches: Any
+  projections: Any
+
+
+def dot_precisions(config: KernelConfig, interpret: bool) -> DotPrecisions:
+  """The dot precisions of a kernel: ``HIGHEST`` for every product in
+  interpret mode (the CPU has no TF32), else the config's presets."""
   if interpret:
-    return step_math.HIGHEST, step_math.HIGHEST
-  return (PRECISIONS[config.reconstruct_precision],
-          PRECISIONS[config.accumulate_precision])
+    return DotPrecisions(*[step_math.HIGHEST] * 3)
+  return DotPrecisions(PRECISIONS[config.reconstruct_precision],
+                       PRECISIONS[config.sketch_precision],
+                       PRECISIONS[config.project_precision])
 
 
 # ----------------------------------------------------------------------------
@@ -339,20 +377,18 @@ class Products:
   ``b`` is the matrix, ``rows`` / ``cols`` the tile's blocks
   (:func:`block`); refs hold ``[B, rows or cols, width]`` arrays. The
   sketches ``tile @ omega`` (summed over the column blocks) and projections
-  ``q^T tile`` (over the row blocks) are tensor-core dots at the
-  ``accumulate`` precision; the reconstruction ``a v^T`` of a factor pair is
-  a dot at the ``reconstruct`` precision, or with ``fma`` float32
-  multiply-adds over the factors' true rank, ``sum_k a_k v_k^T`` (exact to
-  float32 rounding), the factors read a column at a time.
+  ``q^T tile`` (over the row blocks) are tensor-core dots at their
+  precisions; the reconstruction ``a v^T`` of a factor pair is a dot at its
+  precision, or with ``fma`` float32 multiply-adds over the factors' true
+  rank, ``sum_k a_k v_k^T`` (exact to float32 rounding), the factors read a
+  column at a time.
 
   Attributes:
-    reconstruct: dot precision of :meth:`outer` (:func:`dot_precisions`).
-    accumulate: dot precision of the sketches and projections.
+    precisions: the dots' :class:`DotPrecisions` (:func:`dot_precisions`).
     fma: :meth:`outer` as multiply-adds (``KernelConfig.fma_max_rank``).
   """
 
-  reconstruct: Any
-  accumulate: Any
+  precisions: DotPrecisions
   fma: bool = False
 
   def rows(self, ref: Any, b: Any, rows: Any) -> Any:
@@ -370,7 +406,7 @@ class Products:
   def outer(self, a: Any, v: Any) -> jax.Array:
     """``a v^T``, ``[bm, bn]``, from :meth:`rows` and :meth:`cols`."""
     if not self.fma:
-      return jnp.dot(a, v, precision=self.reconstruct)
+      return jnp.dot(a, v, precision=self.precisions.reconstructions)
     out = a[0][:, None] * v[0][None, :]
     for a_k, v_k in zip(a[1:], v[1:]):
       out = out + a_k[:, None] * v_k[None, :]
@@ -379,12 +415,14 @@ class Products:
   def sketch(self, tile: jax.Array, omega_ref: Any, b: Any,
              cols: Any) -> jax.Array:
     """``tile @ omega_ref[b, cols, :]``, ``[bm, L]``."""
-    return jnp.dot(tile, omega_ref[b, cols, :], precision=self.accumulate)
+    return jnp.dot(tile, omega_ref[b, cols, :],
+                   precision=self.precisions.sketches)
 
   def project(self, q_ref: Any, b: Any, rows: Any,
               tile: jax.Array) -> jax.Array:
     """``q_ref[b, rows, :]^T @ tile``, ``[L, bn]``."""
-    return jnp.dot(q_ref[b, rows, :].T, tile, precision=self.accumulate)
+    return jnp.dot(q_ref[b, rows, :].T, tile,
+                   precision=self.precisions.projections)
 
 
 def launch(
@@ -446,7 +484,7 @@ def launch(
   blocks, loop = ((rows // bm, cols // bn) if over == 'rows'
                   else (cols // bn, rows // bm))
   split = splits(batch * blocks, loop, config.target_programs)
-  products = Products(*dot_precisions(config, interpret),
+  products = Products(dot_precisions(config, interpret),
                       fma=rank is not None and uses_fma(rank, config))
   body = functools.partial(
       kernel, bm=bm, bn=bn, loop=split,
