@@ -22,9 +22,9 @@ each as the median of ``--calls`` warm calls, with its achieved bandwidth
 to rank 8) and with dot reconstructions at every rank (``fma_max_rank=0``);
 ``--sweep`` also times all four passes for other tile sizes, warp and stage
 counts (:data:`SWEEP_TILINGS`), dot precisions and program targets (the
-config's fields, recorded with each row). The kernels are compiled through Triton on a GPU and interpreted
-elsewhere (CI times nothing). Prints one JSON line per row and appends them
-to ``--json``.
+config's fields, recorded with each row). The kernels are compiled through
+Triton on a GPU and interpreted elsewhere (CI times nothing). Prints one JSON
+line per row and appends them to ``--json``.
 
 Usage::
 

@@ -17,14 +17,14 @@ NVIDIA GPU, Pallas' interpreter with ``interpret=True``) with a plain
   :func:`orthonormal_bases`, :func:`svds_of_projections`;
 * whole steps over many leaves: :func:`adam_step`, :func:`lion_step`.
 
-Nothing here chooses an implementation or looks at the devices: ``config``
-(a frozen, hashable :class:`KernelConfig`, with a :class:`PassTiling` per
-pass and gradient width where one differs from its fields) and
-``interpret`` are passed explicitly, :func:`supports` says which matrices the kernels can tile and
-:func:`kernel_widths` how wide factors and sketches must be (sketches, and
-factors wider than ``KernelConfig.fma_max_rank``, padded with zero columns
-to a power of two >= 16 for the tensor-core dots; narrower factors at their
-own rank, reconstructed with float32 multiply-adds).
+Nothing here chooses an implementation or looks at the devices: ``config`` (a
+frozen, hashable :class:`KernelConfig`, with a :class:`PassTiling` per pass
+and gradient width where one differs from its fields) and ``interpret`` are
+passed explicitly, :func:`supports` says which matrices the kernels can tile
+and :func:`kernel_widths` how wide factors and sketches must be (sketches, and
+factors wider than ``KernelConfig.fma_max_rank``, padded with zero columns to
+a power of two >= 16 for the tensor-core dots; narrower factors at their own
+rank, reconstructed with float32 multiply-adds).
 
 Examples:
   >>> import jax.numpy as jnp

@@ -95,6 +95,13 @@ class PassTiling(NamedTuple):
 DEFAULT_PASS_TILINGS = (PassTiling('mlorc_adam_sketch', 2, 64, 32, 2, 3),)
 
 
+def _check_int(where: str, value: Any, minimum: int) -> None:
+  """``value`` must be an int (not a bool) ``>= minimum``; ``where`` names
+  it in the error."""
+  if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+    raise ValueError(f'{where} must be an int >= {minimum}, got {value!r}.')
+
+
 def _check_tiling(where: str, block_rows: Any, block_cols: Any,
                   num_warps: Any, num_stages: Any) -> None:
   for name, value in (('block_rows', block_rows), ('block_cols', block_cols)):
@@ -104,10 +111,7 @@ def _check_tiling(where: str, block_rows: Any, block_cols: Any,
   if not _is_pow2(num_warps):
     raise ValueError(f'{where}.num_warps must be a power of two, got '
                      f'{num_warps!r}.')
-  if not isinstance(num_stages, int) or isinstance(num_stages, bool) or (
-      num_stages < 1):
-    raise ValueError(f'{where}.num_stages must be an int >= 1, got '
-                     f'{num_stages!r}.')
+  _check_int(f'{where}.num_stages', num_stages, 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,15 +207,9 @@ class KernelConfig:
         raise ValueError(f'{where} repeats the entry for {entry[:2]}.')
       seen.add(entry[:2])
       _check_tiling(where, *entry[2:])
-    value = self.target_programs
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-      raise ValueError('KernelConfig.target_programs must be an int >= 1, '
-                       f'got {value!r}.')
+    _check_int('KernelConfig.target_programs', self.target_programs, 1)
     for name in ('group_max_elements', 'fma_max_rank'):
-      value = getattr(self, name)
-      if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ValueError(f'KernelConfig.{name} must be an int >= 0, got '
-                         f'{value!r}.')
+      _check_int(f'KernelConfig.{name}', getattr(self, name), 0)
     for name in ('reconstruct_precision', 'sketch_precision',
                  'project_precision'):
       value = getattr(self, name)
@@ -316,16 +314,18 @@ def sketch_operand(omega: jax.Array, config: KernelConfig,
                    interpret: bool) -> jax.Array:
   """``omega`` as the compiled kernels' sketches multiply by it.
 
-  Rounded to bfloat16 (and held in its dtype) where they sketch at
-  ``'bf16'``, so that the small products ``V^T omega`` outside the kernels
-  use the same sketch: the sketch is then exactly ``(M + E) omega`` with
-  ``E`` only the rounding of the streamed tile (``KernelConfig.
-  sketch_precision``). Unchanged otherwise, and in interpret mode, whose
-  dots are float32.
+  Cast to the input type of the ``KernelConfig.sketch_precision`` preset,
+  as the Triton lowering casts a dot's operands, and held in its own dtype:
+  rounded to bfloat16 for ``'bf16'``, so that the small products
+  ``V^T omega`` outside the kernels use the same sketch (the sketch is then
+  exactly ``(M + E) omega`` with ``E`` only the rounding of the streamed
+  tile). Unchanged for float32 inputs (the TF32 presets round inside the
+  tensor cores), and in interpret mode, whose dots are float32.
   """
-  if interpret or config.sketch_precision != 'bf16':
+  inputs = PRECISIONS[config.sketch_precision].supported_rhs_types[0]
+  if interpret or jnp.dtype(inputs) == omega.dtype:
     return omega
-  return omega.astype(jnp.bfloat16).astype(omega.dtype)
+  return omega.astype(inputs).astype(omega.dtype)
 
 
 def pad_cols(x: jax.Array, width: int) -> jax.Array:
