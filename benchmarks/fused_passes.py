@@ -38,16 +38,18 @@ import dataclasses
 import functools
 import json
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import tyro
 
 import mlorc_optax
+from benchmarks import sketch_precision
 from benchmarks.toolkit import results
 from benchmarks.toolkit import timing
 from mlorc_optax import kernels
+from mlorc_optax._src.transform import DEFAULT_OVERSAMPLE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,12 +60,24 @@ class Config:
   """The stack ``B M N``: B matrices of M x N."""
   ranks: tuple[int, ...] = (4,)
   """Ranks to time."""
+  oversample: int = DEFAULT_OVERSAMPLE
+  """Sketch columns beyond the rank (``mlorc_adamw``'s default): the passes
+  take sketches of ``rank + oversample`` columns, padded as the step pads
+  them (:func:`mlorc_optax.kernels.kernel_widths`; rank 32 with the default
+  sketches 36 columns, padded to 64)."""
+  passes: tuple[str, ...] = kernels.PASSES
+  """Which passes to time (:data:`mlorc_optax.kernels.PASSES`)."""
   dtype: Literal['float32', 'bfloat16'] = 'float32'
   """Gradient and weight dtype."""
   calls: int = 10
   """Timed calls per piece (median)."""
   sweep: bool = False
   """Also try other tiles, warps, stages, precisions and program targets."""
+  variants: tuple[str, ...] = ()
+  """Also time these dot precisions, each
+  ``RECONSTRUCT/SKETCH_RECONSTRUCT/SKETCH/PROJECT``
+  (:func:`benchmarks.sketch_precision.variant_config`), with the default
+  tiling."""
   json: str | None = None
   """Append the rows here as JSON lines."""
 
@@ -77,68 +91,145 @@ SWEEP_TILINGS = (
     (32, 128, 4, 3), (128, 64, 8, 3), (64, 128, 8, 3), (128, 128, 8, 3))
 
 
-def sweep_configs(sweep: bool) -> list[Any]:
+#: The sweep's dot precisions
+#: (``RECONSTRUCT/SKETCH_RECONSTRUCT/SKETCH/PROJECT``): float32-level, the
+#: defaults before bfloat16 projections, and coarser.
+SWEEP_VARIANTS = ('tf32x3/tf32x3/tf32x3/tf32x3', 'tf32x3/tf32x3/bf16/tf32',
+                  'tf32/tf32/bf16/bf16', 'bf16/bf16/bf16/bf16')
+
+
+def sweep_configs(sweep: bool, variants: Sequence[str] = ()) -> list[Any]:
   """The :class:`~mlorc_optax.kernels.KernelConfig` values the passes run with.
 
-  The default and the same with dot reconstructions at every rank, or with
-  ``sweep`` also other tiles, warps and stages, dot precisions and program
-  targets, one setting group at a time.
+  The default and the same with dot reconstructions at every rank, then the
+  default at each precision of ``variants``; with ``sweep`` also other
+  tiles, warps and stages, dot precisions and program targets, one setting
+  group at a time.
   """
   default = kernels.KernelConfig()
   replace = functools.partial(dataclasses.replace, default)
   # Dot reconstructions at every rank, next to the default's choice.
   configs = [default, replace(fma_max_rank=0)]
+  configs += [sketch_precision.variant_config(v) for v in variants]
   if sweep:
     # Each tiling for every pass and dtype (no per-pass entries).
     configs += [replace(block_rows=bm, block_cols=bn, num_warps=w,
                         num_stages=st, pass_tilings=())
                 for bm, bn, w, st in SWEEP_TILINGS]
-    configs += [replace(reconstruct_precision=rp, sketch_precision=sp,
-                        project_precision=pp)
-                for rp, sp, pp in (('tf32x3', 'tf32x3', 'tf32x3'),
-                                   ('tf32x3', 'tf32', 'tf32'),
-                                   ('tf32', 'tf32', 'tf32'))]
+    configs += [sketch_precision.variant_config(v) for v in SWEEP_VARIANTS]
     configs += [replace(target_programs=t) for t in (1024, 8192)]
   return configs
 
 
+class PassOperands(NamedTuple):
+  """Random operands of the passes for one stack: factors, sketches and
+  bases as wide as the widest padding a config gives them (each pass takes
+  the first :func:`mlorc_optax.kernels.kernel_widths` columns)."""
+
+  a: jax.Array
+  v: jax.Array
+  omega: jax.Array
+  q: jax.Array
+
+
+#: Pass 2's scalars (``b2 * zeta = 0.01``).
+COEFFICIENTS = kernels.AdamCoefficients(
+    one_minus_b1=0.1, one_minus_b2=0.001, k_m=1.0, k_g=0.0, c_v=1.0,
+    eps=1e-8, eps_root=0.0)
+ZETA = 0.01
+
+
+def pass_operands(key: jax.Array, batch: int, rows: int, cols: int,
+                  sketch_cols: int) -> PassOperands:
+  """:class:`PassOperands` for sketches of ``sketch_cols`` columns."""
+  pad = max(16, 1 << (sketch_cols - 1).bit_length())
+  keys = jax.random.split(key, 4)
+  normal = lambda k, shape: jax.random.normal(k, shape, jnp.float32)
+  return PassOperands(
+      normal(keys[0], (batch, rows, pad)), normal(keys[1], (batch, cols, pad)),
+      normal(keys[2], (batch, cols, pad)),
+      jnp.linalg.qr(normal(keys[3], (batch, rows, pad)))[0])
+
+
+def pass_calls(ops: PassOperands, rank: int, sketch_cols: int,
+               interpret: bool) -> dict[str, Any]:
+  """Each pass of :data:`mlorc_optax.kernels.PASSES` as ``(g, config) ->
+  outputs`` on ``ops``, with factors of ``rank`` columns and sketches of
+  ``sketch_cols``, padded as ``config`` pads them."""
+  a, v, om, q = ops
+
+  def widths(config):
+    return kernels.kernel_widths(rank, sketch_cols, config)
+
+  def sketch(g, config):
+    r, l = widths(config)
+    return kernels.sketch_pass(g, a[..., :r], v[..., :r], om[..., :l],
+                               om[..., :l], COEFFICIENTS.one_minus_b2,
+                               config=config, interpret=interpret)
+
+  def project(g, config):
+    r, l = widths(config)
+    return kernels.project_pass(g, a[..., :r], v[..., :r], a[..., :r],
+                                v[..., :r], q[..., :l], q[..., :l],
+                                COEFFICIENTS, ZETA, config=config,
+                                interpret=interpret)
+
+  def lion_sketch(g, config):
+    return kernels.lion_sketch_pass(g, om[..., :widths(config)[1]],
+                                    config=config, interpret=interpret)
+
+  def lion_project(g, config):
+    r, l = widths(config)
+    return kernels.lion_project_pass(
+        g, a[..., :r], v[..., :r], q[..., :l],
+        kernels.LionCoefficients(0.9, 0.1), config=config,
+        interpret=interpret)
+
+  return dict(zip(kernels.PASSES,
+                  (sketch, project, lion_sketch, lion_project)))
+
+
 def measure(batch: int, rows: int, cols: int, rank: int, dtype: str,
-            calls: int, sweep: bool) -> list[dict[str, Any]]:
-  """Times every piece of one stack at one rank; returns the rows."""
+            calls: int, sweep: bool, oversample: int = DEFAULT_OVERSAMPLE,
+            passes: Sequence[str] = kernels.PASSES,
+            variants: Sequence[str] = ()) -> list[dict[str, Any]]:
+  """Times every piece of one stack at one rank; returns the rows.
+
+  The passes take factors of ``rank`` columns and sketches of ``rank +
+  oversample`` (each padded as :func:`mlorc_optax.kernels.kernel_widths`
+  says); only those named in ``passes`` are timed.
+  """
+  unknown = set(passes) - set(kernels.PASSES)
+  if unknown:
+    raise ValueError(f'passes must be among {kernels.PASSES}, got '
+                     f'{sorted(unknown)}.')
+  sketch_cols = rank + oversample
   # The benchmark's choice, not the library's: Triton on a GPU.
   interpret = jax.default_backend() != 'gpu'
   dt = jnp.dtype(dtype)
-  keys = jax.random.split(jax.random.key(0), 8)
+  keys = jax.random.split(jax.random.key(0), 5)
   g = jax.random.normal(keys[0], (batch, rows, cols), dt)
   w = jax.random.normal(keys[1], (batch, rows, cols), dt)
-  # Widest factor and sketch widths a config pads them to; each config's
-  # passes take the first kernels.kernel_widths columns.
-  pad = max(16, 1 << (rank - 1).bit_length())
+  ops = pass_operands(keys[2], batch, rows, cols, sketch_cols)
   f32 = jnp.float32
-  a = jax.random.normal(keys[2], (batch, rows, pad), f32)
-  v = jax.random.normal(keys[3], (batch, cols, pad), f32)
-  om = jax.random.normal(keys[4], (batch, cols, pad), f32)
-  q = jnp.linalg.qr(jax.random.normal(keys[5], (batch, rows, pad)))[0]
-  # Pass 2's scalars (b2 * zeta = 0.01) and the step's (Adam at t = 1).
-  coefficients = kernels.AdamCoefficients(
-      one_minus_b1=0.1, one_minus_b2=0.001, k_m=1.0, k_g=0.0, c_v=1.0,
-      eps=1e-8, eps_root=0.0)
-  zeta = 0.01
+  # The step's coefficients (Adam at t = 1).
   factors = mlorc_optax.LowRankFactors(
-      u=q[..., :rank], s=jnp.ones((batch, rank)), v=jnp.linalg.qr(v)[0][
-          ..., :rank])
-  step_coefficients = coefficients._replace(k_m=10.0, c_v=1000.0)
+      u=ops.q[..., :rank], s=jnp.ones((batch, rank)),
+      v=jnp.linalg.qr(ops.v)[0][..., :rank])
+  step_coefficients = COEFFICIENTS._replace(k_m=10.0, c_v=1000.0)
   size = batch * rows * cols
   item = dt.itemsize
-  y = jax.random.normal(keys[6], (batch, rows, rank), f32)
-  b = jax.random.normal(keys[7], (batch, rank, cols), f32)
+  y = jax.random.normal(keys[3], (batch, rows, sketch_cols), f32)
+  b = jax.random.normal(keys[4], (batch, sketch_cols, cols), f32)
 
   def small(y, b):
     qs = kernels.orthonormal_bases([y, y])
     return kernels.svds_of_projections(qs, [b, b], [rank, rank])
 
-  base = dict(batch=batch, rows=rows, cols=cols, rank=rank, dtype=dtype,
-              device=jax.devices()[0].device_kind, jax_version=jax.__version__)
+  base = dict(batch=batch, rows=rows, cols=cols, rank=rank,
+              sketch_cols=sketch_cols, dtype=dtype,
+              device=jax.devices()[0].device_kind,
+              jax_version=jax.__version__)
   rows_out = []
 
   def record(name, fn, args, nbytes, **extra):
@@ -159,43 +250,23 @@ def measure(batch: int, rows: int, cols: int, rank: int, dtype: str,
          3 * size * item)
   record('small', small, (y, b), 0)
   record('leaf_step', lambda g, f: kernels.adam_step(
-      [kernels.AdamLeafInputs(g, f, f, om[..., :rank], om[..., :rank], True)],
+      [kernels.AdamLeafInputs(g, f, f, ops.omega[..., :sketch_cols],
+                              ops.omega[..., :sketch_cols], True)],
       step_coefficients, config=kernels.KernelConfig(), interpret=interpret),
          (g, factors), 3 * size * item)
 
-  def sketch(g, config):
-    r, l = kernels.kernel_widths(rank, rank, config)
-    return kernels.sketch_pass(g, a[..., :r], v[..., :r], om[..., :l],
-                               om[..., :l], coefficients.one_minus_b2,
-                               config=config, interpret=interpret)
-
-  def project(g, config):
-    r, l = kernels.kernel_widths(rank, rank, config)
-    return kernels.project_pass(g, a[..., :r], v[..., :r], a[..., :r],
-                                v[..., :r], q[..., :l], q[..., :l],
-                                coefficients, zeta, config=config,
-                                interpret=interpret)
-
-  def lion_sketch(g, config):
-    l = kernels.kernel_widths(rank, rank, config)[1]
-    return kernels.lion_sketch_pass(g, om[..., :l], config=config,
-                                    interpret=interpret)
-
-  def lion_project(g, config):
-    r, l = kernels.kernel_widths(rank, rank, config)
-    return kernels.lion_project_pass(
-        g, a[..., :r], v[..., :r], q[..., :l],
-        kernels.LionCoefficients(0.9, 0.1), config=config,
-        interpret=interpret)
-
-  passes = (('sketch', sketch, 1), ('project', project, 2),
-            ('lion_sketch', lion_sketch, 1), ('lion_project', lion_project, 2))
-  for config in sweep_configs(sweep):
+  calls_of = pass_calls(ops, rank, sketch_cols, interpret)
+  # Each pass's row name and the arrays it must move (in gradients).
+  timed = dict(zip(kernels.PASSES, (('sketch', 1), ('project', 2),
+                                    ('lion_sketch', 1), ('lion_project', 2))))
+  for config in sweep_configs(sweep, variants):
     fields = dataclasses.asdict(config)
-    for (name, fn, moved), kernel in zip(passes, kernels.PASSES):
+    for kernel, (name, moved) in timed.items():
+      if kernel not in passes:
+        continue
       # The tiling this pass took (its pass_tilings entry or the fields).
       tiling = config.tiling(kernel, dt)._asdict()
-      record(name, functools.partial(fn, config=config), (g,),
+      record(name, functools.partial(calls_of[kernel], config=config), (g,),
              moved * size * item, **fields, tiling=tiling)
   return rows_out
 
@@ -204,7 +275,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
   cfg = tyro.cli(Config, args=argv)
   out = []
   for rank in cfg.ranks:
-    out += measure(*cfg.shape, rank, cfg.dtype, cfg.calls, cfg.sweep)
+    out += measure(*cfg.shape, rank, cfg.dtype, cfg.calls, cfg.sweep,
+                   cfg.oversample, cfg.passes, cfg.variants)
   if cfg.json:
     results.append_json_lines(out, cfg.json)
   return out

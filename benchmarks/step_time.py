@@ -176,13 +176,19 @@ def param_count(case: str) -> int:
 
 #: Kernel settings an MLorc option may name
 #: (``mlorc_adamw:kernel_config=uniform_tiling``), each the default
-#: :class:`~mlorc_optax.kernels.KernelConfig` but for one setting:
-#: ``uniform_tiling``, every pass in the same tiles (as before per-pass
-#: tilings existed); ``tf32_sketches``, pass 1's sketches at TF32 (as before
-#: bfloat16 sketches).
+#: :class:`~mlorc_optax.kernels.KernelConfig` but for its precisions or
+#: tiling: ``uniform_tiling``, every pass in the same tiles (as before
+#: per-pass tilings existed); ``tf32_sketches``, pass 1's sketches at TF32
+#: (as before bfloat16 sketches); ``tf32_projections``, pass 2's projections
+#: at TF32; ``exact_pass1_tf32_projections``, that and pass 1's
+#: reconstruction at float32 level (the defaults before the eighth session).
 KERNEL_CONFIGS = {
     'uniform_tiling': mlorc_optax.kernels.KernelConfig(pass_tilings=()),
     'tf32_sketches': mlorc_optax.kernels.KernelConfig(sketch_precision='tf32'),
+    'tf32_projections': mlorc_optax.kernels.KernelConfig(
+        project_precision='tf32'),
+    'exact_pass1_tf32_projections': mlorc_optax.kernels.KernelConfig(
+        sketch_reconstruct_precision='tf32x3', project_precision='tf32'),
 }
 
 

@@ -94,19 +94,25 @@ def test_step_time_passes_options_to_the_mlorc_factories():
     step_time.make_optimizer('mlorc_lion:rank=8', 4)
 
 
-def test_sketch_precision_tool_tracks_every_precision():
+def test_sketch_precision_tool_tracks_every_precision_variant():
   from benchmarks import sketch_precision  # pylint: disable=g-import-not-at-top
 
   out = sketch_precision.main(['--rows', '32', '--cols', '64', '--steps', '4',
-                               '--seeds', '0', '--precisions', 'bf16',
-                               'tf32x3'])
-  bf16, full = out['rows']
-  assert (bf16['sketch_precision'], full['sketch_precision']) == ('bf16',
-                                                                  'tf32x3')
+                               '--seeds', '0', '--variants',
+                               'tf32/bf16/bf16/bf16',
+                               'tf32x3/tf32x3/tf32x3/tf32x3'])
+  low, full = out['rows']
+  assert [low[name] for name in sketch_precision.PRECISION_FIELDS] == [
+      'tf32', 'bf16', 'bf16', 'bf16']
+  assert full['variant'] == 'tf32x3/tf32x3/tf32x3/tf32x3'
   for name in ('m_error', 'v_error', 'direction_error'):
-    assert 0 < bf16[name] < 2, name
+    assert 0 < low[name] < 2, name
     if jax.default_backend() != 'gpu':  # interpret mode: float32 dots
-      assert bf16[name] == full[name], name
+      assert low[name] == full[name], name
+  with pytest.raises(ValueError, match='RECONSTRUCT/SKETCH/PROJECT'):
+    sketch_precision.variant_config('bf16')
+  with pytest.raises(ValueError, match='project_precision'):
+    sketch_precision.variant_config('tf32/tf32/bf16/fp8')
 
 
 def test_step_time_names_kernel_configs(monkeypatch):
@@ -202,6 +208,34 @@ def test_fused_passes_tool_times_every_piece_on_a_tiny_stack(tmp_path):
     assert 'error' not in r, r
     assert r['ms'] > 0
   assert len(out.read_text().splitlines()) == len(rows)
+
+
+def test_fused_passes_tool_times_the_named_passes_at_the_step_sketch_width():
+  from benchmarks import fused_passes  # pylint: disable=g-import-not-at-top
+
+  rows = fused_passes.main(['--shape', '1', '32', '64', '--calls', '1',
+                            '--oversample', '20', '--passes',
+                            'mlorc_adam_sketch', 'mlorc_lion_project',
+                            '--variants', 'tf32/tf32/bf16/tf32'])
+  # The default, dot reconstructions, then the variant.
+  assert [r['kernel'] for r in rows][5:] == ['sketch', 'lion_project'] * 3
+  assert [(r['reconstruct_precision'], r['project_precision'])
+          for r in rows[-2:]] == [('tf32', 'tf32')] * 2
+  # rank 4 + 20 sketch columns, padded to 32 for the dots.
+  assert {r['sketch_cols'] for r in rows} == {24}
+  for r in rows:
+    assert 'error' not in r, r
+  with pytest.raises(ValueError, match='passes must be among'):
+    fused_passes.measure(1, 32, 64, 4, 'float32', 1, False,
+                         passes=('mlorc_adam_sketchy',))
+
+
+def test_pass_profile_runs_each_pass_once_per_round_in_order():
+  from benchmarks import pass_profile  # pylint: disable=g-import-not-at-top
+
+  launched = pass_profile.main(['--shape', '1', '32', '64', '--rounds', '1'])
+  # ncu's --launch-skip 4 --launch-count 4 then takes one warm launch each.
+  assert launched == list(mlorc_optax.kernels.PASSES) * 2
 
 
 def _trace(events):

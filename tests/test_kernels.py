@@ -17,9 +17,11 @@ of either reconstruction is a large relative error of that entry, and
 ``m / sqrt(v)`` magnifies it; both are equally exact there. The fix of
 equation (2) is discontinuous, so a few entries may differ by more
 (:func:`closeness.assert_close_but_for_the_fix`). On a GPU the kernels'
-sketches default to bfloat16 operands (``KernelConfig.sketch_precision``),
-each product within ``2**-8`` of its magnitude, and the projections to TF32
-(``project_precision``), within 3e-3 of the float32 products
+sketches and projections default to bfloat16 operands
+(``KernelConfig.sketch_precision``, ``project_precision``), each product
+within ``2**-8`` of its magnitude, and pass 1's reconstruction to TF32
+inputs (``sketch_reconstruct_precision``), each entry within ``2**-9`` of
+its products' magnitudes
 (:func:`test_gpu_default_products_stay_within_their_rounding`), so the other
 tests pass ``FULL``, a config with float32-level (``'tf32x3'``) products; in
 interpret mode every dot is float32 whatever the config.
@@ -48,7 +50,8 @@ B1, B2, EPS = 0.9, 0.999, 1e-8
 INTERPRET = jax.default_backend() != 'gpu'
 #: Float32-level kernel dots on a GPU (no effect in interpret mode); factors
 #: up to rank 8 are reconstructed with multiply-adds.
-FULL = kernels.KernelConfig(sketch_precision='tf32x3',
+FULL = kernels.KernelConfig(sketch_reconstruct_precision='tf32x3',
+                             sketch_precision='tf32x3',
                              project_precision='tf32x3')
 #: The same with every product a tensor-core dot (factors padded to 16).
 FULL_DOTS = dataclasses.replace(FULL, fma_max_rank=0)
@@ -133,19 +136,34 @@ def test_project_kernel_equals_its_reference(batch, m, n, rank, config,
 
 @pytest.mark.parametrize('batch,m,n,rank', SHAPES[1:3])
 def test_gpu_default_products_stay_within_their_rounding(batch, m, n, rank):
-  """The GPU defaults: sketches from bfloat16 operands, TF32 projections.
+  """The GPU defaults: pass 1 reconstructs from TF32 inputs and sketches
+  from bfloat16 operands; pass 2 reconstructs at float32 level and projects
+  from bfloat16 operands.
 
-  A sketch entry ``sum_j x_j omega_j`` from operands rounded to bfloat16
-  (8-bit mantissa, relative rounding ``2**-9`` each) is off by at most
-  ``2**-8 sum_j |x_j omega_j|`` (the same sum of magnitudes: the reference
-  pass of ``|g|`` and ``|omega|``, whose terms are the magnitudes of the
-  pass's terms), plus float32 rounding. The projections take TF32 inputs
-  (10-bit mantissa): within 3e-3 of the largest float32 product. In
-  interpret mode every dot is float32, so this only binds on a GPU.
+  TF32 inputs keep 10 mantissa bits (relative error ``2**-11`` rounded,
+  ``2**-10`` truncated, as tensor cores may take float32 registers), so they
+  move a reconstructed entry ``r = sum_k a_k v_k`` by at most ``2**-9 sum_k
+  |a_k v_k|`` (its *band*): only entries within their band of zero can
+  change sign. A product ``sum_j x_j y_j`` from operands rounded to bfloat16
+  (``2**-9`` each) is off by at most ``2**-8 sum_j |x_j y_j|`` (for the
+  sketches, the reference pass of ``|g|`` and ``|omega|``, whose terms are
+  the magnitudes of the pass's terms). So, with float32 sums on top:
+
+  * ``g omega`` within its bfloat16 bound;
+  * ``x omega`` (``x = (1 - b2) g**2 + r_-``) within its bound plus the
+    bands times ``|omega|``;
+  * ``1{r < 0} omega`` within its bound plus ``|omega|`` of the entries in
+    their band (those that can change sign);
+  * each row's count of negative entries within the number of entries in
+    their band, and its sum of ``r_-`` within the sum of the bands;
+  * the projections ``Q^T m``, ``Q^T v`` within their bfloat16 bound.
+
+  In interpret mode every dot is float32, so this only binds on a GPU.
   """
   config = kernels.KernelConfig()
-  assert (config.sketch_precision, config.project_precision) == ('bf16',
-                                                                 'tf32')
+  assert (config.reconstruct_precision, config.sketch_reconstruct_precision,
+          config.sketch_precision, config.project_precision) == (
+              'tf32x3', 'tf32', 'bf16', 'bf16')
   g, a_m, v_m, a_v, v_v, (om, ov), (q_m, q_v) = pass_inputs(
       batch, m, n, rank, jnp.float32)
   ours = kernels.sketch_pass(g, a_v, v_v, om, ov, 1 - B2, config=config,
@@ -153,20 +171,46 @@ def test_gpu_default_products_stay_within_their_rounding(batch, m, n, rank):
   theirs = kernels.sketch_pass_reference(g, a_v, v_v, om, ov, 1 - B2)
   bounds = kernels.sketch_pass_reference(jnp.abs(g), a_v, v_v, jnp.abs(om),
                                          jnp.abs(ov), 1 - B2)
-  lion = (kernels.lion_sketch_pass(g, om, config=config, interpret=INTERPRET),
-          kernels.lion_sketch_pass_reference(g, om), bounds.g_omega)
-  for x, y, bound in [*zip(ours[:3], theirs[:3], bounds[:3]), lion]:
-    x, y, bound = (np.asarray(a, np.float64) for a in (x, y, bound))
-    assert np.all(np.abs(x - y) <= 2.0**-8 * bound
-                  + 1e-5 * np.abs(y).max())
-  for x, y in zip(ours[3:], theirs[3:]):  # the row sums: float32
-    assert_close(x, y, 1e-5)
-  project_args = (g, a_m, v_m, a_v, v_v, q_m, q_v, coefficients(batch),
-                  zetas(batch))
-  for x, y in zip(kernels.project_pass(*project_args, config=config,
-                                       interpret=INTERPRET)[1:],
-                  kernels.project_pass_reference(*project_args)[1:]):
-    assert_close(x, y, 3e-3)
+  f64 = lambda x: np.asarray(x, np.float64)
+  rec = np.einsum('bik,bjk->bij', f64(a_v), f64(v_v))
+  band = 2.0**-9 * np.einsum('bik,bjk->bij', np.abs(f64(a_v)),
+                              np.abs(f64(v_v)))
+  near_zero = (np.abs(rec) <= band).astype(np.float64)
+  band_omega = np.einsum('bij,bjl->bil', band, np.abs(f64(ov)))
+  flips_omega = np.einsum('bij,bjl->bil', near_zero, np.abs(f64(ov)))
+  slack = lambda y: 1e-5 * np.abs(f64(y)).max()
+  extra = {'g_omega': 0.0, 'x_omega': band_omega, 'neg_omega': flips_omega}
+  for name, x, y, bound in zip(theirs._fields, ours, theirs, bounds):
+    if name in extra:
+      assert np.all(np.abs(f64(x) - f64(y))
+                    <= 2.0**-8 * f64(bound) + extra[name] + slack(y)), name
+  assert np.all(np.abs(f64(ours.neg_count) - f64(theirs.neg_count))
+                <= near_zero.sum(-1))
+  assert np.all(np.abs(f64(ours.neg_sum) - f64(theirs.neg_sum))
+                <= band.sum(-1) + slack(theirs.neg_sum))
+  lion, lion_ref = (kernels.lion_sketch_pass(g, om, config=config,
+                                             interpret=INTERPRET),
+                    kernels.lion_sketch_pass_reference(g, om))
+  assert np.all(np.abs(f64(lion) - f64(lion_ref))
+                <= 2.0**-8 * f64(bounds.g_omega) + slack(lion_ref))
+  # Pass 2: the moments it projects, as its reference computes them.
+  c, zeta = coefficients(batch), zetas(batch)
+  ours = kernels.project_pass(g, a_m, v_m, a_v, v_v, q_m, q_v, c, zeta,
+                              config=config, interpret=INTERPRET)
+  theirs = kernels.project_pass_reference(g, a_m, v_m, a_v, v_v, q_m, q_v, c,
+                                          zeta)
+  reconstruct = lambda a, v: jnp.einsum('bik,bjk->bij', a, v,
+                                        precision=step_math.HIGHEST)
+  per_matrix = lambda x: launch.expand_per_matrix(jax.tree.map(
+      lambda y: jnp.broadcast_to(jnp.asarray(y, jnp.float32), (batch,)), x))
+  moments = step_math.adam_projection_terms(
+      *step_math.adam_new_moments(
+          reconstruct(a_m, v_m), reconstruct(a_v, v_v), g, per_matrix(zeta),
+          per_matrix(c)),
+      step_math.overflow_bound(m, n))
+  for x, y, q, moment in zip(ours[1:], theirs[1:], (q_m, q_v), moments):
+    bound = np.einsum('bil,bij->blj', np.abs(f64(q)), np.abs(f64(moment)))
+    assert np.all(np.abs(f64(x) - f64(y)) <= 2.0**-8 * bound + slack(y))
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
@@ -416,10 +460,17 @@ def test_kernel_config_is_static_and_hashable():
   with pytest.raises(AttributeError):
     config.block_rows = 64  # frozen
   hi = step_math.HIGHEST
-  assert launch.dot_precisions(config, interpret=True) == (hi, hi, hi)
+  for kernel in kernels.PASSES:
+    assert launch.dot_precisions(config, True, kernel) == (hi, hi, hi)
   preset = jax.lax.DotAlgorithmPreset
-  assert launch.dot_precisions(config, interpret=False) == (
-      preset.TF32_TF32_F32_X3, preset.BF16_BF16_F32, preset.TF32_TF32_F32)
+  # Pass 1 reconstructs in TF32 (it only finds the negative part), pass 2
+  # at float32 level (the update comes from it).
+  for kernel in launch.FIRST_PASSES:
+    assert launch.dot_precisions(config, False, kernel) == (
+        preset.TF32_TF32_F32, preset.BF16_BF16_F32, preset.BF16_BF16_F32)
+  for kernel in set(kernels.PASSES) - set(launch.FIRST_PASSES):
+    assert launch.dot_precisions(config, False, kernel) == (
+        preset.TF32_TF32_F32_X3, preset.BF16_BF16_F32, preset.BF16_BF16_F32)
 
 
 def test_compiled_bf16_sketches_round_omega_once_for_both_products():
@@ -516,7 +567,7 @@ def test_pass_tilings_reject_a_repeated_entry_and_a_list():
     ('num_stages', 0), ('target_programs', -1), ('group_max_elements', -1),
     ('group_max_elements', 2.0), ('fma_max_rank', -1), ('fma_max_rank', 4.0),
     ('reconstruct_precision', 'highest'), ('sketch_precision', 'bfloat16'),
-    ('project_precision', 'tf16'),
+    ('sketch_reconstruct_precision', 'fp8'), ('project_precision', 'tf16'),
 ])
 def test_kernel_config_rejects_bad_values_naming_the_field(field, value):
   with pytest.raises(ValueError, match=f'KernelConfig.{field} must be'):

@@ -38,7 +38,8 @@ from closeness import assert_close, assert_close_but_for_the_fix, grads_for
 from helpers import run_steps
 
 B1, B2 = 0.9, 0.999
-FULL = kernels.KernelConfig(sketch_precision='tf32x3',
+FULL = kernels.KernelConfig(sketch_reconstruct_precision='tf32x3',
+                             sketch_precision='tf32x3',
                              project_precision='tf32x3')
 
 
@@ -330,9 +331,8 @@ def test_equal_shaped_leaves_share_one_launch_and_change_nothing(make):
   shapes.update({'up0': (64, 128), 'up1': (64, 128), 'big': (2, 64, 128)})
   grads = grads_for(shapes, 3, seed=6)
   outs, jaxprs = {}, {}
-  for name, config in (('grouped', FULL), ('alone', kernels.KernelConfig(
-      sketch_precision='tf32x3', project_precision='tf32x3',
-      group_max_elements=0))):
+  for name, config in (('grouped', FULL), ('alone', dataclasses.replace(
+      FULL, group_max_elements=0))):
     kwargs = {'eps': 1e-2} if make is mlorc_optax.scale_by_mlorc_adam else {}
     tx = make(implementation='pallas', kernel_config=config,
               low_rank_mask=True, **kwargs)

@@ -110,6 +110,7 @@ from mlorc_optax._src.kernels import adam
 from mlorc_optax._src.kernels import gram
 from mlorc_optax._src.kernels import lion
 from mlorc_optax._src.kernels.launch import KernelConfig
+from mlorc_optax._src.kernels.launch import dot_precisions
 from mlorc_optax._src.kernels.launch import kernel_widths
 from mlorc_optax._src.kernels.launch import pad_cols
 from mlorc_optax._src.kernels.launch import sketch_operand
@@ -142,6 +143,20 @@ def _sketch(leaf: Any, omega: jax.Array, config: KernelConfig,
   for a compiled kernel's bfloat16 sketches, :func:`sketch_operand`)."""
   omega = _f32(omega)
   return sketch_operand(omega, config, interpret) if leaf.use_kernel else omega
+
+
+def _gradient_products(leaf: Any, config: KernelConfig,
+                       interpret: bool) -> Any:
+  """The precision of the complement's products of the gradient with
+  rank-sized bases (``U^T g``, ``Q^T g``), a read of ``g`` outside the
+  passes: ``KernelConfig.project_precision`` for a leaf on the kernels (they
+  are projections of ``g`` as pass 2's are; float32 ones run on the CUDA
+  cores: with them the complement took 8.6 of the 37.6 ms of the rank-32
+  float32 LLaMA-7B step on an H200, ``benchmarks/README.md``), ``HIGHEST``
+  for one on the references."""
+  if not leaf.use_kernel:
+    return _HI
+  return dot_precisions(config, interpret, 'mlorc_adam_project').projections
 
 
 def _padded_factors(
@@ -328,7 +343,8 @@ def _adam_step(
       # with Q^T g, which one more read of g gives with P = U^T g.
       u, k = _f32(leaf.mu.u), leaf.mu.u.shape[-1]
       both = jnp.einsum('bmj,bmn->bjn', jnp.concatenate([u, qs[2 * i]], -1),
-                        leaf.g.astype(_F32), precision=_HI)
+                        leaf.g.astype(_F32),
+                        precision=_gradient_products(leaf, config, interpret))
       q_u = jnp.einsum('bml,bmk->blk', qs[2 * i], u, precision=_HI)
       both, q_u = gram.psum((both, q_u), rows)
       p, q_g = both[:, :k], both[:, k:]
@@ -435,8 +451,9 @@ def _lion_step(
     else:
       # The direction from m~ + alpha (I - U U^T) g (MomentSpec.complement);
       # Q^T g, and so the new factors, do not depend on it.
-      p = gram.psum(jnp.einsum('bmk,bmn->bkn', _f32(leaf.mu.u),
-                               leaf.g.astype(_F32), precision=_HI), rows)
+      p = gram.psum(jnp.einsum(
+          'bmk,bmn->bkn', _f32(leaf.mu.u), leaf.g.astype(_F32),
+          precision=_gradient_products(leaf, config, interpret)), rows)
       a_c, v_c = _padded_factors(_credited(leaf.mu, p, complement), 1.0,
                                  a.shape[-1])
       p2 = project(leaf.g, a_c, v_c, pad_cols(q, l_pad), coefficients._replace(

@@ -56,6 +56,12 @@ PRECISIONS = {
 }
 
 
+#: The :class:`KernelConfig` fields that name a precision of
+#: :data:`PRECISIONS`.
+PRECISION_FIELDS = ('reconstruct_precision', 'sketch_reconstruct_precision',
+                    'sketch_precision', 'project_precision')
+
+
 def _is_pow2(x: Any) -> bool:
   return (isinstance(x, int) and not isinstance(x, bool) and x > 0
           and x & (x - 1) == 0)
@@ -65,6 +71,9 @@ def _is_pow2(x: Any) -> bool:
 #: of :attr:`KernelConfig.pass_tilings`.
 PASSES = ('mlorc_adam_sketch', 'mlorc_adam_project', 'mlorc_lion_sketch',
           'mlorc_lion_project')
+#: The passes 1 among :data:`PASSES` (their reconstructions are at
+#: ``KernelConfig.sketch_reconstruct_precision``).
+FIRST_PASSES = ('mlorc_adam_sketch', 'mlorc_lion_sketch')
 
 
 class PassTiling(NamedTuple):
@@ -136,12 +145,28 @@ class KernelConfig:
       fields above for one pass and gradient width (at most one entry per
       pair); the passes without one use the fields (:meth:`tiling`). Any
       tile fits a matrix the fields fit, since both are multiples of 16.
-    reconstruct_precision: precision of the reconstructions ``U S V^T``
-      (which the update uses): ``'tf32x3'``, three TF32 tensor-core products
-      per dot, float32-level accuracy; ``'tf32'``, one (10-bit mantissa
-      inputs); ``'bf16'``, one with both operands rounded to bfloat16
-      (8-bit mantissa) and float32 sums; ``'ieee'``, scalar float32 FMAs
-      (slowest).
+    reconstruct_precision: precision of pass 2's reconstructions
+      ``U S V^T`` of the previous factors, from which the update comes
+      (factors wider than ``fma_max_rank``; narrower ones are rebuilt by
+      exact float32 multiply-adds): ``'tf32x3'``, three TF32 tensor-core
+      products per dot, float32-level accuracy; ``'tf32'``, one (10-bit
+      mantissa inputs); ``'bf16'``, one with both operands rounded to
+      bfloat16 (8-bit mantissa) and float32 sums; ``'ieee'``, scalar float32
+      FMAs (slowest). It stays float32-level by default: the second
+      moment's fix replaces each negative entry of the reconstruction, so an
+      entry whose sign a coarser product flipped would change the update
+      there by the whole fix.
+    sketch_reconstruct_precision: precision of pass 1's reconstruction of
+      the previous second moment, the same choices. It only gives the
+      negative part that pass 1 sketches and the count and mean magnitude
+      ``zeta`` of the negative entries. With TF32 inputs, the default, an
+      entry moves by at most ``2**-9`` of the sum of its products'
+      magnitudes (10 mantissa bits per input): so only entries that close
+      to zero can change sign (each moves the count by one and the sum by
+      less than that bound), and the sketched negative part moves by about
+      the sketches' own bfloat16 rounding. On an H200 it took
+      MLorc-AdamW's pass 1 from 0.96 to 0.78 ms with bfloat16 gradients
+      (8 x 4096 x 11008, rank 4; ``benchmarks/README.md``).
     sketch_precision: precision of pass 1's sketches ``tile @ omega``, the
       same choices. They only find the range the moments are projected on,
       with the default ``'bf16'`` each is the sketch of a matrix within
@@ -154,9 +179,17 @@ class KernelConfig:
       ``project_precision``. On an H200 it took MLorc-AdamW's pass 1 from
       1.76 to 0.99 ms (8 x 4096 x 11008 float32, ``benchmarks/README.md``).
     project_precision: precision of pass 2's projections ``Q^T tile``, from
-      which the new factors come, the same choices. ``'tf32'`` is within
-      3e-3 of the float32 products, and the two passes ran 19% faster with
-      it than with ``'tf32x3'`` in the H100 sweep.
+      which the new factors come, the same choices. With the default
+      ``'bf16'`` the new factors are those of ``Q Q^T (M + E)``, ``E``
+      within ``2**-9`` of the moment ``M`` entry by entry (the rounding of
+      storing it in bfloat16, as ``optax.adamw(mu_dtype=jnp.bfloat16)``
+      stores its first moment), far below the rank-``r`` truncation error;
+      ``Q`` is rounded too, which moves the projection by as little. On an
+      H200 it took MLorc-AdamW's pass 2 at rank 32 from 5.8 to 3.8 ms
+      (float32) and from 5.5 to 3.3 ms (bfloat16), where the sketches and
+      projections are 64 columns wide (``benchmarks/README.md``). The
+      complement's products of the gradient with rank-sized bases (``U^T
+      g``, ``Q^T g``, outside the passes) take the same precision.
     target_programs: grid programs a pass aims for (an H100 has 132 SMs,
       each running up to 16 programs of 4 warps); a pass whose grid is
       smaller splits its inner loop into more programs and sums their partial
@@ -179,8 +212,9 @@ class KernelConfig:
   num_warps: int = 4
   num_stages: int = 3
   reconstruct_precision: str = 'tf32x3'
+  sketch_reconstruct_precision: str = 'tf32'
   sketch_precision: str = 'bf16'
-  project_precision: str = 'tf32'
+  project_precision: str = 'bf16'
   target_programs: int = 2048
   group_max_elements: int = 1 << 22
   fma_max_rank: int = 8
@@ -210,8 +244,7 @@ class KernelConfig:
     _check_int('KernelConfig.target_programs', self.target_programs, 1)
     for name in ('group_max_elements', 'fma_max_rank'):
       _check_int(f'KernelConfig.{name}', getattr(self, name), 0)
-    for name in ('reconstruct_precision', 'sketch_precision',
-                 'project_precision'):
+    for name in PRECISION_FIELDS:
       value = getattr(self, name)
       if value not in PRECISIONS:
         raise ValueError(f'KernelConfig.{name} must be one of '
@@ -356,14 +389,20 @@ class DotPrecisions(NamedTuple):
   projections: Any
 
 
-def dot_precisions(config: KernelConfig, interpret: bool) -> DotPrecisions:
-  """The dot precisions of a kernel: ``HIGHEST`` for every product in
-  interpret mode (the CPU has no TF32), else the config's presets."""
+def dot_precisions(config: KernelConfig, interpret: bool,
+                   kernel: str) -> DotPrecisions:
+  """The dot precisions of pass ``kernel`` (:data:`PASSES`): ``HIGHEST``
+  for every product in interpret mode (the CPU has no TF32), else the
+  config's presets, the reconstructions at
+  ``sketch_reconstruct_precision`` in pass 1 and ``reconstruct_precision``
+  in pass 2."""
   if interpret:
     return DotPrecisions(*[step_math.HIGHEST] * 3)
-  return DotPrecisions(PRECISIONS[config.reconstruct_precision],
-                       PRECISIONS[config.sketch_precision],
-                       PRECISIONS[config.project_precision])
+  return DotPrecisions(
+      PRECISIONS[config.sketch_reconstruct_precision
+                 if kernel in FIRST_PASSES else config.reconstruct_precision],
+      PRECISIONS[config.sketch_precision],
+      PRECISIONS[config.project_precision])
 
 
 # ----------------------------------------------------------------------------
@@ -450,7 +489,7 @@ def launch(
       and the keywords ``bm``, ``bn`` (tile sides), ``loop``
       (:class:`LoopSplit`: ``loop.blocks(part)`` are its part's blocks of
       the inner loop), ``bound`` (:func:`step_math.overflow_bound`) and
-      ``products`` (:class:`Products` at the config's precisions,
+      ``products`` (:class:`Products` at the pass's precisions,
       :func:`dot_precisions`, reconstructing by multiply-adds where
       :func:`uses_fma` says so for ``rank``); its grid position is
       :func:`program`.
@@ -484,7 +523,7 @@ def launch(
   blocks, loop = ((rows // bm, cols // bn) if over == 'rows'
                   else (cols // bn, rows // bm))
   split = splits(batch * blocks, loop, config.target_programs)
-  products = Products(dot_precisions(config, interpret),
+  products = Products(dot_precisions(config, interpret, name),
                       fma=rank is not None and uses_fma(rank, config))
   body = functools.partial(
       kernel, bm=bm, bn=bn, loop=split,
