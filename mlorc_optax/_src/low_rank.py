@@ -255,20 +255,25 @@ def _check_complements(specs: Mapping[str, MomentSpec],
 # The transform.
 
 
-def _leaf_keys(key: jax.Array, step: jax.Array, index: Any) -> jax.Array:
-  return jax.random.fold_in(jax.random.fold_in(key, step), index)
+def _sketch_key(key: jax.Array, step: jax.Array, leaf: Any,
+                field: Any) -> jax.Array:
+  """The key of the sketch of moment field ``field`` of compressed leaf
+  ``leaf`` at step ``step``: ``fold_in(fold_in(fold_in(key, step), leaf),
+  field)`` (module docstring)."""
+  fold_in = jax.random.fold_in
+  return fold_in(fold_in(fold_in(key, step), leaf), field)
 
 
 def _sketch_keys(key: jax.Array, step: jax.Array, leaves: Sequence[int],
                  fields: Sequence[int]) -> jax.Array:
-  """``[len(leaves), len(fields), ...]``: the key of each leaf's and field's
-  sketch, ``fold_in(_leaf_keys(key, step, leaf), field)``, hashed in one
-  vectorized call (the same keys as one call each, without a launch per
-  leaf and field)."""
+  """``[len(leaves), len(fields), ...]``: :func:`_sketch_key` of each leaf
+  and field, hashed in one vectorized call (the same keys as one call each,
+  without a launch per leaf and field; the reference step draws its keys
+  one at a time, beside its per-leaf work)."""
   leaf = jnp.asarray(leaves, jnp.uint32)[:, None]
   field = jnp.asarray(fields, jnp.uint32)[None, :]
   shape = (len(leaves), len(fields))
-  one = lambda i, j: jax.random.fold_in(_leaf_keys(key, step, i), j)
+  one = lambda i, j: _sketch_key(key, step, i, j)
   return jax.vmap(jax.vmap(one))(jnp.broadcast_to(leaf, shape),
                                  jnp.broadcast_to(field, shape))
 
@@ -586,7 +591,6 @@ def low_rank_moments(
         masked(inner_grads), dense_state, inner_params, **extra_args)
     out = treedef.flatten_up_to(out)
 
-    keys = lambda k: _leaf_keys(state.sketch_key, state.step, leaf_index[k])
     bound = None if update_bound is None else jnp.asarray(
         update_bound(t), jnp.float32)
     new = {f.name: treedef.flatten_up_to(moment_fields.get(new_inner, f))
@@ -616,7 +620,8 @@ def low_rank_moments(
         factors = plan.compressor.update(
             stored[f.name][k],
             moment=moment,
-            grad=g32, key=jax.random.fold_in(keys(k), f.index),
+            grad=g32, key=_sketch_key(state.sketch_key, state.step,
+                                      leaf_index[k], f.index),
             decay=specs[f.name].decay, nonnegative=f.nonnegative)
         new[f.name][k] = type(factors)(
             *(a.astype(factor_dtype) for a in factors))
