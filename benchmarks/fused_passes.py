@@ -49,6 +49,7 @@ from benchmarks import sketch_precision
 from benchmarks.toolkit import results
 from benchmarks.toolkit import timing
 from mlorc_optax import kernels
+from mlorc_optax._src.kernels import launch
 from mlorc_optax._src.transform import DEFAULT_OVERSAMPLE
 
 
@@ -142,7 +143,7 @@ ZETA = 0.01
 def pass_operands(key: jax.Array, batch: int, rows: int, cols: int,
                   sketch_cols: int) -> PassOperands:
   """:class:`PassOperands` for sketches of ``sketch_cols`` columns."""
-  pad = max(16, 1 << (sketch_cols - 1).bit_length())
+  pad = launch.pow2_at_least(sketch_cols)
   keys = jax.random.split(key, 4)
   normal = lambda k, shape: jax.random.normal(k, shape, jnp.float32)
   return PassOperands(

@@ -5,10 +5,11 @@ four passes (:data:`mlorc_optax.kernels.PASSES`) with the default
 :class:`~mlorc_optax.kernels.KernelConfig`, runs each once to compile and
 warm up, then ``--rounds`` more times in turn, so that ``--launch-skip 4
 --launch-count 4`` profiles one warm launch of each. The operands are those
-of :mod:`benchmarks.fused_passes` (:func:`~benchmarks.fused_passes.pass_calls`:
-random factors, sketches and bases; sketches of ``rank + oversample``
-columns, padded as the step pads them). On a machine without a GPU the passes run in Pallas' interpreter
-(CI runs it on a tiny stack as a smoke test).
+of :mod:`benchmarks.fused_passes`
+(:func:`~benchmarks.fused_passes.pass_calls`: random factors, sketches and
+bases; sketches of ``rank + oversample`` columns, padded as the step pads
+them). On a machine without a GPU the passes run in Pallas' interpreter (CI
+runs it on a tiny stack as a smoke test).
 
 Usage (on the GPU machine)::
 
