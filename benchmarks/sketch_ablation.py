@@ -166,7 +166,7 @@ def _kernel(one_b2_ref, g_ref, av_ref, vv_ref, om_ref, ov_ref, *out_refs,
         new[2] = acc[2] + dot(terms.negative, ov)
     if variant.row_sums:
       new[3] = acc[3] + jnp.sum(terms.negative, axis=-1)
-      new[4] = acc[4] + jnp.sum(terms.negative_part, axis=-1)
+      new[4] = acc[4] - jnp.sum(terms.nonpositive, axis=-1)
     return adam.SketchPassOutputs(*new)
 
   zl = jnp.zeros((bm, width), _F32)

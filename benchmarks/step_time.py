@@ -189,6 +189,13 @@ KERNEL_CONFIGS = {
         project_precision='tf32'),
     'exact_pass1_tf32_projections': mlorc_optax.kernels.KernelConfig(
         sketch_reconstruct_precision='tf32x3', project_precision='tf32'),
+    'project_2_stages': mlorc_optax.kernels.KernelConfig(
+        pass_tilings=mlorc_optax.kernels.KernelConfig().pass_tilings + tuple(
+            mlorc_optax.kernels.PassTiling('mlorc_adam_project', size, 64, 64,
+                                           4, 2) for size in (2, 4))),
+    'target_programs_8192': mlorc_optax.kernels.KernelConfig(
+        target_programs=8192),
+    'plain_math': mlorc_optax.kernels.KernelConfig(fast_math=False),
 }
 
 

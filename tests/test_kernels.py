@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental import pallas as pl
 
 from mlorc_optax import kernels
 from mlorc_optax._src import rsvd
@@ -473,6 +474,50 @@ def test_kernel_config_is_static_and_hashable():
         preset.TF32_TF32_F32_X3, preset.BF16_BF16_F32, preset.BF16_BF16_F32)
 
 
+def test_compiled_kernels_compute_with_fast_arithmetic_by_default():
+  """Fused multiply-adds and approximate division and square root in the
+  compiled kernels (``KernelConfig.fast_math``); plain ``jax.numpy`` in
+  interpret mode, or when turned off. The formulas are the same: with
+  :data:`step_math.PLAIN` they are the references' own."""
+  assert launch.arithmetic(kernels.KernelConfig(), False) is launch.FAST
+  for config, interpret in ((kernels.KernelConfig(), True),
+                            (kernels.KernelConfig(fast_math=False), False)):
+    assert launch.arithmetic(config, interpret) is step_math.PLAIN
+  x = jnp.array([1.5, -2.0, 3.0])
+  np.testing.assert_array_equal(step_math.PLAIN.fma(x, x, 1.0), x * x + 1.0)
+
+
+@pytest.mark.skipif(INTERPRET, reason='PTX runs on an NVIDIA GPU only')
+def test_gpu_fast_arithmetic_is_within_its_documented_error():
+  """:data:`launch.FAST` inside a compiled kernel against float64: the
+  fused multiply-add rounds once (within half an ulp of the exact
+  ``a * b + c``, where two roundings may be off by more), the division is
+  within 2 ulp and the square root within ``2**-23`` relative (PTX ISA),
+  for normal float32 operands."""
+  keys = jax.random.split(jax.random.key(0), 6)
+  a, b, c = (jnp.exp(jax.random.uniform(k, (64, 64), minval=-20, maxval=20))
+             * jax.random.rademacher(s, (64, 64), jnp.float32)
+             for k, s in zip(keys[:3], keys[3:]))
+
+  def kernel(a_ref, b_ref, c_ref, fma_ref, div_ref, sqrt_ref):
+    x, y, z = a_ref[...], b_ref[...], c_ref[...]
+    fma_ref[...] = launch.FAST.fma(x, y, z)
+    div_ref[...] = launch.FAST.div(x, y)
+    sqrt_ref[...] = launch.FAST.sqrt(jnp.abs(z))
+
+  out = jax.ShapeDtypeStruct(a.shape, jnp.float32)
+  fma, div, sqrt = pl.pallas_call(
+      kernel, out_shape=(out, out, out), interpret=False)(a, b, c)
+  f64 = lambda x: np.asarray(x, np.float64)
+  ulp = lambda x: np.spacing(np.abs(x).astype(np.float32)).astype(np.float64)
+  exact = f64(a) * f64(b) + f64(c)
+  assert np.all(np.abs(f64(fma) - exact) <= 0.5 * ulp(exact))
+  exact = f64(a) / f64(b)
+  assert np.all(np.abs(f64(div) - exact) <= 2 * ulp(exact))
+  exact = np.sqrt(np.abs(f64(c)))
+  assert np.all(np.abs(f64(sqrt) - exact) <= 2.0**-23 * exact + ulp(exact))
+
+
 def test_compiled_bf16_sketches_round_omega_once_for_both_products():
   """With bfloat16 sketches a compiled pass multiplies by ``omega`` rounded
   to bfloat16, and so must the small products ``V^T omega`` outside it:
@@ -568,6 +613,7 @@ def test_pass_tilings_reject_a_repeated_entry_and_a_list():
     ('group_max_elements', 2.0), ('fma_max_rank', -1), ('fma_max_rank', 4.0),
     ('reconstruct_precision', 'highest'), ('sketch_precision', 'bfloat16'),
     ('sketch_reconstruct_precision', 'fp8'), ('project_precision', 'tf16'),
+    ('fast_math', 1), ('fast_math', None),
 ])
 def test_kernel_config_rejects_bad_values_naming_the_field(field, value):
   with pytest.raises(ValueError, match=f'KernelConfig.{field} must be'):

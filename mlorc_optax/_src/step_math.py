@@ -31,6 +31,32 @@ import numpy as np
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
+class Arithmetic(NamedTuple):
+  """The elementwise operations the step's math is written with.
+
+  The functions below compute with them, so that one formula serves a
+  ``jax.numpy`` specification (:data:`PLAIN`, IEEE operations) and a
+  compiled kernel, which can hand in fused or approximate instructions
+  (:data:`mlorc_optax._src.kernels.launch.FAST`): the Triton lowering of a
+  Pallas kernel neither contracts ``a * b + c`` into one instruction nor
+  offers one.
+
+  Attributes:
+    fma: ``(a, b, c) -> a * b + c`` (operands of one shape).
+    div: ``(a, b) -> a / b``.
+    sqrt: ``a -> sqrt(a)``.
+  """
+
+  fma: Any
+  div: Any
+  sqrt: Any
+
+
+#: IEEE ``jax.numpy`` operations: ``a * b + c`` rounded twice.
+PLAIN = Arithmetic(fma=lambda a, b, c: a * b + c, div=jnp.divide,
+                   sqrt=jnp.sqrt)
+
+
 def mT(x: jax.Array) -> jax.Array:  # pylint: disable=invalid-name
   """The matrix transpose of a batch ``[..., m, n] -> [..., n, m]``."""
   return jnp.swapaxes(x, -1, -2)
@@ -145,6 +171,7 @@ def adam_new_moments(
     g: jax.Array,
     zeta: Any,
     c: AdamCoefficients,
+    ops: Arithmetic = PLAIN,
 ) -> tuple[jax.Array, jax.Array]:
   """The new moments from the scaled reconstructions of the old ones.
 
@@ -164,22 +191,28 @@ def adam_new_moments(
     zeta: ``b2 * zeta`` (scalar or broadcastable).
     c: the step's :class:`AdamCoefficients` (reads ``one_minus_b1`` and
       ``one_minus_b2``).
+    ops: the :class:`Arithmetic` to compute with.
 
   Returns:
     ``(m, v)``, float32, shaped like ``g``.
   """
-  m = rec_m + c.one_minus_b1 * g
-  v = jnp.where(rec_v < 0, zeta, rec_v) + c.one_minus_b2 * (g * g)
+  scalar = lambda x: jnp.broadcast_to(x, g.shape)
+  m = ops.fma(scalar(c.one_minus_b1), g, rec_m)
+  v = ops.fma(scalar(c.one_minus_b2), g * g,
+              jnp.where(rec_v < 0, scalar(zeta), rec_v))
   return m, v
 
 
 def adam_direction(
-    m: jax.Array, v: jax.Array, g: jax.Array, c: AdamCoefficients
+    m: jax.Array, v: jax.Array, g: jax.Array, c: AdamCoefficients,
+    ops: Arithmetic = PLAIN,
 ) -> jax.Array:
   """``(k_m m + k_g g) / (sqrt(c_v v + eps_root) + eps)``, clipped to
-  ``[-bound, bound]`` (float32)."""
-  d = (c.k_m * m + c.k_g * g) / (jnp.sqrt(c.c_v * v + c.eps_root) + c.eps)
-  return jnp.clip(d, -c.bound, c.bound)
+  ``[-bound, bound]`` (float32), computed with ``ops``."""
+  scalar = lambda x: jnp.broadcast_to(x, g.shape)
+  num = ops.fma(scalar(c.k_g), g, c.k_m * m)
+  den = ops.sqrt(ops.fma(scalar(c.c_v), v, scalar(c.eps_root))) + c.eps
+  return jnp.clip(ops.div(num, den), -c.bound, c.bound)
 
 
 def adam_update_bound(b1: Any, b2: Any, count: Any, nesterov: bool) -> Any:
@@ -281,13 +314,14 @@ class AdamSketchTerms(NamedTuple):
   Attributes:
     g: the gradient clipped at the overflow bound.
     x: ``min((1 - b2) g**2, bound) + r_-``.
-    negative_part: ``r_-``.
+    nonpositive: ``min(r, 0) = -r_-`` (kept negated: ``x`` subtracts it,
+      which costs a kernel no separate negation).
     negative: ``1{r < 0}`` as float32.
   """
 
   g: jax.Array
   x: jax.Array
-  negative_part: jax.Array
+  nonpositive: jax.Array
   negative: jax.Array
 
 
@@ -303,10 +337,10 @@ def adam_sketch_terms(
     bound: :func:`overflow_bound` of the matrix.
   """
   g = clip_magnitude(g, bound)
-  negative_part = jnp.maximum(-rec_v, 0.0)
-  x = jnp.minimum(one_minus_b2 * (g * g), bound) + negative_part
+  nonpositive = jnp.minimum(rec_v, 0.0)
+  x = jnp.minimum(one_minus_b2 * (g * g), bound) - nonpositive
   negative = (rec_v < 0).astype(jnp.float32)
-  return AdamSketchTerms(g, x, negative_part, negative)
+  return AdamSketchTerms(g, x, nonpositive, negative)
 
 
 def adam_projection_terms(
@@ -325,7 +359,8 @@ def adam_projection_terms(
 
 
 def lion_direction(
-    rec: jax.Array, g: jax.Array, b1: Any, one_minus_b1: Any
+    rec: jax.Array, g: jax.Array, b1: Any, one_minus_b1: Any,
+    ops: Arithmetic = PLAIN,
 ) -> jax.Array:
   """Lion's update ``sign(b1 U S V^T + (1 - b1) g)`` (float32).
 
@@ -334,5 +369,7 @@ def lion_direction(
     g: the gradient, float32.
     b1: Lion's interpolation coefficient of the update.
     one_minus_b1: ``1 - b1``, computed before any cast.
+    ops: the :class:`Arithmetic` to compute with.
   """
-  return jnp.sign(b1 * rec + one_minus_b1 * g)
+  return jnp.sign(ops.fma(jnp.broadcast_to(b1, g.shape), rec,
+                          one_minus_b1 * g))

@@ -99,7 +99,7 @@ def _sketch_products(
       x_omega=sketch_v(terms.x),
       neg_omega=sketch_v(terms.negative),
       neg_count=jnp.sum(terms.negative, axis=-1),
-      neg_sum=jnp.sum(terms.negative_part, axis=-1),
+      neg_sum=-jnp.sum(terms.nonpositive, axis=-1),
   )
 
 
@@ -305,11 +305,12 @@ def _project_kernel(
   def body(i, acc):
     rows = launch_lib.block(i, bm)
     g = g_ref[b, rows, cols].astype(_F32)
+    ops = products.arithmetic
     m, v = step_math.adam_new_moments(
         products.outer(products.rows(am_ref, b, rows), vm),
-        products.outer(products.rows(av_ref, b, rows), vv), g, zeta, c)
+        products.outer(products.rows(av_ref, b, rows), vv), g, zeta, c, ops)
     # The direction is written before the projections: fewer live tiles.
-    d_ref[b, rows, cols] = step_math.adam_direction(m, v, g, c).astype(
+    d_ref[b, rows, cols] = step_math.adam_direction(m, v, g, c, ops).astype(
         d_ref.dtype)
     m, v = step_math.adam_projection_terms(m, v, bound)
     return (acc[0] + products.project(qm_ref, b, rows, m),

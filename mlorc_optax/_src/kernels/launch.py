@@ -27,6 +27,15 @@ same multiply-adds made the pass slower (3.27 against 1.74 ms), so pass 1
 reconstructs with dots (its factors padded there). Multiply-adds for the
 sketches and projections as well, one tile-sized accumulator per sketch
 column, were slower still (pass 1 2.9 ms).
+
+The elementwise math inside the kernels is
+:mod:`~mlorc_optax._src.step_math`'s, computed with :data:`FAST` arithmetic
+(``KernelConfig.fast_math``): the Triton lowering contracts no ``a * b + c``
+into a fused multiply-add and emits full-range division and denormal-safe
+square roots, so MLorc-AdamW's pass 2, bound by instruction issue, spent 56
+instructions per entry, 32 of them separate multiplies and adds; with
+:data:`FAST` it spends 37 and took 0.91 instead of 1.13 ms (Nsight Compute
+on an H200, 8 x 4096 x 11008 bfloat16, rank 4; ``benchmarks/README.md``).
 """
 
 from __future__ import annotations
@@ -60,6 +69,30 @@ PRECISIONS = {
 #: :data:`PRECISIONS`.
 PRECISION_FIELDS = ('reconstruct_precision', 'sketch_reconstruct_precision',
                     'sketch_precision', 'project_precision')
+
+
+def _ptx(asm: str, *args: jax.Array) -> jax.Array:
+  """One PTX instruction ``$0 = op($1, ...)`` per entry of float32 tiles of
+  one shape (inline assembly; compiled kernels only)."""
+  [out] = plt.elementwise_inline_asm(
+      asm, args=args, constraints=','.join(['=f'] + ['f'] * len(args)),
+      pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(args[0].shape,
+                                                        jnp.float32)])
+  return out
+
+
+#: The compiled kernels' :class:`~mlorc_optax._src.step_math.Arithmetic`
+#: (``KernelConfig.fast_math``): ``fma.rn.f32``, one rounding where ``a * b
+#: + c`` has two; ``div.approx.ftz.f32``, ``a * (1 / b)`` within 2 ulp for
+#: ``|b|`` in ``[2**-126, 2**126]``; ``sqrt.approx.ftz.f32``, within
+#: ``2**-23`` relative. ``ftz`` flushes subnormal inputs and results to
+#: zero: Adam's denominator ``sqrt(c_v v + eps_root) + eps`` changes only
+#: where ``c_v v + eps_root < 2**-126`` and ``eps`` is below ``1e-19`` (with
+#: the default ``eps = 1e-8`` it never does).
+FAST = step_math.Arithmetic(
+    fma=lambda a, b, c: _ptx('fma.rn.f32 $0, $1, $2, $3;', a, b, c),
+    div=lambda a, b: _ptx('div.approx.ftz.f32 $0, $1, $2;', a, b),
+    sqrt=lambda a: _ptx('sqrt.approx.ftz.f32 $0, $1;', a))
 
 
 def _is_pow2(x: Any) -> bool:
@@ -205,6 +238,12 @@ class KernelConfig:
       with float32 multiply-adds at their true rank (:class:`Products`),
       wider ones with dots (padded to a power of two ``>= 16``); pass 1
       always reconstructs with dots. 0: always dots.
+    fast_math: compute the kernels' elementwise math with :data:`FAST`:
+      fused multiply-adds and approximate division and square root (within
+      2 ulp, subnormals flushed to zero; see :data:`FAST`). False: the
+      Triton lowering's own operations (separate multiplies and adds,
+      full-range approximate division). In interpret mode the math is
+      always plain ``jax.numpy``.
   """
 
   block_rows: int = 64
@@ -219,6 +258,7 @@ class KernelConfig:
   group_max_elements: int = 1 << 22
   fma_max_rank: int = 8
   pass_tilings: tuple[PassTiling, ...] = DEFAULT_PASS_TILINGS
+  fast_math: bool = True
 
   def __post_init__(self):
     _check_tiling('KernelConfig', self.block_rows, self.block_cols,
@@ -244,6 +284,9 @@ class KernelConfig:
     _check_int('KernelConfig.target_programs', self.target_programs, 1)
     for name in ('group_max_elements', 'fma_max_rank'):
       _check_int(f'KernelConfig.{name}', getattr(self, name), 0)
+    if not isinstance(self.fast_math, bool):
+      raise ValueError('KernelConfig.fast_math must be a bool, got '
+                       f'{self.fast_math!r}.')
     for name in PRECISION_FIELDS:
       value = getattr(self, name)
       if value not in PRECISIONS:
@@ -405,6 +448,14 @@ def dot_precisions(config: KernelConfig, interpret: bool,
       PRECISIONS[config.project_precision])
 
 
+def arithmetic(config: KernelConfig,
+               interpret: bool) -> step_math.Arithmetic:
+  """The elementwise arithmetic of the kernels: :data:`FAST` where compiled
+  with ``config.fast_math``, else plain ``jax.numpy`` (Pallas' interpreter
+  runs no PTX)."""
+  return FAST if config.fast_math and not interpret else step_math.PLAIN
+
+
 # ----------------------------------------------------------------------------
 # The products of a tile (inside a kernel).
 
@@ -425,10 +476,14 @@ class Products:
   Attributes:
     precisions: the dots' :class:`DotPrecisions` (:func:`dot_precisions`).
     fma: :meth:`outer` as multiply-adds (``KernelConfig.fma_max_rank``).
+    arithmetic: the :class:`~mlorc_optax._src.step_math.Arithmetic` of the
+      kernel's elementwise math, :meth:`outer`'s multiply-adds included
+      (:func:`arithmetic`).
   """
 
   precisions: DotPrecisions
   fma: bool = False
+  arithmetic: step_math.Arithmetic = step_math.PLAIN
 
   def rows(self, ref: Any, b: Any, rows: Any) -> Any:
     """A factor's rows ``ref[b, rows, :]``, as :meth:`outer` takes them."""
@@ -446,9 +501,11 @@ class Products:
     """``a v^T``, ``[bm, bn]``, from :meth:`rows` and :meth:`cols`."""
     if not self.fma:
       return jnp.dot(a, v, precision=self.precisions.reconstructions)
+    shape = (a[0].shape[0], v[0].shape[0])
     out = a[0][:, None] * v[0][None, :]
     for a_k, v_k in zip(a[1:], v[1:]):
-      out = out + a_k[:, None] * v_k[None, :]
+      out = self.arithmetic.fma(jnp.broadcast_to(a_k[:, None], shape),
+                                jnp.broadcast_to(v_k[None, :], shape), out)
     return out
 
   def sketch(self, tile: jax.Array, omega_ref: Any, b: Any,
@@ -491,7 +548,8 @@ def launch(
       the inner loop), ``bound`` (:func:`step_math.overflow_bound`) and
       ``products`` (:class:`Products` at the pass's precisions,
       :func:`dot_precisions`, reconstructing by multiply-adds where
-      :func:`uses_fma` says so for ``rank``); its grid position is
+      :func:`uses_fma` says so for ``rank``, with the :func:`arithmetic`
+      the kernel's elementwise math takes too); its grid position is
       :func:`program`.
     g: the gradients, which set the grid.
     over: ``'rows'`` or ``'cols'``, the axis the grid covers.
@@ -524,7 +582,8 @@ def launch(
                   else (cols // bn, rows // bm))
   split = splits(batch * blocks, loop, config.target_programs)
   products = Products(dot_precisions(config, interpret, name),
-                      fma=rank is not None and uses_fma(rank, config))
+                      fma=rank is not None and uses_fma(rank, config),
+                      arithmetic=arithmetic(config, interpret))
   body = functools.partial(
       kernel, bm=bm, bn=bn, loop=split,
       bound=step_math.overflow_bound(rows, cols), products=products)

@@ -182,7 +182,7 @@ def _lion_project_kernel(coef_ref, g_ref, a_ref, v_ref, q_ref, d_ref, qg_ref,
     g = g_ref[b, rows, cols].astype(_F32)
     rec = products.outer(products.rows(a_ref, b, rows), v)
     d_ref[b, rows, cols] = step_math.lion_direction(
-        rec, g, c.b1, c.one_minus_b1).astype(d_ref.dtype)
+        rec, g, c.b1, c.one_minus_b1, products.arithmetic).astype(d_ref.dtype)
     return acc + products.project(q_ref, b, rows,
                                   step_math.clip_magnitude(g, bound))
 
