@@ -356,6 +356,27 @@ def test_leaf_step_of_zero_and_overflowing_gradients_stays_finite(
 # The small factorizations.
 
 
+@pytest.mark.parametrize('a,b,reduction', [(4, 8, True), (8, 8, True),
+                                           (36, 36, False), (32, 36, False)])
+def test_inner_is_x_transpose_y_as_a_reduction_or_a_dot(a, b, reduction):
+  """``step_math.inner`` on both sides of its switch (a reduction for small
+  outputs, a dot for large): ``x^T y`` within float32 summation error in
+  any order, ``gamma_(m+1)`` of the sum of the products' magnitudes."""
+  assert (a * b <= step_math.INNER_REDUCTION_MAX) == reduction
+  m = 300
+  x, y = (jax.random.normal(k, (2, m, w)) for k, w in zip(
+      jax.random.split(jax.random.key(5)), (a, b)))
+  f64 = lambda z: np.asarray(z, np.float64)
+  exact = np.einsum('zma,zmc->zac', f64(x), f64(y))
+  u = (m + 1) * 2.0**-24  # each product rounded, then m - 1 sums
+  bound = u / (1 - u) * np.einsum('zma,zmc->zac', np.abs(f64(x)),
+                                  np.abs(f64(y)))
+  ours = step_math.inner(x, y)
+  assert ours.shape == (2, a, b)
+  assert np.all(np.abs(f64(ours) - exact) <= bound)
+  np.testing.assert_array_equal(step_math.gram(x), step_math.inner(x, x))
+
+
 def test_orthonormal_basis_of_rank_deficient_and_zero_sketches():
   key = jax.random.key(0)
   k1, k2 = jax.random.split(key)

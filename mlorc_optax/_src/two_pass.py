@@ -213,7 +213,7 @@ def _sketch_of(a: jax.Array, v_omega: jax.Array) -> jax.Array:
 
 def _small(v: jax.Array, omega: jax.Array) -> jax.Array:
   """``v^T omega`` ``[B, k, l]`` (a sum over this device's columns)."""
-  return jnp.einsum('bnk,bnl->bkl', v, omega, precision=_HI)
+  return step_math.inner(v, omega)
 
 
 class MatrixAxes(NamedTuple):
@@ -345,7 +345,7 @@ def _adam_step(
       both = jnp.einsum('bmj,bmn->bjn', jnp.concatenate([u, qs[2 * i]], -1),
                         leaf.g.astype(_F32),
                         precision=_gradient_products(leaf, config, interpret))
-      q_u = jnp.einsum('bml,bmk->blk', qs[2 * i], u, precision=_HI)
+      q_u = step_math.inner(qs[2 * i], u)
       both, q_u = gram.psum((both, q_u), rows)
       p, q_g = both[:, :k], both[:, k:]
       a_c, v_c = _padded_factors(_credited(leaf.mu, p, complement), b1,
@@ -461,7 +461,7 @@ def _lion_step(
           + coefficients.b1 * complement))
     l = leaf.omega.shape[-1]
     qa, q_g = gram.psum(
-        (jnp.einsum('bml,bmk->blk', q, a, precision=_HI), p2.q_g[:, :l]),
+        (step_math.inner(q, a), p2.q_g[:, :l]),
         rows)
     bs.append(b2 * jnp.einsum('blk,bnk->bln', qa, v, precision=_HI)
               + one_minus_b2 * q_g)
