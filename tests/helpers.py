@@ -8,9 +8,17 @@ import numpy as np
 import optax
 
 import mlorc_optax
+from mlorc_optax import kernels
+from mlorc_optax._src.kernels import launch
 
 #: float32 machine epsilon (2^-23): the unit of every tolerance below.
 EPS32 = float(np.finfo(np.float32).eps)
+
+#: The default kernel config with float32-level dots on a GPU: every
+#: precision field ``'tf32x3'`` (no effect in interpret mode, whose dots are
+#: float32). Tests that compare the kernels with references at float32
+#: tolerances take it; the GPU defaults' own bounds are tested on their own.
+FULL = kernels.KernelConfig(**dict.fromkeys(launch.PRECISION_FIELDS, 'tf32x3'))
 
 
 def make_params(dtype=jnp.float32, seed: int = 0):

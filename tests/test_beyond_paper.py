@@ -22,11 +22,8 @@ from mlorc_optax._src import plan as plan_lib
 
 import numpy_reference as ref
 from closeness import assert_close, assert_close_but_for_the_fix, grads_for
-from helpers import run_steps
+from helpers import FULL, run_steps
 
-FULL = kernels.KernelConfig(sketch_reconstruct_precision='tf32x3',
-                             sketch_precision='tf32x3',
-                             project_precision='tf32x3')
 F32_EPS = float(np.finfo(np.float32).eps)
 
 

@@ -44,17 +44,14 @@ from mlorc_optax._src.kernels import launch
 
 import numpy_reference as ref
 from closeness import assert_close, assert_close_but_for_the_fix
+from helpers import FULL  # float32-level dots; rank <= 8 by multiply-adds
 
 B1, B2, EPS = 0.9, 0.999, 1e-8
 #: The test's own choice (the library never looks at the devices): compile
 #: through Triton on a GPU, interpret elsewhere.
 INTERPRET = jax.default_backend() != 'gpu'
-#: Float32-level kernel dots on a GPU (no effect in interpret mode); factors
-#: up to rank 8 are reconstructed with multiply-adds.
-FULL = kernels.KernelConfig(sketch_reconstruct_precision='tf32x3',
-                             sketch_precision='tf32x3',
-                             project_precision='tf32x3')
-#: The same with every product a tensor-core dot (factors padded to 16).
+#: :data:`helpers.FULL` with every product a tensor-core dot (factors padded
+#: to 16).
 FULL_DOTS = dataclasses.replace(FULL, fma_max_rank=0)
 
 

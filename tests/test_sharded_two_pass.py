@@ -34,10 +34,8 @@ from mlorc_optax import kernels
 from mlorc_optax._src import plan as plan_lib
 
 from closeness import assert_close, assert_close_but_for_the_fix, grads_for
+from helpers import FULL
 
-FULL = kernels.KernelConfig(sketch_reconstruct_precision='tf32x3',
-                             sketch_precision='tf32x3',
-                             project_precision='tf32x3')
 RANK = 2
 SHAPE = (2, 64, 64)  # [layers, rows, cols]: shards of at least 16 x 16
 SPECS = {

@@ -35,12 +35,9 @@ from mlorc_optax._src import plan as plan_lib
 
 import numpy_reference as ref
 from closeness import assert_close, assert_close_but_for_the_fix, grads_for
-from helpers import run_steps
+from helpers import FULL, run_steps
 
 B1, B2 = 0.9, 0.999
-FULL = kernels.KernelConfig(sketch_reconstruct_precision='tf32x3',
-                             sketch_precision='tf32x3',
-                             project_precision='tf32x3')
 
 
 @pytest.mark.parametrize('implementation', ['pallas', 'xla'])
