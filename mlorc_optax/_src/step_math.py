@@ -41,8 +41,10 @@ class Arithmetic(NamedTuple):
   Pallas kernel neither contracts ``a * b + c`` into one instruction nor
   offers one.
 
+  Each broadcasts its operands against each other, as ``jax.numpy`` does.
+
   Attributes:
-    fma: ``(a, b, c) -> a * b + c`` (operands of one shape).
+    fma: ``(a, b, c) -> a * b + c``.
     div: ``(a, b) -> a / b``.
     sqrt: ``a -> sqrt(a)``.
   """
@@ -221,10 +223,8 @@ def adam_new_moments(
   Returns:
     ``(m, v)``, float32, shaped like ``g``.
   """
-  scalar = lambda x: jnp.broadcast_to(x, g.shape)
-  m = ops.fma(scalar(c.one_minus_b1), g, rec_m)
-  v = ops.fma(scalar(c.one_minus_b2), g * g,
-              jnp.where(rec_v < 0, scalar(zeta), rec_v))
+  m = ops.fma(c.one_minus_b1, g, rec_m)
+  v = ops.fma(c.one_minus_b2, g * g, jnp.where(rec_v < 0, zeta, rec_v))
   return m, v
 
 
@@ -234,9 +234,8 @@ def adam_direction(
 ) -> jax.Array:
   """``(k_m m + k_g g) / (sqrt(c_v v + eps_root) + eps)``, clipped to
   ``[-bound, bound]`` (float32), computed with ``ops``."""
-  scalar = lambda x: jnp.broadcast_to(x, g.shape)
-  num = ops.fma(scalar(c.k_g), g, c.k_m * m)
-  den = ops.sqrt(ops.fma(scalar(c.c_v), v, scalar(c.eps_root))) + c.eps
+  num = ops.fma(c.k_g, g, c.k_m * m)
+  den = ops.sqrt(ops.fma(c.c_v, v, c.eps_root)) + c.eps
   return jnp.clip(ops.div(num, den), -c.bound, c.bound)
 
 
@@ -396,5 +395,4 @@ def lion_direction(
     one_minus_b1: ``1 - b1``, computed before any cast.
     ops: the :class:`Arithmetic` to compute with.
   """
-  return jnp.sign(ops.fma(jnp.broadcast_to(b1, g.shape), rec,
-                          one_minus_b1 * g))
+  return jnp.sign(ops.fma(b1, rec, one_minus_b1 * g))

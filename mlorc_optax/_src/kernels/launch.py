@@ -72,8 +72,10 @@ PRECISION_FIELDS = ('reconstruct_precision', 'sketch_reconstruct_precision',
 
 
 def _ptx(asm: str, *args: jax.Array) -> jax.Array:
-  """One PTX instruction ``$0 = op($1, ...)`` per entry of float32 tiles of
-  one shape (inline assembly; compiled kernels only)."""
+  """One PTX instruction ``$0 = op($1, ...)`` per entry of float32 operands,
+  broadcast against each other as ``jax.numpy`` would (inline assembly
+  takes operands of one shape; compiled kernels only)."""
+  args = jnp.broadcast_arrays(*args)
   [out] = plt.elementwise_inline_asm(
       asm, args=args, constraints=','.join(['=f'] + ['f'] * len(args)),
       pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(args[0].shape,
@@ -501,11 +503,9 @@ class Products:
     """``a v^T``, ``[bm, bn]``, from :meth:`rows` and :meth:`cols`."""
     if not self.fma:
       return jnp.dot(a, v, precision=self.precisions.reconstructions)
-    shape = (a[0].shape[0], v[0].shape[0])
     out = a[0][:, None] * v[0][None, :]
     for a_k, v_k in zip(a[1:], v[1:]):
-      out = self.arithmetic.fma(jnp.broadcast_to(a_k[:, None], shape),
-                                jnp.broadcast_to(v_k[None, :], shape), out)
+      out = self.arithmetic.fma(a_k[:, None], v_k[None, :], out)
     return out
 
   def sketch(self, tile: jax.Array, omega_ref: Any, b: Any,
