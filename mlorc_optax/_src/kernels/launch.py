@@ -34,8 +34,10 @@ The elementwise math inside the kernels is
 into a fused multiply-add and emits full-range division and denormal-safe
 square roots, so MLorc-AdamW's pass 2, bound by instruction issue, spent 56
 instructions per entry, 32 of them separate multiplies and adds; with
-:data:`FAST` it spends 37 and took 0.91 instead of 1.13 ms (Nsight Compute
-on an H200, 8 x 4096 x 11008 bfloat16, rank 4; ``benchmarks/README.md``).
+:data:`FAST` it spends 37 (Nsight Compute on an H200, 8 x 4096 x 11008
+bfloat16, rank 4), and the LLaMA-7B step went from 2.36x to 2.14x adamw's
+in bfloat16 with ``fast_math`` off and on in one run
+(``benchmarks/README.md``).
 """
 
 from __future__ import annotations
