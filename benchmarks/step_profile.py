@@ -117,8 +117,11 @@ def summarize(events: Sequence[Mapping[str, Any]],
     steps: how many steps the trace holds (times are divided by it).
 
   Returns:
-    ``{'device_lines', 'step_ms', 'ops', 'kernels', 'categories'}``; each
-    table a list of ``{'name', 'ms', 'calls', 'share'}`` rows per step,
+    ``{'device_lines', 'step_ms', 'span_ms', 'launches', 'ops', 'kernels',
+    'categories'}``: ``span_ms`` is the time from a step's first kernel's
+    start to its last kernel's end (the mean over the steps; ``step_ms``
+    less the gaps between kernels, which launch overhead leaves idle; None
+    on a host-only trace) and ``launches`` its kernels; each table a list of ``{'name', 'ms', 'calls', 'share'}`` rows per step,
     largest first (``share``: of ``step_ms``, the device's busy time, or of
     the table's total on a host-only trace).
   """
@@ -131,6 +134,7 @@ def summarize(events: Sequence[Mapping[str, Any]],
       collections.Counter)
   calls: dict[str, collections.Counter] = collections.defaultdict(
       collections.Counter)
+  launched: list[tuple[float, float]] = []
   for e in events:
     key = (e.get('pid'), e.get('tid'))
     if e.get('ph') != 'X' or key not in device:
@@ -145,6 +149,9 @@ def summarize(events: Sequence[Mapping[str, Any]],
       continue
     durations[table][e['name']] += float(e.get('dur', 0.0)) / 1e3
     calls[table][e['name']] += 1
+    if table == 'kernels':
+      start = float(e.get('ts', 0.0))
+      launched.append((start, start + float(e.get('dur', 0.0))))
   busy_ms = sum(durations['modules'].values()) / steps or sum(
       durations['kernels'].values()) / steps
 
@@ -167,7 +174,24 @@ def summarize(events: Sequence[Mapping[str, Any]],
             share=ms / total if total else None)
        for name, ms in by_category.items()), key=lambda r: -r['ms'])
   return dict(device_lines=sorted(set(device.values())), step_ms=busy_ms,
-              ops=ops, kernels=rows('kernels'), categories=categories)
+              span_ms=_span_ms(launched, steps),
+              launches=len(launched) / steps, ops=ops, kernels=rows('kernels'), categories=categories)
+
+
+def _span_ms(kernels: list[tuple[float, float]], steps: int) -> float | None:
+  """Mean ms from a step's first kernel start to its last kernel end.
+
+  ``kernels`` are ``(start, end)`` in microseconds, ``steps`` runs of the
+  same kernels, each waited for before the next (:func:`profile`): sorted by
+  start, the ``i``-th run of equal count is step ``i``.
+  """
+  if not kernels or len(kernels) % steps:
+    return None
+  kernels = sorted(kernels)
+  per = len(kernels) // steps
+  spans = [max(end for _, end in kernels[i * per:(i + 1) * per])
+           - kernels[i * per][0] for i in range(steps)]
+  return sum(spans) / steps / 1e3
 
 
 def read_trace(trace_dir: str | Path) -> list[dict[str, Any]]:
@@ -210,7 +234,10 @@ def format_report(report: Mapping[str, Any], top: int) -> str:
              results_lib.Column('share', 'share', '.1%')]
   parts = [f"{report['case']} {report['dtype']} {report['optimizer']} "
            f"r={report['rank']}: {report['step_ms']:.3f} ms of device time "
-           'per step']
+           'per step' + (
+               f", {report['span_ms']:.3f} ms from its first kernel's start to "
+               f"its last's end, {report['launches']:.0f} kernels"
+               if report.get('span_ms') else '')]
   for table in ('categories', 'ops', 'kernels'):
     if report[table]:
       parts += [f'\n{table}:\n',

@@ -239,7 +239,8 @@ def test_pass_profile_runs_each_pass_once_per_round_in_order():
 
 
 def _trace(events):
-  """A Chrome trace of one GPU stream: ``(name, microseconds)`` kernels."""
+  """A Chrome trace of one GPU stream: ``(name, microseconds)`` kernels, or
+  ``(name, microseconds, start)``."""
   meta = [dict(ph='M', pid=1, name='process_name',
                args=dict(name='/device:GPU:0')),
           dict(ph='M', pid=1, tid=7, name='thread_name',
@@ -248,8 +249,8 @@ def _trace(events):
           dict(ph='M', pid=2, tid=1, name='thread_name',
                args=dict(name='python'))]
   host = [dict(ph='X', pid=2, tid=1, name='PjitFunction(step)', dur=1e4)]
-  return meta + host + [dict(ph='X', pid=1, tid=7, name=n, dur=d)
-                        for n, d in events]
+  return meta + host + [dict(ph='X', pid=1, tid=7, name=n, dur=d, ts=t)
+                        for n, d, t, *_ in (e + (0.0,) for e in events)]
 
 
 def test_step_profile_sums_the_device_kernels_per_step():
@@ -269,6 +270,22 @@ def test_step_profile_sums_the_device_kernels_per_step():
   assert [(r['name'], r['ms']) for r in report['categories']] == [
       ('fusion', 2.0), ('pass 1 (sketch)', 1.0), ('eigh', 0.25)]
   assert report['categories'][0]['share'] == pytest.approx(2.0 / 3.25)
+
+
+def test_step_profile_measures_each_steps_span_from_its_kernels():
+  from benchmarks import step_profile  # pylint: disable=g-import-not-at-top
+
+  # Two steps of two kernels (listed out of order): busy 3 and 2 ms; idle
+  # 1 ms between the first step's kernels, 0.5 ms in the second's.
+  report = step_profile.summarize(_trace([
+      ('b', 2000.0, 13000.0), ('a', 1000.0, 10000.0),
+      ('a', 1000.0, 50000.0), ('b', 1000.0, 51500.0)]), steps=2)
+  assert report['step_ms'] == pytest.approx(2.5)
+  assert report['span_ms'] == pytest.approx((5.0 + 2.5) / 2)
+  assert report['launches'] == 2
+  # A trace whose kernels do not split into equal steps has no span.
+  odd = step_profile.summarize(_trace([('a', 1.0, 0.0)] * 3), steps=2)
+  assert odd['span_ms'] is None
 
 
 def test_step_profile_runs_on_the_cpu(tmp_path):
