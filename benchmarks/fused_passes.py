@@ -89,7 +89,8 @@ class Config:
 SWEEP_TILINGS = (
     (32, 32, 2, 3), (64, 32, 2, 3), (32, 64, 2, 3), (64, 32, 4, 3),
     (64, 64, 2, 3), (64, 64, 8, 3), (64, 64, 4, 2), (128, 32, 4, 3),
-    (32, 128, 4, 3), (128, 64, 8, 3), (64, 128, 8, 3), (128, 128, 8, 3))
+    (32, 128, 4, 3), (128, 64, 8, 3), (64, 128, 8, 3), (128, 128, 8, 3),
+    (128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 4, 3), (64, 64, 2, 2))
 
 
 #: The sweep's dot precisions
@@ -266,7 +267,9 @@ def measure(batch: int, rows: int, cols: int, rank: int, dtype: str,
       if kernel not in passes:
         continue
       # The tiling this pass took (its pass_tilings entry or the fields).
-      tiling = config.tiling(kernel, dt)._asdict()
+      tiling = config.tiling(
+          kernel, dt, kernels.kernel_widths(rank, sketch_cols, config)[1]
+      )._asdict()
       record(name, functools.partial(calls_of[kernel], config=config), (g,),
              moved * size * item, **fields, tiling=tiling)
   return rows_out

@@ -215,7 +215,7 @@ def sketch_variant(
       kernel, g, over='rows', out_shape=out_shape,
       args=(one_minus_b2, g, a_v, v_v, omega_m, omega_v),
       config=variant.config(), interpret=interpret,
-      name='mlorc_adam_sketch_variant')
+      name='mlorc_adam_sketch_variant', width=width)
   return adam.SketchPassOutputs(*(jnp.sum(x, axis=0) for x in out))
 
 

@@ -193,6 +193,19 @@ KERNEL_CONFIGS = {
         pass_tilings=mlorc_optax.kernels.KernelConfig().pass_tilings + tuple(
             mlorc_optax.kernels.PassTiling('mlorc_adam_project', size, 64, 64,
                                            4, 2) for size in (2, 4))),
+    # The ninth session's defaults: one tiling per pass and dtype, whatever
+    # the sketch width.
+    'width_blind_tilings': mlorc_optax.kernels.KernelConfig(
+        pass_tilings=mlorc_optax.kernels.KernelConfig().pass_tilings[:1]),
+    # The fastest tilings of the tenth session's sweep of MLorc-AdamW's
+    # passes (8 x 4096 x 11008, r=4; benchmarks/README.md), with the
+    # defaults' two-stage pass 2 for wide sketches.
+    'swept_tilings': mlorc_optax.kernels.KernelConfig(pass_tilings=(
+        mlorc_optax.kernels.PassTiling('mlorc_adam_sketch', 2, 128, 32, 4, 3),
+        mlorc_optax.kernels.PassTiling('mlorc_adam_sketch', 4, 128, 32, 4, 3),
+        mlorc_optax.kernels.PassTiling('mlorc_adam_project', 2, 64, 32, 2, 3),
+        mlorc_optax.kernels.PassTiling('mlorc_adam_project', 4, 32, 64, 2, 3),
+        *mlorc_optax.kernels.KernelConfig().pass_tilings[1:])),
     'target_programs_8192': mlorc_optax.kernels.KernelConfig(
         target_programs=8192),
     'plain_math': mlorc_optax.kernels.KernelConfig(fast_math=False),

@@ -132,8 +132,12 @@ def test_project_kernel_equals_its_reference(batch, m, n, rank, config,
   assert_close(ours.b_v, theirs.b_v, 1e-5, 'b_v')
 
 
-@pytest.mark.parametrize('batch,m,n,rank', SHAPES[1:3])
-def test_gpu_default_products_stay_within_their_rounding(batch, m, n, rank):
+@pytest.mark.parametrize('batch,m,n,rank,dtype', [
+    (*SHAPES[1], jnp.float32), (*SHAPES[2], jnp.float32),
+    # Sketches 64 wide: the defaults' other tilings (KernelConfig.tiling).
+    (1, 256, 128, 64, jnp.bfloat16)])
+def test_gpu_default_products_stay_within_their_rounding(batch, m, n, rank,
+                                                         dtype):
   """The GPU defaults: pass 1 reconstructs from TF32 inputs and sketches
   from bfloat16 operands; pass 2 reconstructs at float32 level and projects
   from bfloat16 operands.
@@ -163,7 +167,7 @@ def test_gpu_default_products_stay_within_their_rounding(batch, m, n, rank):
           config.sketch_precision, config.project_precision) == (
               'tf32x3', 'tf32', 'bf16', 'bf16')
   g, a_m, v_m, a_v, v_v, (om, ov), (q_m, q_v) = pass_inputs(
-      batch, m, n, rank, jnp.float32)
+      batch, m, n, rank, dtype)
   ours = kernels.sketch_pass(g, a_v, v_v, om, ov, 1 - B2, config=config,
                              interpret=INTERPRET)
   theirs = kernels.sketch_pass_reference(g, a_v, v_v, om, ov, 1 - B2)
@@ -551,9 +555,10 @@ def test_compiled_bf16_sketches_round_omega_once_for_both_products():
     assert launch.sketch_operand(omega, config, interpret) is omega
 
 
-def _launched_tiles(config, name, dtype, shape=(1, 128, 256)):
+def _launched_tiles(config, name, dtype, shape=(1, 128, 256), width=16):
   """``(bm, bn, num_warps, num_stages)`` that :func:`launch.launch` gives the
-  pass ``name`` for a gradient of ``dtype`` (a probe kernel, traced only)."""
+  pass ``name`` for a gradient of ``dtype`` and sketches ``width`` wide (a
+  probe kernel, traced only)."""
   seen = {}
 
   def probe(g_ref, o_ref, *, bm, bn, **_):
@@ -563,26 +568,46 @@ def _launched_tiles(config, name, dtype, shape=(1, 128, 256)):
   g = jax.ShapeDtypeStruct(shape, dtype)
   jax.eval_shape(lambda g: launch.launch(
       probe, g, over='rows', args=(g,), config=config, interpret=True,
-      name=name,
+      name=name, width=width,
       out_shape=lambda parts: jax.ShapeDtypeStruct((1,), jnp.float32)), g)
-  tiling = config.tiling(name, dtype)
+  tiling = config.tiling(name, dtype, width)
   return seen['bm'], seen['bn'], tiling.num_warps, tiling.num_stages
 
 
-def test_each_pass_takes_its_tiling_for_the_gradient_width():
-  """MLorc-AdamW's pass 1 with 16-bit gradients gets its own tiles and warps
-  by default; every other pass and float32 take the config's fields."""
+def test_each_pass_takes_its_tiling_for_the_gradient_and_sketch_widths():
+  """By default MLorc-AdamW's pass 1 with 16-bit gradients gets its own
+  tiles and warps (others again for sketches 64 or more columns wide), and
+  its pass 2 with such sketches two pipeline stages; MLorc-Lion's pass 2
+  with 16-bit gradients and narrower sketches wider tiles; every other
+  pass, dtype and width takes the config's fields."""
   config = kernels.KernelConfig()
   assert config.pass_tilings == (
-      kernels.PassTiling('mlorc_adam_sketch', 2, 64, 32, 2, 3),)
+      kernels.PassTiling('mlorc_adam_sketch', 2, 64, 32, 2, 3),
+      kernels.PassTiling('mlorc_adam_sketch', 2, 128, 32, 4, 3, 64),
+      kernels.PassTiling('mlorc_adam_project', 2, 64, 64, 4, 2, 64),
+      kernels.PassTiling('mlorc_adam_project', 4, 64, 64, 4, 2, 64),
+      kernels.PassTiling('mlorc_lion_project', 2, 64, 128, 4, 3),
+      kernels.PassTiling('mlorc_lion_project', 2, 64, 64, 4, 3, 64))
   for dtype in (jnp.bfloat16, jnp.float16):
-    assert _launched_tiles(config, 'mlorc_adam_sketch', dtype) == (64, 32, 2,
-                                                                   3)
-  assert _launched_tiles(config, 'mlorc_adam_sketch', jnp.float32) == (
-      64, 64, 4, 3)
-  for name in kernels.PASSES[1:]:
-    for dtype in (jnp.bfloat16, jnp.float32):
-      assert _launched_tiles(config, name, dtype) == (64, 64, 4, 3), name
+    for width, tiling in ((16, (64, 32, 2, 3)), (32, (64, 32, 2, 3)),
+                          (64, (128, 32, 4, 3)), (128, (128, 32, 4, 3))):
+      assert _launched_tiles(config, 'mlorc_adam_sketch', dtype,
+                             width=width) == tiling, width
+  for width in (16, 64):
+    assert _launched_tiles(config, 'mlorc_adam_sketch', jnp.float32,
+                           width=width) == (64, 64, 4, 3)
+  for dtype in (jnp.bfloat16, jnp.float32):
+    for width, stages in ((16, 3), (32, 3), (64, 2), (128, 2)):
+      assert _launched_tiles(config, 'mlorc_adam_project', dtype,
+                             width=width) == (64, 64, 4, stages), width
+    for width in (16, 64):
+      assert _launched_tiles(config, 'mlorc_lion_sketch', dtype,
+                             width=width) == (64, 64, 4, 3)
+  for width, bn in ((16, 128), (32, 128), (64, 64), (128, 64)):
+    assert _launched_tiles(config, 'mlorc_lion_project', jnp.bfloat16,
+                           width=width) == (64, bn, 4, 3), width
+    assert _launched_tiles(config, 'mlorc_lion_project', jnp.float32,
+                           width=width) == (64, 64, 4, 3), width
   # Entries replace the fields of one pass and width; none: the fields.
   mine = kernels.KernelConfig(block_rows=32, num_warps=8, pass_tilings=(
       kernels.PassTiling('mlorc_lion_project', 4, 16, 128, 2, 1),))
@@ -592,6 +617,13 @@ def test_each_pass_takes_its_tiling_for_the_gradient_width():
       32, 64, 8, 3)
   assert _launched_tiles(mine, 'mlorc_adam_sketch', jnp.bfloat16) == (
       32, 64, 8, 3)
+  # Of the entries that apply, the one with the largest min_width.
+  wide = kernels.KernelConfig(pass_tilings=tuple(
+      kernels.PassTiling('mlorc_lion_sketch', 4, 16, 16 << i, 2, 1, w)
+      for i, w in enumerate((32, 0, 128))))
+  for width, bn in ((16, 32), (32, 16), (64, 16), (128, 64), (256, 64)):
+    assert _launched_tiles(wide, 'mlorc_lion_sketch', jnp.float32,
+                           width=width)[1] == bn, width
   # A tile wider than the matrix allows falls back as the fields' do.
   assert _launched_tiles(mine, 'mlorc_lion_project', jnp.float32,
                          (1, 48, 96))[:2] == (16, 32)
@@ -608,6 +640,8 @@ def test_each_pass_takes_its_tiling_for_the_gradient_width():
      r'pass_tilings\[0\]\.num_warps must be a power of two'),
     (kernels.PassTiling('mlorc_adam_sketch', 2, 64, 32, 2, 0),
      r'pass_tilings\[0\]\.num_stages must be an int'),
+    (kernels.PassTiling('mlorc_adam_sketch', 2, 64, 32, 2, 3, -16),
+     r'pass_tilings\[0\]\.min_width must be an int >= 0'),
     (('mlorc_adam_sketch', 2, 64, 32, 2, 3),
      r'pass_tilings\[0\] must be a PassTiling'),
 ])
@@ -620,6 +654,8 @@ def test_pass_tilings_reject_a_repeated_entry_and_a_list():
   entry = kernels.PassTiling('mlorc_lion_sketch', 4, 64, 32, 2, 3)
   with pytest.raises(ValueError, match=r'pass_tilings\[1\] repeats'):
     kernels.KernelConfig(pass_tilings=(entry, entry._replace(num_warps=4)))
+  # Another min_width is another entry.
+  kernels.KernelConfig(pass_tilings=(entry, entry._replace(min_width=64)))
   with pytest.raises(ValueError, match='pass_tilings must be a tuple'):
     kernels.KernelConfig(pass_tilings=[entry])
 

@@ -230,7 +230,7 @@ def sketch_pass(
   out = launch_lib.launch(
       _sketch_kernel, g, over='rows', out_shape=out_shape,
       args=(one_minus_b2, g, a_v, v_v, omega_m, omega_v), config=config,
-      interpret=interpret, name='mlorc_adam_sketch')
+      interpret=interpret, name='mlorc_adam_sketch', width=width)
   return SketchPassOutputs(*(jnp.sum(x, axis=0) for x in out))
 
 
@@ -347,6 +347,6 @@ def project_pass(
       _project_kernel, g, over='cols', out_shape=out_shape,
       args=(coefficients, zeta, g, a_m, v_m, a_v, v_v, q_m, q_v),
       config=config, interpret=interpret, name='mlorc_adam_project',
-      rank=a_m.shape[-1])
+      width=width, rank=a_m.shape[-1])
   return ProjectPassOutputs(direction, jnp.sum(b_m, axis=0),
                             jnp.sum(b_v, axis=0))

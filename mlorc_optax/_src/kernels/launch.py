@@ -5,10 +5,11 @@ and block of rows (or of columns), looping over the other axis inside the
 kernel so that its accumulations never race, that loop split into several
 programs when the grid alone would leave the GPU idle (:func:`splits`). The
 settings are a frozen :class:`KernelConfig`, passed as a static argument:
-there is no module-level state to set. Its tiling can differ by pass and
-gradient width (:class:`PassTiling`): MLorc-AdamW's pass 1, which holds the
-most per tile, runs faster in narrower tiles on fewer warps with 16-bit
-gradients.
+there is no module-level state to set. Its tiling can differ by pass,
+gradient dtype and sketch width (:class:`PassTiling`): MLorc-AdamW's pass 1,
+which holds the most per tile, runs faster in narrower tiles on fewer warps
+with 16-bit gradients, and its pass 2 with wide sketches on fewer pipeline
+stages.
 
 A pass's kernel computes three kinds of rank-sized products on each tile,
 through the :class:`Products` its launch hands it: the reconstruction
@@ -114,8 +115,8 @@ FIRST_PASSES = ('mlorc_adam_sketch', 'mlorc_lion_sketch')
 
 
 class PassTiling(NamedTuple):
-  """The tiling of one pass for gradients of one width
-  (:attr:`KernelConfig.pass_tilings`).
+  """The tiling of one pass for gradients of one dtype width and sketches of
+  some width (:attr:`KernelConfig.pass_tilings`).
 
   Attributes:
     kernel: the pass, one of :data:`PASSES`.
@@ -123,6 +124,10 @@ class PassTiling(NamedTuple):
       float16; 4: float32).
     block_rows, block_cols, num_warps, num_stages: as the
       :class:`KernelConfig` fields of these names.
+    min_width: the narrowest sketch (in the kernels' columns ``L``,
+      :func:`kernel_widths`) it applies to; of the entries for a pass and
+      itemsize that apply, the one with the largest ``min_width`` is taken
+      (:meth:`KernelConfig.tiling`). 0: every width.
   """
 
   kernel: str
@@ -131,14 +136,32 @@ class PassTiling(NamedTuple):
   block_cols: int
   num_warps: int
   num_stages: int
+  min_width: int = 0
 
 
 #: The default :attr:`KernelConfig.pass_tilings`. MLorc-AdamW's pass 1 with
 #: 16-bit gradients in 64 x 32 tiles on 2 warps: on an H200 (8 x 4096 x 11008
 #: bfloat16, r=4) that took it from 1.63 to 1.09 ms, where no other tiling
 #: helped any pass by more than the runs' spread, in float32 or bfloat16
-#: (``benchmarks/README.md``, "Tilings per pass").
-DEFAULT_PASS_TILINGS = (PassTiling('mlorc_adam_sketch', 2, 64, 32, 2, 3),)
+#: (``benchmarks/README.md``, "Tilings per pass"). With sketches 64 columns
+#: wide or more (rank 29 and up at the default oversampling), its pass 2 on
+#: 2 pipeline stages and, with 16-bit gradients, its pass 1 in 128 x 32
+#: tiles on 4 warps: in one run on an H200 these took the rank-32 LLaMA-7B
+#: step from 29.43 to 27.20 ms (float32) and from 29.57 to 23.72 ms
+#: (bfloat16), where the same stages at rank 4 (16 columns) had made the
+#: step slower. MLorc-Lion's pass 2 with 16-bit gradients in 64 x 128 tiles
+#: for sketches narrower than 64 columns: in the same run that took its
+#: rank-4 step from 7.84 to 7.28 ms, where at rank 32 (64 columns) the step
+#: took 13.34 ms against 12.92 with the fields' 64 x 64
+#: (``benchmarks/README.md``, "Tilings by sketch width").
+DEFAULT_PASS_TILINGS = (
+    PassTiling('mlorc_adam_sketch', 2, 64, 32, 2, 3),
+    PassTiling('mlorc_adam_sketch', 2, 128, 32, 4, 3, min_width=64),
+    PassTiling('mlorc_adam_project', 2, 64, 64, 4, 2, min_width=64),
+    PassTiling('mlorc_adam_project', 4, 64, 64, 4, 2, min_width=64),
+    PassTiling('mlorc_lion_project', 2, 64, 128, 4, 3),
+    PassTiling('mlorc_lion_project', 2, 64, 64, 4, 3, min_width=64),
+)
 
 
 def _check_int(where: str, value: Any, minimum: int) -> None:
@@ -179,9 +202,10 @@ class KernelConfig:
     num_warps: Triton warps per program (a power of two).
     num_stages: Triton software-pipelining stages (``>= 1``).
     pass_tilings: :class:`PassTiling` entries, each replacing the four
-      fields above for one pass and gradient width (at most one entry per
-      pair); the passes without one use the fields (:meth:`tiling`). Any
-      tile fits a matrix the fields fit, since both are multiples of 16.
+      fields above for one pass, gradient dtype width and sketches at least
+      ``min_width`` wide (at most one entry per triple); the passes without
+      one use the fields (:meth:`tiling`). Any tile fits a matrix the fields
+      fit, since both are multiples of 16.
     reconstruct_precision: precision of pass 2's reconstructions
       ``U S V^T`` of the previous factors, from which the update comes
       (factors wider than ``fma_max_rank``; narrower ones are rebuilt by
@@ -281,10 +305,12 @@ class KernelConfig:
       if entry.itemsize not in (2, 4):
         raise ValueError(f'{where}.itemsize must be 2 or 4, got '
                          f'{entry.itemsize!r}.')
-      if entry[:2] in seen:
-        raise ValueError(f'{where} repeats the entry for {entry[:2]}.')
-      seen.add(entry[:2])
-      _check_tiling(where, *entry[2:])
+      key = (entry.kernel, entry.itemsize, entry.min_width)
+      if key in seen:
+        raise ValueError(f'{where} repeats the entry for {key}.')
+      seen.add(key)
+      _check_tiling(where, *entry[2:6])
+      _check_int(f'{where}.min_width', entry.min_width, 0)
     _check_int('KernelConfig.target_programs', self.target_programs, 1)
     for name in ('group_max_elements', 'fma_max_rank'):
       _check_int(f'KernelConfig.{name}', getattr(self, name), 0)
@@ -297,13 +323,18 @@ class KernelConfig:
         raise ValueError(f'KernelConfig.{name} must be one of '
                          f'{tuple(PRECISIONS)}, got {value!r}.')
 
-  def tiling(self, kernel: str, dtype: Any) -> PassTiling:
+  def tiling(self, kernel: str, dtype: Any, width: int) -> PassTiling:
     """The tiling of pass ``kernel`` (:data:`PASSES`) for gradients of
-    ``dtype``: its :attr:`pass_tilings` entry, else the config's fields."""
+    ``dtype`` and sketches ``width`` columns wide (as the kernels take
+    them, :func:`kernel_widths`): of its :attr:`pass_tilings` entries with
+    ``min_width <= width`` the one with the largest ``min_width``, else the
+    config's fields."""
     itemsize = jnp.dtype(dtype).itemsize
-    for entry in self.pass_tilings:
-      if (entry.kernel, entry.itemsize) == (kernel, itemsize):
-        return entry
+    fits = [e for e in self.pass_tilings
+            if (e.kernel, e.itemsize) == (kernel, itemsize)
+            and e.min_width <= width]
+    if fits:
+      return max(fits, key=lambda e: e.min_width)
     return PassTiling(kernel, itemsize, self.block_rows, self.block_cols,
                       self.num_warps, self.num_stages)
 
@@ -533,6 +564,7 @@ def launch(
     config: KernelConfig,
     interpret: bool,
     name: str,
+    width: int,
     rank: int | None = None,
 ) -> Any:
   """Runs a pass's ``kernel`` over ``g [B, m, n]`` and returns its outputs.
@@ -561,7 +593,8 @@ def launch(
     interpret: run in Pallas' interpreter (no GPU needed).
     name: the ``pallas_call``'s name, as profiles and HLO show it, and the
       pass whose tiling ``config`` gives (:meth:`KernelConfig.tiling`, for
-      ``g``'s dtype).
+      ``g``'s dtype and ``width``).
+    width: the columns of the pass's sketches or bases (``L``).
     rank: the width of the factors the kernel reconstructs by
       multiply-adds where :func:`uses_fma` says so (pass 2); None: every
       reconstruction a dot (pass 1, whose factors must then be dot
@@ -573,7 +606,7 @@ def launch(
   if over not in ('rows', 'cols'):
     raise ValueError(f"over must be 'rows' or 'cols', got {over!r}.")
   batch, rows, cols = g.shape
-  tiling = config.tiling(name, g.dtype)
+  tiling = config.tiling(name, g.dtype, width)
   bm, bn = tile(rows, tiling.block_rows), tile(cols, tiling.block_cols)
   if bm is None or bn is None:
     raise ValueError(

@@ -129,7 +129,7 @@ def lion_sketch_pass(
       out_shape=lambda parts: jax.ShapeDtypeStruct(
           (parts, batch, rows, omega.shape[-1]), _F32),
       args=(g, omega), config=config, interpret=interpret,
-      name='mlorc_lion_sketch')
+      name='mlorc_lion_sketch', width=omega.shape[-1])
   return jnp.sum(out, axis=0)
 
 
@@ -214,5 +214,5 @@ def lion_project_pass(
   direction, q_g = launch_lib.launch(
       _lion_project_kernel, g, over='cols', out_shape=out_shape,
       args=(coefficients, g, a, v, q), config=config, interpret=interpret,
-      name='mlorc_lion_project', rank=a.shape[-1])
+      name='mlorc_lion_project', width=q.shape[-1], rank=a.shape[-1])
   return LionProjectPassOutputs(direction, jnp.sum(q_g, axis=0))
