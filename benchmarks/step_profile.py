@@ -121,9 +121,10 @@ def summarize(events: Sequence[Mapping[str, Any]],
     'categories'}``: ``span_ms`` is the time from a step's first kernel's
     start to its last kernel's end (the mean over the steps; ``step_ms``
     less the gaps between kernels, which launch overhead leaves idle; None
-    on a host-only trace) and ``launches`` its kernels; each table a list of ``{'name', 'ms', 'calls', 'share'}`` rows per step,
-    largest first (``share``: of ``step_ms``, the device's busy time, or of
-    the table's total on a host-only trace).
+    on a host-only trace) and ``launches`` its kernels; each table a list
+    of ``{'name', 'ms', 'calls', 'share'}`` rows per step, largest first
+    (``share``: of ``step_ms``, the device's busy time, or of the table's
+    total on a host-only trace).
   """
   lines = _lines(events)
   device = {key: name for key, name in lines.items()
@@ -175,7 +176,8 @@ def summarize(events: Sequence[Mapping[str, Any]],
        for name, ms in by_category.items()), key=lambda r: -r['ms'])
   return dict(device_lines=sorted(set(device.values())), step_ms=busy_ms,
               span_ms=_span_ms(launched, steps),
-              launches=len(launched) / steps, ops=ops, kernels=rows('kernels'), categories=categories)
+              launches=len(launched) / steps, ops=ops,
+              kernels=rows('kernels'), categories=categories)
 
 
 def _span_ms(kernels: list[tuple[float, float]], steps: int) -> float | None:

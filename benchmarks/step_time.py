@@ -198,8 +198,8 @@ KERNEL_CONFIGS = {
     'width_blind_tilings': mlorc_optax.kernels.KernelConfig(
         pass_tilings=mlorc_optax.kernels.KernelConfig().pass_tilings[:1]),
     # The fastest tilings of the tenth session's sweep of MLorc-AdamW's
-    # passes (8 x 4096 x 11008, r=4; benchmarks/README.md), with the
-    # defaults' two-stage pass 2 for wide sketches.
+    # passes (8 x 4096 x 11008, r=4; benchmarks/README.md), for every sketch
+    # width, with today's other default entries.
     'swept_tilings': mlorc_optax.kernels.KernelConfig(pass_tilings=(
         mlorc_optax.kernels.PassTiling('mlorc_adam_sketch', 2, 128, 32, 4, 3),
         mlorc_optax.kernels.PassTiling('mlorc_adam_sketch', 4, 128, 32, 4, 3),

@@ -309,7 +309,8 @@ class KernelConfig:
       if key in seen:
         raise ValueError(f'{where} repeats the entry for {key}.')
       seen.add(key)
-      _check_tiling(where, *entry[2:6])
+      _check_tiling(where, entry.block_rows, entry.block_cols,
+                    entry.num_warps, entry.num_stages)
       _check_int(f'{where}.min_width', entry.min_width, 0)
     _check_int('KernelConfig.target_programs', self.target_programs, 1)
     for name in ('group_max_elements', 'fma_max_rank'):
