@@ -1,19 +1,20 @@
-"""Root pytest configuration: XLA flags for the CPU test run.
+"""Root pytest configuration: XLA settings for the CPU test run.
 
-8 simulated CPU devices for the sharding tests, the classic CPU scheduler
-and LLVM's optimisation level 0 (see below). XLA reads the flags once, when
-JAX initialises its backends, so they are set here, before any test module
-imports JAX. An existing XLA_FLAGS is kept, flag by flag.
+8 simulated CPU devices for the sharding tests and LLVM's optimisation
+level 0 (see below), then the settings every program of this repository
+runs XLA with (:func:`benchmarks.toolkit.environment.configure_xla`: the
+classic CPU scheduler and an XLA:CPU thread pool that jaxlib's batched
+LAPACK calls cannot deadlock). XLA reads these once, when JAX initialises
+its backends, so they are set here, before any test module imports JAX. An
+existing XLA_FLAGS is kept, flag by flag, and so is an existing NPROC.
 """
 
 import os
 
+from benchmarks.toolkit import environment
+
 _FLAGS = (
     '--xla_force_host_platform_device_count=8',
-    # jaxlib 0.10's concurrency-optimised CPU scheduler intermittently
-    # deadlocks programs with several independent QR/SVD chains (seen here
-    # with MLorc's update on stacked leaves); the classic scheduler doesn't.
-    '--xla_cpu_enable_concurrency_optimized_scheduler=false',
     # The suite spends most of its time compiling small programs, each test
     # its own: without LLVM's optimisation passes, three of the slowest
     # tests (a jit-against-eager check, two Pallas-interpret steps) took 79
@@ -28,3 +29,8 @@ for _flag in _FLAGS:
     os.environ['XLA_FLAGS'] = (
         os.environ.get('XLA_FLAGS', '') + ' ' + _flag
     ).strip()
+# After the device count: the pool is sized by it. Without the larger pool,
+# tests/test_sharding.py::test_sharded_full_rank_run_equals_single_device
+# hung in CI, and two copies of it run side by side hung one of the two in 3
+# of 3 tries on a 2-core machine (none in 8 with a pool of 32 or 64).
+environment.configure_xla()

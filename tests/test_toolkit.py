@@ -135,6 +135,34 @@ def test_configure_xla_sets_only_what_is_unset_and_adds_the_flag_once(
       'XLA_PYTHON_CLIENT_MEM_FRACTION'] == '0.98'
 
 
+def test_configure_xla_sizes_the_cpu_pool_by_the_device_count(monkeypatch):
+  flags = '--xla_force_host_platform_device_count=8'
+  monkeypatch.setenv('XLA_FLAGS', flags)
+  monkeypatch.delenv('NPROC', raising=False)
+  assert environment.configure_xla()['NPROC'] == str(
+      environment.cpu_pool_threads(flags))
+  monkeypatch.setenv('NPROC', '3')
+  assert environment.configure_xla()['NPROC'] == '3'  # kept
+  per = environment.CPU_THREADS_PER_DEVICE
+  assert environment.cpu_pool_threads(flags, cores=2) == 8 * per
+  assert environment.cpu_pool_threads('--xla_dump_to=/x', cores=2) == per
+  assert environment.cpu_pool_threads(flags, cores=1024) == 1024
+
+
+@pytest.mark.skipif(not os.path.isdir('/proc/self/task'),
+                    reason='reads thread names from Linux /proc')
+def test_this_process_cpu_pool_has_the_threads_configure_xla_asked_for():
+  """XLA honours NPROC (the root conftest.py set it before JAX started):
+  otherwise jaxlib's batched LAPACK calls could deadlock the sharding
+  tests (environment.CPU_THREADS_PER_DEVICE)."""
+  jax.jit(lambda x: x + 1)(jnp.ones(2)).block_until_ready()
+  names = [open(f'/proc/self/task/{t}/comm').read().strip()
+           for t in os.listdir('/proc/self/task')]
+  pool = sum(name == 'tf_XLAEigen' for name in names)
+  assert pool >= environment.CPU_THREADS_PER_DEVICE * jax.device_count(), (
+      pool, os.environ.get('NPROC'))
+
+
 def test_repo_root_holds_the_benchmarks_package():
   assert (environment.repo_root() / 'benchmarks' / 'toolkit').is_dir()
 

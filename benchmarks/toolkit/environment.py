@@ -3,7 +3,8 @@
 Every result file records :func:`device_description` and :func:`versions`,
 so a committed number says where it came from. :func:`configure_xla` sets the
 XLA client variables a measuring program wants; it must run before JAX
-creates its backends (before the first computation or device query).
+creates its backends (before the first computation or device query). The
+root ``conftest.py`` calls it too, so the tests run under the same settings.
 """
 
 from __future__ import annotations
@@ -22,8 +23,42 @@ from typing import Any
 #: unaffected.
 CPU_DEADLOCK_FLAG = '--xla_cpu_enable_concurrency_optimized_scheduler=false'
 
+#: XLA:CPU threads per CPU device that :func:`configure_xla` asks for.
+#: jaxlib before 0.11.1 splits a batched LAPACK call (the QR, SVD and
+#: ``eigh`` of MLorc's compression of stacked leaves) into chunks on
+#: XLA:CPU's thread pool and blocks its own pool thread until they finish
+#: (jax-ml/jax 859992407d ends that). The pool has ``max(cores, devices)``
+#: threads: on 2 cores with 8 simulated devices the 8 device programs of one
+#: sharded step reach their decompositions together, block all 8 threads,
+#: and no thread is left to run a chunk; the program then waits forever.
+#: XLA sizes the pool from ``NPROC`` when it is set, and this many threads
+#: per device leave threads free for the chunks even when every device
+#: blocks several at once.
+CPU_THREADS_PER_DEVICE = 8
+
+_DEVICE_COUNT_FLAG = '--xla_force_host_platform_device_count'
+
 #: The distributions :func:`versions` reports (``flax`` only if installed).
 PACKAGES = ('jax', 'jaxlib', 'optax', 'flax', 'numpy', 'mlorc_optax')
+
+
+def cpu_pool_threads(xla_flags: str, cores: int | None = None) -> int:
+  """The XLA:CPU pool size :func:`configure_xla` asks for (``NPROC``).
+
+  :data:`CPU_THREADS_PER_DEVICE` per CPU device (the devices
+  ``--xla_force_host_platform_device_count`` in ``xla_flags`` asks for, or
+  1), and never fewer than the host's cores (XLA's own default).
+
+  Args:
+    xla_flags: the ``XLA_FLAGS`` the backend will read.
+    cores: the host's cores; None: ``os.cpu_count()``.
+  """
+  devices = 1
+  for flag in xla_flags.split():
+    name, _, value = flag.partition('=')
+    if name == _DEVICE_COUNT_FLAG:
+      devices = int(value)
+  return max(cores or os.cpu_count() or 1, CPU_THREADS_PER_DEVICE * devices)
 
 
 def configure_xla(*, mem_fraction: float = 0.95) -> dict[str, str]:
@@ -34,7 +69,11 @@ def configure_xla(*, mem_fraction: float = 0.95) -> dict[str, str]:
   * ``XLA_PYTHON_CLIENT_MEM_FRACTION=mem_fraction``: the allocator's limit
     (75% of the device by default, even without preallocation), so large
     models may use (almost) the whole device;
-  * :data:`CPU_DEADLOCK_FLAG` appended to ``XLA_FLAGS``.
+  * :data:`CPU_DEADLOCK_FLAG` appended to ``XLA_FLAGS``;
+  * ``NPROC=cpu_pool_threads(XLA_FLAGS)``: XLA:CPU's thread pool, large
+    enough that jaxlib's batched LAPACK calls cannot deadlock it
+    (:data:`CPU_THREADS_PER_DEVICE`). Set ``XLA_FLAGS``' device count
+    before calling this.
 
   A variable (or the scheduler flag) that is already set is kept. XLA reads
   them when JAX creates its backends, so call this first thing in ``main``,
@@ -45,16 +84,17 @@ def configure_xla(*, mem_fraction: float = 0.95) -> dict[str, str]:
     mem_fraction: the allocator's share of each device's memory.
 
   Returns:
-    The effective values of the three variables.
+    The effective values of the four variables.
   """
   os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
   os.environ.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', f'{mem_fraction:g}')
   flags = os.environ.get('XLA_FLAGS', '')
   if CPU_DEADLOCK_FLAG.split('=')[0] not in flags:
     os.environ['XLA_FLAGS'] = f'{flags} {CPU_DEADLOCK_FLAG}'.strip()
+  os.environ.setdefault('NPROC', str(cpu_pool_threads(os.environ['XLA_FLAGS'])))
   return {k: os.environ[k] for k in ('XLA_PYTHON_CLIENT_PREALLOCATE',
                                      'XLA_PYTHON_CLIENT_MEM_FRACTION',
-                                     'XLA_FLAGS')}
+                                     'XLA_FLAGS', 'NPROC')}
 
 
 def repo_root() -> Path:
