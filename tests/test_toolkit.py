@@ -139,6 +139,7 @@ def test_configure_xla_sizes_the_cpu_pool_by_the_device_count(monkeypatch):
   flags = '--xla_force_host_platform_device_count=8'
   monkeypatch.setenv('XLA_FLAGS', flags)
   monkeypatch.delenv('NPROC', raising=False)
+  monkeypatch.delenv('JAX_NUM_CPU_DEVICES', raising=False)
   assert environment.configure_xla()['NPROC'] == str(
       environment.cpu_pool_threads(flags))
   monkeypatch.setenv('NPROC', '3')
@@ -146,6 +147,8 @@ def test_configure_xla_sizes_the_cpu_pool_by_the_device_count(monkeypatch):
   per = environment.CPU_THREADS_PER_DEVICE
   assert environment.cpu_pool_threads(flags, cores=2) == 8 * per
   assert environment.cpu_pool_threads('--xla_dump_to=/x', cores=2) == per
+  assert environment.cpu_pool_threads('', '4', cores=2) == 4 * per
+  assert environment.cpu_pool_threads(flags, '2', cores=2) == 2 * per
   assert environment.cpu_pool_threads(flags, cores=1024) == 1024
 
 

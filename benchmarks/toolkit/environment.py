@@ -42,15 +42,18 @@ _DEVICE_COUNT_FLAG = '--xla_force_host_platform_device_count'
 PACKAGES = ('jax', 'jaxlib', 'optax', 'flax', 'numpy', 'mlorc_optax')
 
 
-def cpu_pool_threads(xla_flags: str, cores: int | None = None) -> int:
+def cpu_pool_threads(xla_flags: str, num_cpu_devices: str | None = None,
+                     cores: int | None = None) -> int:
   """The XLA:CPU pool size :func:`configure_xla` asks for (``NPROC``).
 
-  :data:`CPU_THREADS_PER_DEVICE` per CPU device (the devices
-  ``--xla_force_host_platform_device_count`` in ``xla_flags`` asks for, or
-  1), and never fewer than the host's cores (XLA's own default).
+  :data:`CPU_THREADS_PER_DEVICE` per CPU device, and never fewer than the
+  host's cores (XLA's own default). The devices are those
+  ``JAX_NUM_CPU_DEVICES`` asks for, else ``xla_flags``'
+  ``--xla_force_host_platform_device_count``, else 1.
 
   Args:
     xla_flags: the ``XLA_FLAGS`` the backend will read.
+    num_cpu_devices: the ``JAX_NUM_CPU_DEVICES`` it will read, or None.
     cores: the host's cores; None: ``os.cpu_count()``.
   """
   devices = 1
@@ -58,6 +61,8 @@ def cpu_pool_threads(xla_flags: str, cores: int | None = None) -> int:
     name, _, value = flag.partition('=')
     if name == _DEVICE_COUNT_FLAG:
       devices = int(value)
+  if num_cpu_devices and int(num_cpu_devices) > 0:
+    devices = int(num_cpu_devices)
   return max(cores or os.cpu_count() or 1, CPU_THREADS_PER_DEVICE * devices)
 
 
@@ -70,10 +75,10 @@ def configure_xla(*, mem_fraction: float = 0.95) -> dict[str, str]:
     (75% of the device by default, even without preallocation), so large
     models may use (almost) the whole device;
   * :data:`CPU_DEADLOCK_FLAG` appended to ``XLA_FLAGS``;
-  * ``NPROC=cpu_pool_threads(XLA_FLAGS)``: XLA:CPU's thread pool, large
+  * ``NPROC``: XLA:CPU's thread pool (:func:`cpu_pool_threads`), large
     enough that jaxlib's batched LAPACK calls cannot deadlock it
-    (:data:`CPU_THREADS_PER_DEVICE`). Set ``XLA_FLAGS``' device count
-    before calling this.
+    (:data:`CPU_THREADS_PER_DEVICE`). Set the CPU device count
+    (``XLA_FLAGS`` or ``JAX_NUM_CPU_DEVICES``) before calling this.
 
   A variable (or the scheduler flag) that is already set is kept. XLA reads
   them when JAX creates its backends, so call this first thing in ``main``,
@@ -91,7 +96,8 @@ def configure_xla(*, mem_fraction: float = 0.95) -> dict[str, str]:
   flags = os.environ.get('XLA_FLAGS', '')
   if CPU_DEADLOCK_FLAG.split('=')[0] not in flags:
     os.environ['XLA_FLAGS'] = f'{flags} {CPU_DEADLOCK_FLAG}'.strip()
-  os.environ.setdefault('NPROC', str(cpu_pool_threads(os.environ['XLA_FLAGS'])))
+  os.environ.setdefault('NPROC', str(cpu_pool_threads(
+      os.environ['XLA_FLAGS'], os.environ.get('JAX_NUM_CPU_DEVICES'))))
   return {k: os.environ[k] for k in ('XLA_PYTHON_CLIENT_PREALLOCATE',
                                      'XLA_PYTHON_CLIENT_MEM_FRACTION',
                                      'XLA_FLAGS', 'NPROC')}
