@@ -3,8 +3,8 @@
 8 simulated CPU devices for the sharding tests and LLVM's optimisation
 level 0 (see below), then the settings every program of this repository
 runs XLA with (:func:`benchmarks.toolkit.environment.configure_xla`: the
-classic CPU scheduler and an XLA:CPU thread pool that jaxlib's batched
-LAPACK calls cannot deadlock). XLA reads these once, when JAX initialises
+classic CPU scheduler and an XLA:CPU thread pool large enough for jaxlib's
+batched LAPACK calls). XLA reads these once, when JAX initialises
 its backends, so they are set here, before any test module imports JAX. An
 existing XLA_FLAGS is kept, flag by flag, and so is an existing NPROC.
 """

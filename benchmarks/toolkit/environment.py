@@ -76,8 +76,8 @@ def configure_xla(*, mem_fraction: float = 0.95) -> dict[str, str]:
     models may use (almost) the whole device;
   * :data:`CPU_DEADLOCK_FLAG` appended to ``XLA_FLAGS``;
   * ``NPROC``: XLA:CPU's thread pool (:func:`cpu_pool_threads`), large
-    enough that jaxlib's batched LAPACK calls cannot deadlock it
-    (:data:`CPU_THREADS_PER_DEVICE`). Set the CPU device count
+    enough that jaxlib's batched LAPACK calls leave threads free to run
+    their chunks (:data:`CPU_THREADS_PER_DEVICE`). Set the CPU device count
     (``XLA_FLAGS`` or ``JAX_NUM_CPU_DEVICES``) before calling this.
 
   A variable (or the scheduler flag) that is already set is kept. XLA reads
