@@ -209,7 +209,6 @@ KERNEL_CONFIGS = {
     'target_programs_8192': mlorc_optax.kernels.KernelConfig(
         target_programs=8192),
     'plain_math': mlorc_optax.kernels.KernelConfig(fast_math=False),
-    'tile_lhs': mlorc_optax.kernels.KernelConfig(tile_lhs_projections=True),
 }
 
 

@@ -316,10 +316,10 @@ def _project_kernel(
     return (acc[0] + products.project(qm_ref, b, rows, m),
             acc[1] + products.project(qv_ref, b, rows, v))
 
-  z = products.projection_zeros(qm_ref.shape[-1], bn)
+  z = jnp.zeros((qm_ref.shape[-1], bn), _F32)
   acc_m, acc_v = jax.lax.fori_loop(*loop.blocks(part), body, (z, z))
-  bm_ref[part, b, :, cols] = products.projection(acc_m)
-  bv_ref[part, b, :, cols] = products.projection(acc_v)
+  bm_ref[part, b, :, cols] = acc_m
+  bv_ref[part, b, :, cols] = acc_v
 
 
 def project_pass(

@@ -272,9 +272,6 @@ class KernelConfig:
       Triton lowering's own operations (separate multiplies and adds,
       full-range approximate division). In interpret mode the math is
       always plain ``jax.numpy``.
-    tile_lhs_projections: compute pass 2's projections as ``tile^T @ q``
-      (the tile the dot's left operand, which a Hopper ``wgmma`` may take
-      from registers) instead of ``q^T @ tile``; an experiment.
   """
 
   block_rows: int = 64
@@ -290,7 +287,6 @@ class KernelConfig:
   fma_max_rank: int = 8
   pass_tilings: tuple[PassTiling, ...] = DEFAULT_PASS_TILINGS
   fast_math: bool = True
-  tile_lhs_projections: bool = False
 
   def __post_init__(self):
     _check_tiling('KernelConfig', self.block_rows, self.block_cols,
@@ -319,10 +315,9 @@ class KernelConfig:
     _check_int('KernelConfig.target_programs', self.target_programs, 1)
     for name in ('group_max_elements', 'fma_max_rank'):
       _check_int(f'KernelConfig.{name}', getattr(self, name), 0)
-    for name in ('fast_math', 'tile_lhs_projections'):
-      if not isinstance(getattr(self, name), bool):
-        raise ValueError(f'KernelConfig.{name} must be a bool, got '
-                         f'{getattr(self, name)!r}.')
+    if not isinstance(self.fast_math, bool):
+      raise ValueError('KernelConfig.fast_math must be a bool, got '
+                       f'{self.fast_math!r}.')
     for name in PRECISION_FIELDS:
       value = getattr(self, name)
       if value not in PRECISIONS:
@@ -525,7 +520,6 @@ class Products:
   precisions: DotPrecisions
   fma: bool = False
   arithmetic: step_math.Arithmetic = step_math.PLAIN
-  tile_lhs: bool = False
 
   def rows(self, ref: Any, b: Any, rows: Any) -> Any:
     """A factor's rows ``ref[b, rows, :]``, as :meth:`outer` takes them."""
@@ -554,23 +548,11 @@ class Products:
     return jnp.dot(tile, omega_ref[b, cols, :],
                    precision=self.precisions.sketches)
 
-  def projection_zeros(self, width: int, bn: int) -> jax.Array:
-    """The zero accumulator of :meth:`project`."""
-    return jnp.zeros((bn, width) if self.tile_lhs else (width, bn),
-                     jnp.float32)
-
   def project(self, q_ref: Any, b: Any, rows: Any,
               tile: jax.Array) -> jax.Array:
     """``q_ref[b, rows, :]^T @ tile``, ``[L, bn]``."""
-    if self.tile_lhs:
-      return jnp.dot(tile.T, q_ref[b, rows, :],
-                     precision=self.precisions.projections)
     return jnp.dot(q_ref[b, rows, :].T, tile,
                    precision=self.precisions.projections)
-
-  def projection(self, acc: jax.Array) -> jax.Array:
-    """The ``[L, bn]`` sum of :meth:`project` from its accumulator."""
-    return acc.T if self.tile_lhs else acc
 
 
 def launch(
@@ -637,8 +619,7 @@ def launch(
   split = splits(batch * blocks, loop, config.target_programs)
   products = Products(dot_precisions(config, interpret, name),
                       fma=rank is not None and uses_fma(rank, config),
-                      arithmetic=arithmetic(config, interpret),
-                      tile_lhs=config.tile_lhs_projections)
+                      arithmetic=arithmetic(config, interpret))
   body = functools.partial(
       kernel, bm=bm, bn=bn, loop=split,
       bound=step_math.overflow_bound(rows, cols), products=products)
