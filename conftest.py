@@ -13,7 +13,7 @@ import os
 
 from benchmarks.toolkit import environment
 
-_FLAGS = (
+environment.add_xla_flags(
     '--xla_force_host_platform_device_count=8',
     # The suite spends most of its time compiling small programs, each test
     # its own: without LLVM's optimisation passes, three of the slowest
@@ -24,11 +24,6 @@ _FLAGS = (
     # on any x86-64 CPU), so they hold at either level.
     '--xla_backend_optimization_level=0',
 )
-for _flag in _FLAGS:
-  if _flag.split('=')[0] not in os.environ.get('XLA_FLAGS', ''):
-    os.environ['XLA_FLAGS'] = (
-        os.environ.get('XLA_FLAGS', '') + ' ' + _flag
-    ).strip()
 # After the device count: the pool is sized by it. Without the larger pool,
 # tests/test_sharding.py::test_sharded_full_rank_run_equals_single_device
 # hung in CI, and two copies of it run side by side hung one of the two in 3

@@ -150,6 +150,35 @@ def test_configure_xla_sizes_the_cpu_pool_by_the_device_count(monkeypatch):
   assert environment.cpu_pool_threads('', '4', cores=2) == 4 * per
   assert environment.cpu_pool_threads(flags, '2', cores=2) == 2 * per
   assert environment.cpu_pool_threads(flags, cores=1024) == 1024
+  assert environment.cpu_pool_threads(flags, '0', cores=2) == 8 * per
+
+
+@pytest.mark.parametrize('flags, devices, named', [
+    ('--xla_force_host_platform_device_count=eight', None, 'XLA_FLAGS'),
+    ('--xla_force_host_platform_device_count=-2', None, 'XLA_FLAGS'),
+    ('', '4.5', 'JAX_NUM_CPU_DEVICES'),
+])
+def test_cpu_pool_threads_names_a_device_count_that_is_not_a_number(
+    flags, devices, named):
+  with pytest.raises(ValueError, match=named):
+    environment.cpu_pool_threads(flags, devices)
+
+
+def test_with_xla_flag_keeps_a_flag_already_set_by_name():
+  dump = '--xla_dump_to=/tmp/x'
+  assert environment.with_xla_flag('', dump) == dump
+  assert environment.with_xla_flag(dump, '--xla_dump_to=/y') == dump
+  # A flag whose name merely starts with another's is a different flag.
+  longer = '--xla_dump_to_extra=1'
+  assert environment.with_xla_flag(longer, dump) == f'{longer} {dump}'
+
+
+def test_add_xla_flags_appends_each_flag_once(monkeypatch):
+  monkeypatch.setenv('XLA_FLAGS', '--a=1')
+  assert environment.add_xla_flags('--b=2', '--a=3', '--b=4') == '--a=1 --b=2'
+  assert os.environ['XLA_FLAGS'] == '--a=1 --b=2'
+  monkeypatch.delenv('XLA_FLAGS')
+  assert environment.add_xla_flags('--c') == '--c'
 
 
 @pytest.mark.skipif(not os.path.isdir('/proc/self/task'),
@@ -159,8 +188,8 @@ def test_this_process_cpu_pool_has_the_threads_configure_xla_asked_for():
   otherwise jaxlib's batched LAPACK calls could deadlock the sharding
   tests (environment.CPU_THREADS_PER_DEVICE)."""
   jax.jit(lambda x: x + 1)(jnp.ones(2)).block_until_ready()
-  names = [open(f'/proc/self/task/{t}/comm').read().strip()
-           for t in os.listdir('/proc/self/task')]
+  names = [(task / 'comm').read_text().strip()
+           for task in Path('/proc/self/task').iterdir()]
   pool = sum(name == 'tf_XLAEigen' for name in names)
   assert pool >= environment.CPU_THREADS_PER_DEVICE * jax.device_count(), (
       pool, os.environ.get('NPROC'))

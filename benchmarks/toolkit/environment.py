@@ -42,27 +42,65 @@ _DEVICE_COUNT_FLAG = '--xla_force_host_platform_device_count'
 PACKAGES = ('jax', 'jaxlib', 'optax', 'flax', 'numpy', 'mlorc_optax')
 
 
+def _flag_name(flag: str) -> str:
+  return flag.partition('=')[0]
+
+
+def with_xla_flag(xla_flags: str, flag: str) -> str:
+  """``xla_flags`` with ``flag`` (``--name=value``) appended, unless a flag
+  of that name is already in it (an existing setting is kept)."""
+  if _flag_name(flag) in map(_flag_name, xla_flags.split()):
+    return xla_flags
+  return f'{xla_flags} {flag}'.strip()
+
+
+def add_xla_flags(*flags: str) -> str:
+  """Appends each of ``flags`` to the ``XLA_FLAGS`` variable unless a flag
+  of its name is already set (:func:`with_xla_flag`); returns the variable.
+  XLA reads it once, when JAX creates its backends."""
+  value = os.environ.get('XLA_FLAGS', '')
+  for flag in flags:
+    value = with_xla_flag(value, flag)
+  os.environ['XLA_FLAGS'] = value
+  return value
+
+
+def _device_count(name: str, value: str) -> int:
+  try:
+    count = int(value)
+  except ValueError:
+    count = -1
+  if count < 0:
+    raise ValueError(f'{name} must be a whole number of CPU devices, got '
+                     f'{value!r}.')
+  return count
+
+
 def cpu_pool_threads(xla_flags: str, num_cpu_devices: str | None = None,
                      cores: int | None = None) -> int:
   """The XLA:CPU pool size :func:`configure_xla` asks for (``NPROC``).
 
   :data:`CPU_THREADS_PER_DEVICE` per CPU device, and never fewer than the
   host's cores (XLA's own default). The devices are those
-  ``JAX_NUM_CPU_DEVICES`` asks for, else ``xla_flags``'
+  ``JAX_NUM_CPU_DEVICES`` asks for (when positive), else ``xla_flags``'
   ``--xla_force_host_platform_device_count``, else 1.
 
   Args:
     xla_flags: the ``XLA_FLAGS`` the backend will read.
     num_cpu_devices: the ``JAX_NUM_CPU_DEVICES`` it will read, or None.
     cores: the host's cores; None: ``os.cpu_count()``.
+
+  Raises:
+    ValueError: naming the setting whose device count is not a whole number.
   """
   devices = 1
   for flag in xla_flags.split():
     name, _, value = flag.partition('=')
     if name == _DEVICE_COUNT_FLAG:
-      devices = int(value)
-  if num_cpu_devices and int(num_cpu_devices) > 0:
-    devices = int(num_cpu_devices)
+      devices = _device_count(f'XLA_FLAGS {name}', value)
+  if num_cpu_devices:
+    count = _device_count('JAX_NUM_CPU_DEVICES', num_cpu_devices)
+    devices = count or devices
   return max(cores or os.cpu_count() or 1, CPU_THREADS_PER_DEVICE * devices)
 
 
@@ -93,11 +131,9 @@ def configure_xla(*, mem_fraction: float = 0.95) -> dict[str, str]:
   """
   os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
   os.environ.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', f'{mem_fraction:g}')
-  flags = os.environ.get('XLA_FLAGS', '')
-  if CPU_DEADLOCK_FLAG.split('=')[0] not in flags:
-    os.environ['XLA_FLAGS'] = f'{flags} {CPU_DEADLOCK_FLAG}'.strip()
+  flags = add_xla_flags(CPU_DEADLOCK_FLAG)
   os.environ.setdefault('NPROC', str(cpu_pool_threads(
-      os.environ['XLA_FLAGS'], os.environ.get('JAX_NUM_CPU_DEVICES'))))
+      flags, os.environ.get('JAX_NUM_CPU_DEVICES'))))
   return {k: os.environ[k] for k in ('XLA_PYTHON_CLIENT_PREALLOCATE',
                                      'XLA_PYTHON_CLIENT_MEM_FRACTION',
                                      'XLA_FLAGS', 'NPROC')}
