@@ -221,7 +221,21 @@ def test_the_step_keeps_the_state_structure():
 
 
 def test_compiled_step_matches_the_nnx_jit_step():
-  """The harness's step computes what the textbook ``nnx.jit`` step does."""
+  """The harness's step computes what the textbook ``nnx.jit`` step does.
+
+  They are different XLA programs, so they agree up to float32 rounding,
+  which a float32 SVD of the moments amplifies by the conditioning of their
+  singular vectors. The test is there to catch a different computation (a
+  wrong learning rate, a missed or repeated step, another optimizer or
+  state), which moves parameters by a whole step (about ``lr`` per entry
+  with Adam) and the state by its own size; so parameters must agree within
+  a thousandth of a step and each state leaf within a thousandth of its
+  largest entry. Left out: the bias of the attention's key projection (and
+  its moments), whose gradient is zero in exact arithmetic (adding the same
+  vector to every key shifts all of a query's logits equally, which the
+  softmax ignores): both programs compute rounding noise for it, which Adam
+  scales up to steps of about ``lr * |g| / eps``.
+  """
   name = 'mlorc_adamw_r4'
   batch, lr = synthetic(8, seed=2), jnp.float32(TEST_LR[name])
   _, model_a, opt_a = _setup(name, seed=5)
@@ -234,8 +248,15 @@ def test_compiled_step_matches_the_nnx_jit_step():
     a = _flat(nnx.state((model_a, opt_a), kind))
     b = _flat(nnx.state((model_b, opt_b), kind))
     assert a.keys() == b.keys()
-    for k in a:
-      np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-7, err_msg=k)
+    noise = {k for k in a if 'attention/key/bias' in k}
+    assert noise  # the model has the leaves left out
+    for k in a.keys() - noise:
+      if not np.issubdtype(a[k].dtype, np.floating):  # counts, keys
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+        continue
+      scale = float(lr) if kind is nnx.Param else np.abs(a[k]).max()
+      np.testing.assert_allclose(a[k], b[k], rtol=0, atol=1e-3 * scale,
+                                 err_msg=k)
 
 
 # --------------------------------------------------------------------------
