@@ -173,6 +173,11 @@ def test_with_xla_flag_keeps_a_flag_already_set_by_name():
   assert environment.with_xla_flag(longer, dump) == f'{longer} {dump}'
 
 
+def test_xla_knows_flag_tells_a_known_flag_from_an_unknown_one():
+  assert environment.xla_knows_flag('--xla_backend_optimization_level=0')
+  assert not environment.xla_knows_flag('--xla_no_such_flag_anywhere=1')
+
+
 def test_add_xla_flags_appends_each_flag_once(monkeypatch):
   monkeypatch.setenv('XLA_FLAGS', '--a=1')
   assert environment.add_xla_flags('--b=2', '--a=3', '--b=4') == '--a=1 --b=2'

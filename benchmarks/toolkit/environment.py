@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +65,22 @@ def add_xla_flags(*flags: str) -> str:
     value = with_xla_flag(value, flag)
   os.environ['XLA_FLAGS'] = value
   return value
+
+
+def xla_knows_flag(flag: str) -> bool:
+  """Whether the installed XLA accepts ``flag`` in ``XLA_FLAGS``.
+
+  XLA aborts the process on a flag it does not know, and flags come and go
+  between jaxlib releases (``--xla_cpu_use_fusion_emitters`` is in 0.10.2,
+  not in 0.11.2); so a flag that only speeds something up is probed first,
+  in a child process that starts JAX's CPU backend with it (a second or
+  two).
+  """
+  env = dict(os.environ, XLA_FLAGS=flag, JAX_PLATFORMS='cpu')
+  probe = subprocess.run(
+      [sys.executable, '-c', 'import jax; jax.devices("cpu")'], env=env,
+      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+  return probe.returncode == 0
 
 
 def _device_count(name: str, value: str) -> int:
