@@ -28,10 +28,9 @@ environment.add_xla_flags(
 # elemental emitters tests/test_compat.py took 45 instead of 74 s on a 2-core
 # machine, and a small mlorc_adamw update compiled in 0.5 instead of 1.3 s
 # (the tolerances hold for the same reason). Newer jaxlibs (0.11.2) no longer
-# know the flag, and XLA aborts on an unknown flag: so only where it is known.
-_ELEMENTAL_EMITTERS = '--xla_cpu_use_fusion_emitters=false'
-if environment.xla_knows_flag(_ELEMENTAL_EMITTERS):
-  environment.add_xla_flags(_ELEMENTAL_EMITTERS)
+# know the flag, and XLA aborts on an unknown flag: so only where it is known
+# (probed once: the xdist workers inherit the controller's XLA_FLAGS).
+environment.add_xla_flags('--xla_cpu_use_fusion_emitters=false', probe=True)
 # After the device count: the pool is sized by it. Without the larger pool,
 # tests/test_sharding.py::test_sharded_full_rank_run_equals_single_device
 # hung in CI, and two copies of it run side by side hung one of the two in 3

@@ -178,6 +178,23 @@ def test_xla_knows_flag_tells_a_known_flag_from_an_unknown_one():
   assert not environment.xla_knows_flag('--xla_no_such_flag_anywhere=1')
 
 
+def test_add_xla_flags_probes_only_flags_not_yet_set(monkeypatch):
+  monkeypatch.setenv('XLA_FLAGS', '--xla_dump_to=/tmp/x')
+  unknown = '--xla_no_such_flag_anywhere=1'
+  assert environment.add_xla_flags(unknown, probe=True) == (
+      '--xla_dump_to=/tmp/x')
+  known = '--xla_backend_optimization_level=0'
+  assert environment.add_xla_flags(known, probe=True) == (
+      f'--xla_dump_to=/tmp/x {known}')
+
+  def no_probe(flag):
+    raise AssertionError(f'probed {flag}, which XLA_FLAGS already sets')
+
+  monkeypatch.setattr(environment, 'xla_knows_flag', no_probe)
+  environment.add_xla_flags('--xla_backend_optimization_level=1', probe=True)
+  assert os.environ['XLA_FLAGS'] == f'--xla_dump_to=/tmp/x {known}'
+
+
 def test_add_xla_flags_appends_each_flag_once(monkeypatch):
   monkeypatch.setenv('XLA_FLAGS', '--a=1')
   assert environment.add_xla_flags('--b=2', '--a=3', '--b=4') == '--a=1 --b=2'

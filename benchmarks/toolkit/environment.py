@@ -56,13 +56,21 @@ def with_xla_flag(xla_flags: str, flag: str) -> str:
   return f'{xla_flags} {flag}'.strip()
 
 
-def add_xla_flags(*flags: str) -> str:
+def add_xla_flags(*flags: str, probe: bool = False) -> str:
   """Appends each of ``flags`` to the ``XLA_FLAGS`` variable unless a flag
   of its name is already set (:func:`with_xla_flag`); returns the variable.
-  XLA reads it once, when JAX creates its backends."""
+  XLA reads it once, when JAX creates its backends.
+
+  With ``probe``, a flag not yet set is added only if the installed XLA
+  accepts it (:func:`xla_knows_flag`): for flags that only speed something
+  up and that other jaxlib releases may not have. A child process that
+  inherits the variable then finds the flag set and probes nothing.
+  """
   value = os.environ.get('XLA_FLAGS', '')
   for flag in flags:
-    value = with_xla_flag(value, flag)
+    added = with_xla_flag(value, flag)
+    if added != value and (not probe or xla_knows_flag(flag)):
+      value = added
   os.environ['XLA_FLAGS'] = value
   return value
 

@@ -272,8 +272,6 @@ def _sketch_keys(key: jax.Array, step: jax.Array, leaves: Sequence[int],
   compiled program instead of three per key (on a 2-core CPU the update of a
   tiny LLaMA with 8 compressed leaves, reference step, compiled in 3.2 s
   instead of 3.7 s with a call per key)."""
-  if not leaves or not fields:
-    return jnp.zeros((len(leaves), len(fields), 2), jnp.uint32)
   leaf = jnp.asarray(leaves, jnp.uint32)[:, None]
   field = jnp.asarray(fields, jnp.uint32)[None, :]
   shape = (len(leaves), len(fields))
