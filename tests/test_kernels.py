@@ -28,6 +28,7 @@ interpret mode every dot is float32 whatever the config.
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -410,6 +411,52 @@ def test_svds_of_projections_are_the_svds_of_q_b():
     best = (top[0][..., :s.shape[-1]] * top[1][..., None, :s.shape[-1]]
             ) @ top[2][..., :s.shape[-1], :]
     assert_close((u * s[..., None, :]) @ np.swapaxes(v, -1, -2), best, 1e-4)
+
+
+def _primitive_counts(fn, *args):
+  """How often each primitive occurs in ``fn``'s jaxpr (joins and slices,
+  which grouping adds, left out)."""
+  counts = {}
+  for eqn in jax.make_jaxpr(fn)(*args).eqns:
+    name = eqn.primitive.name
+    if name not in ('concatenate', 'slice'):
+      counts[name] = counts.get(name, 0) + 1
+  return counts
+
+
+def test_equal_shaped_matrices_share_each_small_operation():
+  # Three leaves with equal matrices (batches of 2, 1, 3), one other shape.
+  shapes = [(2, 40, 50), (1, 40, 50), (1, 30, 20), (3, 40, 50)]
+  widths, ranks = [6, 6, 8, 6], [4, 4, 5, 4]
+  keys = jax.random.split(jax.random.key(3), 2 * len(shapes))
+  ms = [jax.random.normal(k, s) for k, s in zip(keys[::2], shapes)]
+  ys = [m @ jax.random.normal(k, (m.shape[-1], l))
+        for k, m, l in zip(keys[1::2], ms, widths)]
+
+  def factorizations(ys, bs, ranks=ranks):
+    return kernels.svds_of_projections(kernels.orthonormal_bases(ys), bs,
+                                       ranks)
+
+  # As many operations as for one leaf of each shape...
+  bs = [jnp.ones((y.shape[0], y.shape[-1], m.shape[-1])) for y, m in zip(ys, ms)]
+  assert _primitive_counts(factorizations, ys, bs) == _primitive_counts(
+      functools.partial(factorizations, ranks=ranks[2:]), ys[2:], bs[2:])
+
+  def step(ys, ms, ranks=ranks):  # with b = Q^T M, as in the two-pass step
+    qs = kernels.orthonormal_bases(ys)
+    bs = [jnp.einsum('bml,bmn->bln', q, m, precision=jax.lax.Precision.HIGHEST)
+          for q, m in zip(qs, ms)]
+    return qs, kernels.svds_of_projections(qs, bs, ranks)
+
+  # ... and each leaf's basis and SVD those it gets alone, up to float32
+  # rounding (and the choice of basis: compared as projections).
+  qs, factors = step(ys, ms)
+  projector = lambda q: np.einsum('bik,bjk->bij', q, q)
+  for i in range(len(shapes)):
+    (q,), (alone,) = step(ys[i:i + 1], ms[i:i + 1], ranks[i:i + 1])
+    assert_close(projector(qs[i]), projector(q), 1e-5)
+    assert_close(factors[i].s, alone.s, 1e-5)
+    assert_close(rsvd.reconstruct(factors[i]), rsvd.reconstruct(alone), 1e-5)
 
 
 # Tiles, grids and the static config.

@@ -17,6 +17,9 @@ whatever the accuracy of the small eigenvalues.
 Plain ``jax.numpy``; every ``eigh`` of a step is batched into one call per
 size (:func:`eigh_all`): on a GPU these replace the Householder QR and SVD
 of long matrices that dominated the reference step (``benchmarks/README.md``).
+The other small operations run once per group of equal-shaped matrices
+(the leaves of a model with the same rows, or the same columns), not once
+per leaf and moment (:func:`_batched`).
 
 Inside ``jax.shard_map`` a matrix may be split over devices: ``Y`` and ``Q``
 by rows, ``B`` by columns. Everything above is then computed on each
@@ -29,7 +32,7 @@ factorization, and its own block of ``Q``, ``u`` and ``v``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import jax
@@ -62,6 +65,50 @@ def _max_abs(x: jax.Array, axes: Sequence[str]) -> jax.Array:
   return jnp.where((scale > 0) & jnp.isfinite(scale), scale, 1.0)
 
 
+def _groups(keys: Sequence[Hashable]) -> list[list[int]]:
+  """Indices of equal ``keys``, grouped in order of first appearance."""
+  where: dict[Hashable, list[int]] = {}
+  for i, key in enumerate(keys):
+    where.setdefault(key, []).append(i)
+  return list(where.values())
+
+
+def _joined(xs: Sequence[Any], groups: Sequence[Sequence[int]]) -> list[Any]:
+  """Per group, its members' arrays (pytrees) joined along the batch axis."""
+  return [xs[g[0]] if len(g) == 1 else jax.tree.map(
+      lambda *parts: jnp.concatenate(parts), *[xs[i] for i in g])
+          for g in groups]
+
+
+def _parted(ys: Sequence[Any], groups: Sequence[Sequence[int]],
+            sizes: Sequence[int]) -> list[Any]:
+  """:func:`_joined` undone: per input, its batch of its group's result."""
+  out: list[Any] = [None] * len(sizes)
+  for g, y in zip(groups, ys):
+    start = 0
+    for i in g:
+      out[i] = y if len(g) == 1 else jax.tree.map(
+          lambda x, a=start, b=start + sizes[i]: x[a:b], y)
+      start += sizes[i]
+  return out
+
+
+def _batched(fn: Callable[..., list[Any]], keys: Sequence[Hashable],
+             sizes: Sequence[int], *args: Sequence[Any]) -> list[Any]:
+  """``fn`` over every input, inputs of equal ``keys`` in one batch.
+
+  Each of ``args`` holds one pytree per input (batch axis first, ``sizes``
+  its lengths); ``fn`` takes the list of the groups' keys and one list per
+  argument, and returns one result per group. Every computation here is per matrix, so joining matrices
+  along the batch axis changes no result; it turns one launch per leaf and
+  moment of each small operation into one per group: on an H200 each of
+  them is a few microseconds, mostly launch latency.
+  """
+  groups = _groups(keys)
+  out = fn([keys[g[0]] for g in groups], *(_joined(a, groups) for a in args))
+  return _parted(out, groups, sizes)
+
+
 def eigh_all(mats: Sequence[jax.Array]) -> list[tuple[jax.Array, jax.Array]]:
   """``eigh`` of every ``[B_i, l, l]`` batch in one call per size ``l``.
 
@@ -71,16 +118,9 @@ def eigh_all(mats: Sequence[jax.Array]) -> list[tuple[jax.Array, jax.Array]]:
   Returns:
     Per input, ``(eigenvalues [B_i, l] ascending, eigenvectors [B_i, l, l])``.
   """
-  out: list[Any] = [None] * len(mats)
-  for l in sorted({x.shape[-1] for x in mats}):
-    idx = [i for i, x in enumerate(mats) if x.shape[-1] == l]
-    lam, e = jnp.linalg.eigh(jnp.concatenate([mats[i] for i in idx]))
-    start = 0
-    for i in idx:
-      stop = start + mats[i].shape[0]
-      out[i] = (lam[start:stop], e[start:stop])
-      start = stop
-  return out
+  return _batched(lambda _, xs: [jnp.linalg.eigh(x) for x in xs],
+                  [(x.shape[1:], x.dtype) for x in mats],
+                  [x.shape[0] for x in mats], mats)
 
 
 def orthonormal_bases(
@@ -93,7 +133,8 @@ def orthonormal_bases(
   ``q = y E Lambda^{-1/2}``, then the same on ``q``. Directions whose
   eigenvalue is below ``l * eps * lambda_max`` (numerically outside the
   range) give zero columns, so a zero or rank-deficient ``y`` gives no NaN.
-  All ``eigh`` calls of one round are batched (:func:`eigh_all`).
+  Sketches of equal shapes (but for the batch) are computed as one batch,
+  and all ``eigh`` calls of one round together (:func:`eigh_all`).
 
   Args:
     ys: the sketches.
@@ -101,20 +142,27 @@ def orthonormal_bases(
       split over (``y`` is this device's block of rows; so is its ``q``).
       None: no ``y`` is split.
   """
-  row_axes = [()] * len(ys) if row_axes is None else list(row_axes)
-  qs = [y / _max_abs(y, axes) for y, axes in zip(ys, row_axes)]
-  for _ in range(2):
-    eig = eigh_all([psum(step_math.gram(q), axes)
-                    for q, axes in zip(qs, row_axes)])
-    new = []
-    for q, (lam, e) in zip(qs, eig):
-      floor = q.shape[-1] * _EPS * lam[..., -1:]
-      keep = lam > jnp.maximum(floor, _TINY)
-      inv = jnp.where(keep, jax.lax.rsqrt(jnp.where(keep, lam, 1.0)), 0.0)
-      new.append(jnp.einsum('bml,blk->bmk', q, e * inv[:, None, :],
-                            precision=_HI))
-    qs = new
-  return qs
+  row_axes = [()] * len(ys) if row_axes is None else list(map(tuple,
+                                                              row_axes))
+
+  def bases(keys, ys):
+    axes = [key[-1] for key in keys]
+    qs = [y / _max_abs(y, a) for y, a in zip(ys, axes)]
+    for _ in range(2):
+      eig = eigh_all([psum(step_math.gram(q), a) for q, a in zip(qs, axes)])
+      new = []
+      for q, (lam, e) in zip(qs, eig):
+        floor = q.shape[-1] * _EPS * lam[..., -1:]
+        keep = lam > jnp.maximum(floor, _TINY)
+        inv = jnp.where(keep, jax.lax.rsqrt(jnp.where(keep, lam, 1.0)), 0.0)
+        new.append(jnp.einsum('bml,blk->bmk', q, e * inv[:, None, :],
+                              precision=_HI))
+      qs = new
+    return qs
+
+  return _batched(bases, [(y.shape[1:], y.dtype, a)
+                          for y, a in zip(ys, row_axes)],
+                  [y.shape[0] for y in ys], ys)
 
 
 def orthonormal_basis(y: jax.Array) -> jax.Array:
@@ -145,18 +193,35 @@ def svds_of_projections(
     ``(u [B, m, rank], s [B, rank], v [B, n, rank])``, singular values
     descending; one batched ``eigh`` for all of them (module docstring).
   """
-  col_axes = [()] * len(bs) if col_axes is None else list(col_axes)
-  scales = [_max_abs(b, axes) for b, axes in zip(bs, col_axes)]
-  bs = [b / sc for b, sc in zip(bs, scales)]
-  eig = eigh_all([psum(step_math.gram(step_math.mT(b)), axes)
-                  for b, axes in zip(bs, col_axes)])
-  out = []
-  for q, b, sc, (_, e), rank, axes in zip(qs, bs, scales, eig, ranks,
-                                          col_axes):
-    e = e[..., ::-1][..., :rank]  # descending eigenvalues, top rank
-    w = jnp.einsum('blk,bln->bkn', e, b, precision=_HI)  # [B, k, n]
-    s = jnp.sqrt(psum(jnp.sum(w * w, axis=-1), axes))
-    v = step_math.mT(w) / jnp.where(s > 0, s, 1.0)[..., None, :]
-    u = jnp.einsum('bml,blk->bmk', q, e, precision=_HI)
-    out.append(rsvd.LowRankFactors(u=u, s=s * sc[..., 0], v=v))
-  return out
+  col_axes = [()] * len(bs) if col_axes is None else list(map(tuple,
+                                                               col_axes))
+
+  def right(keys, bs):
+    """Per group of projections ``b``: ``(e, s, v)``, ``e [B, l, k]`` the
+    eigenvectors of ``b b^T`` of the ``k = rank`` largest eigenvalues."""
+    axes = [key[-1] for key in keys]
+    scales = [_max_abs(b, a) for b, a in zip(bs, axes)]
+    bs = [b / sc for b, sc in zip(bs, scales)]
+    eig = eigh_all([psum(step_math.gram(step_math.mT(b)), a)
+                    for b, a in zip(bs, axes)])
+    out = []
+    for b, sc, (_, e), (_, _, rank, a) in zip(bs, scales, eig, keys):
+      e = e[..., ::-1][..., :rank]  # descending eigenvalues, top rank
+      w = jnp.einsum('blk,bln->bkn', e, b, precision=_HI)  # [B, k, n]
+      s = jnp.sqrt(psum(jnp.sum(w * w, axis=-1), a))
+      v = step_math.mT(w) / jnp.where(s > 0, s, 1.0)[..., None, :]
+      out.append((e, s * sc[..., 0], v))
+    return out
+
+  sizes = [b.shape[0] for b in bs]
+  rights = _batched(right, [(b.shape[1:], b.dtype, rank, a)
+                            for b, rank, a in zip(bs, ranks, col_axes)],
+                    sizes, bs)
+  us = _batched(
+      lambda _, qs, es: [jnp.einsum('bml,blk->bmk', q, e, precision=_HI)
+                         for q, e in zip(qs, es)],
+      [(q.shape[1:], q.dtype, e.shape[-1]) for q, (e, _, _) in zip(qs,
+                                                                   rights)],
+      sizes, qs, [e for e, _, _ in rights])
+  return [rsvd.LowRankFactors(u=u, s=s, v=v)
+          for u, (_, s, v) in zip(us, rights)]
