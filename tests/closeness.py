@@ -49,6 +49,13 @@ def grads_for(shapes, steps, dtype=jnp.float32, seed=0):
   Gaps between the singular values keep the rank-r truncation of the
   oversampled RSVD well conditioned, so two float32 implementations pick the
   same subspace.
+
+  The same gradients on every backend (up to float32 rounding): the signal's
+  product is a float32 one, where a GPU's default would round its operands
+  to TF32 and make another problem. On the one an H200 made (2026-12-02),
+  the warm-started step's third step was not well conditioned: perturbing
+  the gradients by 1e-6 (relative) moved 141 of 24,576 entries of the
+  reference step's own update by up to 0.29 (``benchmarks/README.md``).
   """
   key = jax.random.key(seed)
   decay = 0.6 ** jnp.arange(8.0)
@@ -59,7 +66,9 @@ def grads_for(shapes, steps, dtype=jnp.float32, seed=0):
       continue
     k1, k2 = jax.random.split(jax.random.fold_in(key, 1000 + i))
     left = jax.random.normal(k1, (*s[:-1], 8)) * decay
-    signal[name] = left @ jax.random.normal(k2, (*s[:-2], 8, s[-1]))
+    signal[name] = jnp.matmul(left,
+                              jax.random.normal(k2, (*s[:-2], 8, s[-1])),
+                              precision=jax.lax.Precision.HIGHEST)
   return [{
       name: (signal[name] + 0.1 * jax.random.normal(
           jax.random.fold_in(key, 7 * t + i), s)).astype(dtype)
