@@ -31,6 +31,7 @@ import dataclasses
 import functools
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -457,6 +458,46 @@ def test_equal_shaped_matrices_share_each_small_operation():
     assert_close(projector(qs[i]), projector(q), 1e-5)
     assert_close(factors[i].s, alone.s, 1e-5)
     assert_close(rsvd.reconstruct(factors[i]), rsvd.reconstruct(alone), 1e-5)
+
+
+def _depends_on(jaxpr, later, earlier):
+  """Whether equation ``later`` of ``jaxpr`` reads, through any chain of
+  equations, an output of equation ``earlier``."""
+  reached = set(jaxpr.eqns[earlier].outvars)
+  for eqn in jaxpr.eqns[earlier + 1:later + 1]:
+    if any(not isinstance(v, jax.extend.core.Literal) and v in reached
+           for v in eqn.invars):
+      reached.update(eqn.outvars)
+  return any(not isinstance(v, jax.extend.core.Literal) and v in reached
+             for v in jaxpr.eqns[later].invars)
+
+
+@pytest.mark.parametrize('optimizer', ['adam', 'lion'])
+def test_each_leafs_pass_waits_for_the_previous_leafs_outputs(optimizer):
+  # So that one leaf's partial sums are live at a time, whatever order
+  # XLA would choose (two_pass._after).
+  gs = [jax.random.normal(jax.random.key(i), (1, 32, 64)) for i in range(2)]
+  f = rsvd.LowRankFactors(jnp.zeros((1, 32, 2)), jnp.zeros((1, 2)),
+                          jnp.zeros((1, 64, 2)))
+  omega = jnp.ones((1, 64, 4))
+  config = launch.KernelConfig(group_max_elements=0)  # a launch per leaf
+  if optimizer == 'adam':
+    coefficients = step_math.AdamCoefficients(0.1, 0.001, 1.0, 0.0, 1.0,
+                                              1e-8, 0.0)
+    step = lambda gs: two_pass.adam_step(
+        [two_pass.AdamLeafInputs(g, f, f, omega, omega, use_kernel=True)
+         for g in gs], coefficients, config=config, interpret=True)
+  else:
+    step = lambda gs: two_pass.lion_step(
+        [two_pass.LionLeafInputs(g, f, omega, use_kernel=True) for g in gs],
+        0.9, 0.99, config=config, interpret=True)
+  jaxpr = jax.make_jaxpr(step)(gs).jaxpr
+  passes = [i for i, eqn in enumerate(jaxpr.eqns)
+            if eqn.primitive.name == 'pallas_call']
+  assert len(passes) == 4  # pass 1 of each leaf, then pass 2 of each
+  sketch_0, sketch_1, project_0, project_1 = passes
+  assert _depends_on(jaxpr, sketch_1, sketch_0)
+  assert _depends_on(jaxpr, project_1, project_0)
 
 
 # Tiles, grids and the static config.
