@@ -215,7 +215,8 @@ def _after(x: jax.Array, done: Any) -> jax.Array:
   XLA may schedule every leaf's pass before any of the small reductions of
   their outputs (the kernels' per-part partial sums, ``[parts, B, m, l]``),
   which keeps all of them live at once: at rank 32 that took the compiled
-  temporaries of the bfloat16 LLaMA-7B step to 0.34x the parameter bytes.
+  temporaries of the bfloat16 LLaMA-7B step to 0.34x the parameter bytes
+  (0.30x with this; ``benchmarks/README.md``).
   Passing each leaf's gradient through an optimization barrier with the
   previous leaf's reduced outputs makes its pass wait for them, so only
   one leaf's partial sums are live at a time. The barrier computes nothing.

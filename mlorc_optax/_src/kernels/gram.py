@@ -99,10 +99,11 @@ def _batched(fn: Callable[..., list[Any]], keys: Sequence[Hashable],
 
   Each of ``args`` holds one pytree per input (batch axis first, ``sizes``
   its lengths); ``fn`` takes the list of the groups' keys and one list per
-  argument, and returns one result per group. Every computation here is per matrix, so joining matrices
-  along the batch axis changes no result; it turns one launch per leaf and
-  moment of each small operation into one per group: on an H200 each of
-  them is a few microseconds, mostly launch latency.
+  argument, and returns one result per group. Every computation here is
+  per matrix, so joining matrices along the batch axis changes no result;
+  it turns one launch per leaf and moment of each small operation into one
+  per group: on an H200 each of them is a few microseconds, mostly launch
+  latency.
   """
   groups = _groups(keys)
   out = fn([keys[g[0]] for g in groups], *(_joined(a, groups) for a in args))
