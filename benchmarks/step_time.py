@@ -45,6 +45,8 @@ Usage (GPU; both dtypes in parallel on two GPUs, or one after the other)::
       small_32x1024x2816 --dtypes float32 --isolate \\
       --json benchmarks/results/step_time/h100_float32.json
   python -m benchmarks.step_time --cases tiny --dtypes float32  # CPU, CI
+  python -m benchmarks.step_time --cases llama7b_L8 --calls 0 \
+      --optimizers mlorc_adamw mlorc_lion  # compiled memory only
   python -m benchmarks.step_time --render RESULTS.json ... --table T.md \
       --plot P.png  # re-render saved results, measuring nothing
 """
@@ -147,7 +149,8 @@ class Config:
   galore_ranks: tuple[int, ...] | None = None
   """Ranks of GaLore (default: --ranks)."""
   calls: int = 10
-  """Timed calls per configuration (median)."""
+  """Timed calls per configuration (median); 0 compiles only: XLA's memory
+  analysis and the state's size, no time."""
   warmup: int = 2
   """Untimed calls after compiling."""
   isolate: bool = False
@@ -317,6 +320,9 @@ def measure(case: str, dtype: str, optimizer: str, rank: int | None,
     if analysis is not None:
       result['temp_bytes'] = analysis.get('temp_size_in_bytes')
       result['estimated_peak_bytes'] = analysis['estimated_peak_bytes']
+    if calls == 0:  # compile only
+      result['status'] = 'ok'
+      return result
     times, carry = timing.time_steps(
         lambda c: compiled(*c, grads, count), (params, state), calls=calls,
         warmup=warmup)
@@ -396,7 +402,7 @@ def plot(results: Sequence[dict[str, Any]], path: str) -> None:
     for i, (ax, dtype) in enumerate(zip(axes, dtypes)):
       points: dict[str, list[tuple[int, float]]] = {}
       for r in results:
-        if r['status'] == 'ok' and r['dtype'] == dtype:
+        if r.get('step_s') is not None and r['dtype'] == dtype:
           label = r['optimizer'] + (f' r={r["rank"]}' if r['rank'] else '')
           points.setdefault(label, []).append((r['params'], 1e3 * r['step_s']))
       series = {label: tuple(zip(*sorted(pts)))
@@ -412,6 +418,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
   if cfg.render:
     return _write([r for path in cfg.render
                    for r in results_lib.read_json(path)], cfg)
+  if cfg.calls < 0:
+    raise ValueError(f'--calls must be >= 0 (0: compile only), got '
+                     f'{cfg.calls}.')
   for optimizer in cfg.optimizers:  # a bad name or option fails at once
     make_optimizer(optimizer, cfg.ranks[0] if cfg.ranks else 4)
   environment.configure_xla()

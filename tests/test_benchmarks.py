@@ -69,6 +69,20 @@ def test_step_time_tool_measures_every_optimizer_on_a_tiny_tree(tmp_path):
       row[:5] for row in _rows((tmp_path / 'r.md').read_text())]
 
 
+def test_step_time_with_no_calls_compiles_only(tmp_path):
+  results = step_time.main([
+      '--cases', 'tiny', '--ranks', '4', '--calls', '0', '--optimizers',
+      'adamw', 'mlorc_adamw', '--table', str(tmp_path / 'r.md'), '--plot',
+      str(tmp_path / 'r.png'), '--quiet'])
+  for r in results:
+    assert r['status'] == 'ok', r['error']
+    assert 'step_s' not in r and r['ratio_vs_adamw'] is None
+    assert r['temp_bytes'] is not None and r['opt_state_bytes'] > 0
+  assert (tmp_path / 'r.png').exists()
+  with pytest.raises(ValueError, match='--calls'):
+    step_time.main(['--calls', '-1', '--quiet'])
+
+
 def test_step_time_passes_options_to_the_mlorc_factories():
   params = {'w': jnp.zeros((64, 160))}
   grads = {'w': jnp.arange(64 * 160.).reshape(64, 160) % 7 - 3}
