@@ -218,8 +218,10 @@ def _after(x: jax.Array, done: Any) -> jax.Array:
   temporaries of the bfloat16 LLaMA-7B step to 0.34x the parameter bytes
   (0.30x with this; ``benchmarks/README.md``).
   Passing each leaf's gradient through an optimization barrier with the
-  previous leaf's reduced outputs makes its pass wait for them, so only
-  one leaf's partial sums are live at a time. The barrier computes nothing.
+  previous leaf's pass outputs, reduced over the parts, makes its pass wait
+  for them, so only one leaf's partial sums are live at a time. It waits
+  for this device's sums only, not for their ``psum`` across devices,
+  which may still overlap the next pass. The barrier computes nothing.
   """
   if done is None:
     return x
@@ -318,7 +320,7 @@ def _adam_step(
   """:func:`adam_step` with every leaf launched on its own."""
   c = step_math.AdamCoefficients(*map(_f32, coefficients))
   b1, b2 = 1 - c.one_minus_b1, 1 - c.one_minus_b2
-  firsts, ys = [], []
+  firsts, ys, done = [], [], None
   for leaf in leaves:
     axes = leaf.axes
     l = leaf.omega_m.shape[-1]
@@ -329,8 +331,8 @@ def _adam_step(
               for o in (leaf.omega_m, leaf.omega_v))
     sketch = _pass(leaf.use_kernel, adam.sketch_pass,
                    adam.sketch_pass_reference, config, interpret)
-    p1 = sketch(_after(leaf.g, ys[-2:] or None), a_v, v_v, om, ov,
-                c.one_minus_b2)
+    p1 = done = sketch(_after(leaf.g, done), a_v, v_v, om, ov,
+                       c.one_minus_b2)
     # Products over the columns (the l sketch columns, not the kernels'
     # padding), summed over the devices that split them.
     g_om, x_om, neg_om, vo_m, vo_v = gram.psum(
@@ -347,7 +349,7 @@ def _adam_step(
   qs = gram.orthonormal_bases(
       ys, [leaf.axes.rows for leaf in leaves for _ in range(2)])
 
-  outs, bs = [], []
+  outs, bs, done = [], [], None
   for i, (leaf, (a_m, v_m, a_v, v_v, zeta, l_pad)) in enumerate(
       zip(leaves, firsts)):
     q_m, q_v = (pad_cols(q, l_pad) for q in qs[2 * i:2 * i + 2])
@@ -355,7 +357,7 @@ def _adam_step(
                     adam.project_pass_reference, config, interpret)
     l = leaf.omega_m.shape[-1]
     rows = leaf.axes.rows
-    g = _after(leaf.g, bs[-2:] or None)
+    g = _after(leaf.g, done)
     if complement is None:
       p2 = project(g, a_m, v_m, a_v, v_v, q_m, q_v, c, zeta)
       b_m, b_v = gram.psum((p2.b_m[:, :l], p2.b_v[:, :l]), rows)
@@ -378,6 +380,7 @@ def _adam_step(
       b_m, b_v = gram.psum((p2.b_m[:, :l], p2.b_v[:, :l]), rows)
       b_m = b_m - b1 * complement * (
           q_g - jnp.einsum('blk,bkn->bln', q_u, p, precision=_HI))
+    done = (p2.b_m, p2.b_v)
     bs += [b_m, b_v]
     outs.append(p2.direction.astype(leaf.g.dtype))
   ranks = [leaf.mu.s.shape[-1] for leaf in leaves for _ in range(2)]
@@ -449,7 +452,7 @@ def _lion_step(
   # reference step does: 1 - float32(0.999) is off by 5e-5 relative.
   coefficients = lion.LionCoefficients(_f32(b1), _f32(1 - b1))
   b2, one_minus_b2 = _f32(b2), _f32(1 - b2)
-  firsts, ys = [], []
+  firsts, ys, done = [], [], None
   for leaf in leaves:
     l = leaf.omega.shape[-1]
     r_pad, l_pad = kernel_widths(leaf.mu.s.shape[-1], l, config)
@@ -457,19 +460,19 @@ def _lion_step(
     om = pad_cols(_sketch(leaf, leaf.omega, config, interpret), l_pad)
     sketch = _pass(leaf.use_kernel, lion.lion_sketch_pass,
                    lion.lion_sketch_pass_reference, config, interpret)
+    local = done = sketch(_after(leaf.g, done), om)
     g_omega, v_omega = gram.psum(
-        (sketch(_after(leaf.g, ys[-1:] or None), om)[..., :l],
-         _small(v, om[..., :l])), leaf.axes.cols)
+        (local[..., :l], _small(v, om[..., :l])), leaf.axes.cols)
     ys.append(b2 * _sketch_of(a, v_omega) + one_minus_b2 * g_omega)
     firsts.append((a, v, l_pad))
   qs = gram.orthonormal_bases(ys, [leaf.axes.rows for leaf in leaves])
 
-  outs, bs = [], []
+  outs, bs, done = [], [], None
   for leaf, q, (a, v, l_pad) in zip(leaves, qs, firsts):
     project = _pass(leaf.use_kernel, lion.lion_project_pass,
                     lion.lion_project_pass_reference, config, interpret)
     rows = leaf.axes.rows
-    g = _after(leaf.g, bs[-1:] or None)
+    g = _after(leaf.g, done)
     if complement is None:
       p2 = project(g, a, v, pad_cols(q, l_pad), coefficients)
     else:
@@ -483,6 +486,7 @@ def _lion_step(
       p2 = project(g, a_c, v_c, pad_cols(q, l_pad), coefficients._replace(
           one_minus_b1=coefficients.one_minus_b1
           + coefficients.b1 * complement))
+    done = p2.q_g
     l = leaf.omega.shape[-1]
     qa, q_g = gram.psum(
         (step_math.inner(q, a), p2.q_g[:, :l]),
