@@ -45,9 +45,9 @@ Usage (GPU; both dtypes in parallel on two GPUs, or one after the other)::
       small_32x1024x2816 --dtypes float32 --isolate \\
       --json benchmarks/results/step_time/h100_float32.json
   python -m benchmarks.step_time --cases tiny --dtypes float32  # CPU, CI
-  python -m benchmarks.step_time --cases llama7b_L8 --calls 0 \
+  python -m benchmarks.step_time --cases llama7b_L8 --calls 0 \\
       --optimizers mlorc_adamw mlorc_lion  # compiled memory only
-  python -m benchmarks.step_time --render RESULTS.json ... --table T.md \
+  python -m benchmarks.step_time --render RESULTS.json ... --table T.md \\
       --plot P.png  # re-render saved results, measuring nothing
 """
 

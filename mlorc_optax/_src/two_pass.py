@@ -511,22 +511,13 @@ def _arrays(leaf: Any) -> Any:
 
 def _groups(leaves: Sequence[Any], config: KernelConfig) -> list[list[int]]:
   """Indices of the leaves that share a launch (equal shapes, dtypes and
-  mesh axes)."""
-  groups: list[list[int]] = []
-  where: dict[Any, int] = {}
-  for i, leaf in enumerate(leaves):
-    if leaf.g.size > config.group_max_elements:
-      groups.append([i])
-      continue
-    arrays = jax.tree_util.tree_leaves(_arrays(leaf))
-    key = (leaf.use_kernel, leaf.axes,
-           tuple((tuple(x.shape[1:]), x.dtype) for x in arrays))
-    if key in where:
-      groups[where[key]].append(i)
-    else:
-      where[key] = len(groups)
-      groups.append([i])
-  return groups
+  mesh axes; a leaf over ``config.group_max_elements`` alone)."""
+  return gram.groups_by_key([
+      i if leaf.g.size > config.group_max_elements else (
+          leaf.use_kernel, leaf.axes,
+          tuple((tuple(x.shape[1:]), x.dtype)
+                for x in jax.tree_util.tree_leaves(_arrays(leaf))))
+      for i, leaf in enumerate(leaves)])
 
 
 def _grouped(step: Callable[..., list[Any]], leaves: Sequence[Any],
@@ -546,25 +537,12 @@ def _grouped(step: Callable[..., list[Any]], leaves: Sequence[Any],
   leaves = [leaf if t == s else leaf.padded(*t)
             for leaf, s, t in zip(leaves, shapes, tiled)]
   groups = _groups(leaves, config)
-  merged = []
-  for group in groups:
-    parts = [leaves[i] for i in group]
-    if len(parts) == 1:
-      merged.append(parts[0])
-      continue
-    arrays = jax.tree_util.tree_map(
-        lambda *xs: jnp.concatenate(xs), *[_arrays(leaf) for leaf in parts])
-    merged.append(arrays._replace(use_kernel=parts[0].use_kernel,
-                                  axes=parts[0].axes))
-  results = step(merged, config=config, **kwargs)
-  out: list[Any] = [None] * len(leaves)
-  for group, result in zip(groups, results):
-    start = 0
-    for i in group:
-      stop = start + leaves[i].g.shape[0]
-      out[i] = result if len(group) == 1 else jax.tree_util.tree_map(
-          lambda x, a=start, b=stop: x[a:b], result)
-      start = stop
+  merged = [joined._replace(use_kernel=leaves[g[0]].use_kernel,
+                            axes=leaves[g[0]].axes)
+            for g, joined in zip(groups, gram.join_batches(
+                [_arrays(leaf) for leaf in leaves], groups))]
+  out = gram.split_batches(step(merged, config=config, **kwargs), groups,
+                           [leaf.g.shape[0] for leaf in leaves])
   return [o if t == s else _cropped(o, *s)
           for o, s, t in zip(out, shapes, tiled)]
 

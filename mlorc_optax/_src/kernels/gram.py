@@ -65,7 +65,7 @@ def _max_abs(x: jax.Array, axes: Sequence[str]) -> jax.Array:
   return jnp.where((scale > 0) & jnp.isfinite(scale), scale, 1.0)
 
 
-def _groups(keys: Sequence[Hashable]) -> list[list[int]]:
+def groups_by_key(keys: Sequence[Hashable]) -> list[list[int]]:
   """Indices of equal ``keys``, grouped in order of first appearance."""
   where: dict[Hashable, list[int]] = {}
   for i, key in enumerate(keys):
@@ -73,16 +73,17 @@ def _groups(keys: Sequence[Hashable]) -> list[list[int]]:
   return list(where.values())
 
 
-def _joined(xs: Sequence[Any], groups: Sequence[Sequence[int]]) -> list[Any]:
+def join_batches(xs: Sequence[Any], groups: Sequence[Sequence[int]]) -> list[Any]:
   """Per group, its members' arrays (pytrees) joined along the batch axis."""
   return [xs[g[0]] if len(g) == 1 else jax.tree.map(
       lambda *parts: jnp.concatenate(parts), *[xs[i] for i in g])
           for g in groups]
 
 
-def _parted(ys: Sequence[Any], groups: Sequence[Sequence[int]],
+def split_batches(ys: Sequence[Any], groups: Sequence[Sequence[int]],
             sizes: Sequence[int]) -> list[Any]:
-  """:func:`_joined` undone: per input, its batch of its group's result."""
+  """:func:`join_batches` undone: per input, its batch of its group's
+  result (``sizes``: the inputs' batch lengths)."""
   out: list[Any] = [None] * len(sizes)
   for g, y in zip(groups, ys):
     start = 0
@@ -105,9 +106,10 @@ def _batched(fn: Callable[..., list[Any]], keys: Sequence[Hashable],
   per group: on an H200 each of them is a few microseconds, mostly launch
   latency.
   """
-  groups = _groups(keys)
-  out = fn([keys[g[0]] for g in groups], *(_joined(a, groups) for a in args))
-  return _parted(out, groups, sizes)
+  groups = groups_by_key(keys)
+  out = fn([keys[g[0]] for g in groups],
+           *(join_batches(a, groups) for a in args))
+  return split_batches(out, groups, sizes)
 
 
 def eigh_all(mats: Sequence[jax.Array]) -> list[tuple[jax.Array, jax.Array]]:
