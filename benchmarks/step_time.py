@@ -444,11 +444,20 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             results_lib.write_json(results, cfg.json)
           if not cfg.quiet:
             print(f'{case} {dtype} {optimizer} r={rank}: {r["status"]} '
-                  + (f'{r["step_s"] * 1e3:.2f} ms' if r['status'] == 'ok'
-                     else str(r['error'])[:200]), flush=True)
+                  + _progress(r), flush=True)
   if cfg.result_json:  # an isolated child: its one configuration
     results_lib.write_json(results[0], cfg.result_json)
   return _write(results, cfg)
+
+
+def _progress(r: dict[str, Any]) -> str:
+  """One configuration's result in a line: its time, or what a compile-only
+  run (``--calls 0``) measured, or its error."""
+  if r['status'] != 'ok':
+    return str(r['error'])[:200]
+  if 'step_s' in r:
+    return f'{r["step_s"] * 1e3:.2f} ms'
+  return f'compiled, temporaries {r["temp_bytes"] / 2**20:.1f} MiB'
 
 
 def _write(results: list[dict[str, Any]], cfg: Config) -> list[dict[str, Any]]:

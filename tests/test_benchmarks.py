@@ -69,11 +69,13 @@ def test_step_time_tool_measures_every_optimizer_on_a_tiny_tree(tmp_path):
       row[:5] for row in _rows((tmp_path / 'r.md').read_text())]
 
 
-def test_step_time_with_no_calls_compiles_only(tmp_path):
+def test_step_time_with_no_calls_compiles_only(tmp_path, capsys):
   results = step_time.main([
       '--cases', 'tiny', '--ranks', '4', '--calls', '0', '--optimizers',
       'adamw', 'mlorc_adamw', '--table', str(tmp_path / 'r.md'), '--plot',
-      str(tmp_path / 'r.png'), '--quiet'])
+      str(tmp_path / 'r.png')])
+  assert 'tiny float32 mlorc_adamw r=4: ok compiled, temporaries' in (
+      capsys.readouterr().out)
   for r in results:
     assert r['status'] == 'ok', r['error']
     assert 'step_s' not in r and r['ratio_vs_adamw'] is None
