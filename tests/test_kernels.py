@@ -501,6 +501,15 @@ def test_each_leafs_pass_waits_for_the_previous_leafs_outputs(optimizer):
   sketch_0, sketch_1, project_0, project_1 = passes
   assert _depends_on(jaxpr, sketch_1, sketch_0)
   assert _depends_on(jaxpr, project_1, project_0)
+  # Pass 1's padded inputs too (gradient, factors, sketches): each is made
+  # only after the previous leaf's pass 1, not all before the first pass.
+  made_by = {v: i for i, eqn in enumerate(jaxpr.eqns) for v in eqn.outvars}
+  inputs = [v for v in jaxpr.eqns[sketch_1].invars
+            if not isinstance(v, jax.extend.core.Literal)
+            and len(v.aval.shape) == 3]
+  assert len(inputs) == (5 if optimizer == 'adam' else 2)
+  for v in inputs:
+    assert _depends_on(jaxpr, made_by[v], sketch_0)
 
 
 # Tiles, grids and the static config.

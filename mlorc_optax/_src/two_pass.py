@@ -208,20 +208,26 @@ def _cropped(result: tuple[Any, ...], rows: int, cols: int) -> tuple[Any, ...]:
             for f in factors))
 
 
-def _after(x: jax.Array, done: Any) -> jax.Array:
-  """``x``, to be read only once ``done`` (a pytree, or None) is computed.
+def _after(x: Any, done: Any) -> Any:
+  """``x`` (a pytree), to be used only once ``done`` (a pytree, or None) is
+  computed.
 
   The passes of the leaves run one after the other on a GPU anyway, but
   XLA may schedule every leaf's pass before any of the small reductions of
   their outputs (the kernels' per-part partial sums, ``[parts, B, m, l]``),
-  which keeps all of them live at once: at rank 32 that took the compiled
-  temporaries of the bfloat16 LLaMA-7B step to 0.34x the parameter bytes
-  (0.30x with this; ``benchmarks/README.md``).
-  Passing each leaf's gradient through an optimization barrier with the
-  previous leaf's pass outputs, reduced over the parts, makes its pass wait
-  for them, so only one leaf's partial sums are live at a time. It waits
-  for this device's sums only, not for their ``psum`` across devices,
-  which may still overlap the next pass. The barrier computes nothing.
+  and every leaf's pass-1 inputs (its factors and sketches padded to the
+  kernels' widths) before any pass, which keeps all of them live at once:
+  at rank 32 that took the compiled temporaries of the bfloat16 LLaMA-7B
+  step to 0.34-0.36x the parameter bytes (0.30x with this;
+  ``benchmarks/README.md``). Each leaf's gradient (and in pass 1 the
+  factors and sketches its inputs are made from) goes through an
+  optimization barrier with the previous leaf's pass outputs, reduced over
+  the parts and cut to the sketch width, so only one leaf's partial sums
+  are live at a time. In pass 2 only the gradient goes through: with the
+  bases and factors too, XLA kept a second leaf's update live beside the
+  largest (MLorc-Lion, 0.32x instead of 0.23x). It waits for this device's
+  sums only, not for their ``psum`` across devices, which may still overlap
+  the next pass. The barrier computes nothing.
   """
   if done is None:
     return x
@@ -320,67 +326,71 @@ def _adam_step(
   """:func:`adam_step` with every leaf launched on its own."""
   c = step_math.AdamCoefficients(*map(_f32, coefficients))
   b1, b2 = 1 - c.one_minus_b1, 1 - c.one_minus_b2
-  firsts, ys, done = [], [], None
-  for leaf in leaves:
+  widths = [kernel_widths(leaf.mu.s.shape[-1], leaf.omega_m.shape[-1], config)
+            for leaf in leaves]
+  zetas, ys, done = [], [], None
+  for leaf, (r_pad, l_pad) in zip(leaves, widths):
     axes = leaf.axes
     l = leaf.omega_m.shape[-1]
-    r_pad, l_pad = kernel_widths(leaf.mu.s.shape[-1], l, config)
-    a_m, v_m = _padded_factors(leaf.mu, b1, r_pad)
-    a_v, v_v = _padded_factors(leaf.nu, b2, r_pad)
+    g, mu, nu, omega_m, omega_v = _after(
+        (leaf.g, leaf.mu, leaf.nu, leaf.omega_m, leaf.omega_v), done)
+    a_m, v_m = _padded_factors(mu, b1, r_pad)
+    a_v, v_v = _padded_factors(nu, b2, r_pad)
     om, ov = (pad_cols(_sketch(leaf, o, config, interpret), l_pad)
-              for o in (leaf.omega_m, leaf.omega_v))
+              for o in (omega_m, omega_v))
     sketch = _pass(leaf.use_kernel, adam.sketch_pass,
                    adam.sketch_pass_reference, config, interpret)
-    p1 = done = sketch(_after(leaf.g, done), a_v, v_v, om, ov,
-                       c.one_minus_b2)
-    # Products over the columns (the l sketch columns, not the kernels'
-    # padding), summed over the devices that split them.
+    p1 = sketch(g, a_v, v_v, om, ov, c.one_minus_b2)
+    # This device's sums: the l sketch columns (not the kernels' padding),
+    # the counts over its rows.
+    done = (p1.g_omega[..., :l], p1.x_omega[..., :l], p1.neg_omega[..., :l],
+            jnp.sum(p1.neg_count, axis=-1), jnp.sum(p1.neg_sum, axis=-1))
+    # Products over the columns, summed over the devices that split them.
     g_om, x_om, neg_om, vo_m, vo_v = gram.psum(
-        (p1.g_omega[..., :l], p1.x_omega[..., :l], p1.neg_omega[..., :l],
-         _small(v_m, om[..., :l]), _small(v_v, ov[..., :l])), axes.cols)
+        (*done[:3], _small(v_m, om[..., :l]), _small(v_v, ov[..., :l])),
+        axes.cols)
     # a_v carries b2, so pass 1 saw b2 * v~ and this is b2 * zeta.
-    count, total = gram.psum(
-        (jnp.sum(p1.neg_count, axis=-1), jnp.sum(p1.neg_sum, axis=-1)),
-        axes.rows + axes.cols)
+    count, total = gram.psum(done[3:], axes.rows + axes.cols)
     zeta = total / jnp.maximum(count, 1.0)
     ys.append(_sketch_of(a_m, vo_m) + c.one_minus_b1 * g_om)
     ys.append(_sketch_of(a_v, vo_v) + x_om + zeta[:, None, None] * neg_om)
-    firsts.append((a_m, v_m, a_v, v_v, zeta, l_pad))
+    zetas.append(zeta)
   qs = gram.orthonormal_bases(
       ys, [leaf.axes.rows for leaf in leaves for _ in range(2)])
 
   outs, bs, done = [], [], None
-  for i, (leaf, (a_m, v_m, a_v, v_v, zeta, l_pad)) in enumerate(
-      zip(leaves, firsts)):
-    q_m, q_v = (pad_cols(q, l_pad) for q in qs[2 * i:2 * i + 2])
+  for i, (leaf, zeta, (r_pad, l_pad)) in enumerate(
+      zip(leaves, zetas, widths)):
+    g, (q_m, q_v) = _after(leaf.g, done), qs[2 * i:2 * i + 2]
     project = _pass(leaf.use_kernel, adam.project_pass,
                     adam.project_pass_reference, config, interpret)
     l = leaf.omega_m.shape[-1]
     rows = leaf.axes.rows
-    g = _after(leaf.g, done)
+    a_v, v_v = _padded_factors(leaf.nu, b2, r_pad)
     if complement is None:
-      p2 = project(g, a_m, v_m, a_v, v_v, q_m, q_v, c, zeta)
-      b_m, b_v = gram.psum((p2.b_m[:, :l], p2.b_v[:, :l]), rows)
+      a_m, v_m = _padded_factors(leaf.mu, b1, r_pad)
+      p2 = project(g, a_m, v_m, a_v, v_v, pad_cols(q_m, l_pad),
+                   pad_cols(q_v, l_pad), c, zeta)
     else:
       # Pass 2 rebuilds m' = m + b1 alpha (I - U U^T) g, from which the
       # direction comes; its projection Q^T m' is corrected back to Q^T m
       # with Q^T g, which one more read of g gives with P = U^T g.
       u, k = _f32(leaf.mu.u), leaf.mu.u.shape[-1]
-      both = jnp.einsum('bmj,bmn->bjn', jnp.concatenate([u, qs[2 * i]], -1),
-                        leaf.g.astype(_F32),
+      both = jnp.einsum('bmj,bmn->bjn', jnp.concatenate([u, q_m], -1),
+                        g.astype(_F32),
                         precision=_gradient_products(leaf, config, interpret))
-      q_u = step_math.inner(qs[2 * i], u)
-      both, q_u = gram.psum((both, q_u), rows)
+      both, q_u = gram.psum((both, step_math.inner(q_m, u)), rows)
       p, q_g = both[:, :k], both[:, k:]
-      a_c, v_c = _padded_factors(_credited(leaf.mu, p, complement), b1,
-                                 a_m.shape[-1])
-      p2 = project(g, a_c, v_c, a_v, v_v, q_m, q_v,
+      a_c, v_c = _padded_factors(_credited(leaf.mu, p, complement), b1, r_pad)
+      p2 = project(g, a_c, v_c, a_v, v_v, pad_cols(q_m, l_pad),
+                   pad_cols(q_v, l_pad),
                    c._replace(one_minus_b1=c.one_minus_b1 + b1 * complement),
                    zeta)
-      b_m, b_v = gram.psum((p2.b_m[:, :l], p2.b_v[:, :l]), rows)
+    done = (p2.b_m[:, :l], p2.b_v[:, :l])
+    b_m, b_v = gram.psum(done, rows)
+    if complement is not None:
       b_m = b_m - b1 * complement * (
           q_g - jnp.einsum('blk,bkn->bln', q_u, p, precision=_HI))
-    done = (p2.b_m, p2.b_v)
     bs += [b_m, b_v]
     outs.append(p2.direction.astype(leaf.g.dtype))
   ranks = [leaf.mu.s.shape[-1] for leaf in leaves for _ in range(2)]
@@ -452,45 +462,43 @@ def _lion_step(
   # reference step does: 1 - float32(0.999) is off by 5e-5 relative.
   coefficients = lion.LionCoefficients(_f32(b1), _f32(1 - b1))
   b2, one_minus_b2 = _f32(b2), _f32(1 - b2)
-  firsts, ys, done = [], [], None
-  for leaf in leaves:
+  widths = [kernel_widths(leaf.mu.s.shape[-1], leaf.omega.shape[-1], config)
+            for leaf in leaves]
+  ys, done = [], None
+  for leaf, (r_pad, l_pad) in zip(leaves, widths):
     l = leaf.omega.shape[-1]
-    r_pad, l_pad = kernel_widths(leaf.mu.s.shape[-1], l, config)
-    a, v = _padded_factors(leaf.mu, 1.0, r_pad)
-    om = pad_cols(_sketch(leaf, leaf.omega, config, interpret), l_pad)
+    g, mu, omega = _after((leaf.g, leaf.mu, leaf.omega), done)
+    a, v = _padded_factors(mu, 1.0, r_pad)
+    om = pad_cols(_sketch(leaf, omega, config, interpret), l_pad)
     sketch = _pass(leaf.use_kernel, lion.lion_sketch_pass,
                    lion.lion_sketch_pass_reference, config, interpret)
-    local = done = sketch(_after(leaf.g, done), om)
-    g_omega, v_omega = gram.psum(
-        (local[..., :l], _small(v, om[..., :l])), leaf.axes.cols)
+    done = sketch(g, om)[..., :l]
+    g_omega, v_omega = gram.psum((done, _small(v, om[..., :l])),
+                                 leaf.axes.cols)
     ys.append(b2 * _sketch_of(a, v_omega) + one_minus_b2 * g_omega)
-    firsts.append((a, v, l_pad))
   qs = gram.orthonormal_bases(ys, [leaf.axes.rows for leaf in leaves])
 
   outs, bs, done = [], [], None
-  for leaf, q, (a, v, l_pad) in zip(leaves, qs, firsts):
+  for leaf, q, (r_pad, l_pad) in zip(leaves, qs, widths):
+    g = _after(leaf.g, done)
     project = _pass(leaf.use_kernel, lion.lion_project_pass,
                     lion.lion_project_pass_reference, config, interpret)
     rows = leaf.axes.rows
-    g = _after(leaf.g, done)
+    a, v = _padded_factors(leaf.mu, 1.0, r_pad)
     if complement is None:
       p2 = project(g, a, v, pad_cols(q, l_pad), coefficients)
     else:
       # The direction from m~ + alpha (I - U U^T) g (MomentSpec.complement);
       # Q^T g, and so the new factors, do not depend on it.
       p = gram.psum(jnp.einsum(
-          'bmk,bmn->bkn', _f32(leaf.mu.u), leaf.g.astype(_F32),
+          'bmk,bmn->bkn', _f32(leaf.mu.u), g.astype(_F32),
           precision=_gradient_products(leaf, config, interpret)), rows)
-      a_c, v_c = _padded_factors(_credited(leaf.mu, p, complement), 1.0,
-                                 a.shape[-1])
+      a_c, v_c = _padded_factors(_credited(leaf.mu, p, complement), 1.0, r_pad)
       p2 = project(g, a_c, v_c, pad_cols(q, l_pad), coefficients._replace(
           one_minus_b1=coefficients.one_minus_b1
           + coefficients.b1 * complement))
-    done = p2.q_g
-    l = leaf.omega.shape[-1]
-    qa, q_g = gram.psum(
-        (step_math.inner(q, a), p2.q_g[:, :l]),
-        rows)
+    done = p2.q_g[:, :leaf.omega.shape[-1]]
+    qa, q_g = gram.psum((step_math.inner(q, a), done), rows)
     bs.append(b2 * jnp.einsum('blk,bnk->bln', qa, v, precision=_HI)
               + one_minus_b2 * q_g)
     outs.append(p2.direction.astype(leaf.g.dtype))
