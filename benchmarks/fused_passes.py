@@ -8,7 +8,9 @@ gate/up projections of LLaMA-7B) this times, on the default device:
 * ``sketch``: pass 1 (:func:`mlorc_optax.kernels.sketch_pass`), which reads
   the gradient once;
 * ``project``: pass 2 (:func:`mlorc_optax.kernels.project_pass`), which
-  reads the gradient and writes the update;
+  reads the gradient and writes the update; ``project_v``: the same pass
+  projecting the second moment only (``q_m=None``), as the step runs it
+  with the first moment's complement (the default);
 * ``lion_sketch``, ``lion_project``: MLorc-Lion's two passes;
 * ``small``: the Gram-based factorizations between and after the passes;
 * ``leaf_step``: the whole :func:`mlorc_optax.kernels.adam_step` of the
@@ -157,7 +159,8 @@ def pass_calls(ops: PassOperands, rank: int, sketch_cols: int,
                interpret: bool) -> dict[str, Any]:
   """Each pass of :data:`mlorc_optax.kernels.PASSES` as ``(g, config) ->
   outputs`` on ``ops``, with factors of ``rank`` columns and sketches of
-  ``sketch_cols``, padded as ``config`` pads them."""
+  ``sketch_cols``, padded as ``config`` pads them; and ``project_v``, pass 2
+  without ``q_m``."""
   a, v, om, q = ops
 
   def widths(config):
@@ -187,8 +190,16 @@ def pass_calls(ops: PassOperands, rank: int, sketch_cols: int,
         kernels.LionCoefficients(0.9, 0.1), config=config,
         interpret=interpret)
 
-  return dict(zip(kernels.PASSES,
-                  (sketch, project, lion_sketch, lion_project)))
+  def project_v(g, config):  # with the complement: Q_m^T m from outside
+    r, l = widths(config)
+    return kernels.project_pass(g, a[..., :r], v[..., :r], a[..., :r],
+                                v[..., :r], None, q[..., :l], COEFFICIENTS,
+                                ZETA, config=config, interpret=interpret)
+
+  calls = dict(zip(kernels.PASSES,
+                   (sketch, project, lion_sketch, lion_project)))
+  calls['project_v'] = project_v
+  return calls
 
 
 def measure(batch: int, rows: int, cols: int, rank: int, dtype: str,
@@ -272,6 +283,10 @@ def measure(batch: int, rows: int, cols: int, rank: int, dtype: str,
       )._asdict()
       record(name, functools.partial(calls_of[kernel], config=config), (g,),
              moved * size * item, **fields, tiling=tiling)
+      if kernel == 'mlorc_adam_project':
+        record('project_v', functools.partial(calls_of['project_v'],
+                                              config=config), (g,),
+               moved * size * item, **fields, tiling=tiling)
   return rows_out
 
 

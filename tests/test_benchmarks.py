@@ -214,8 +214,8 @@ def test_fused_passes_tool_times_every_piece_on_a_tiny_stack(tmp_path):
   rows = fused_passes.main(['--shape', '1', '32', '64', '--calls', '1',
                             '--json', str(out)])
   # The four passes with the default config, then with dot reconstructions
-  # (fma_max_rank=0).
-  passes = ('sketch', 'project', 'lion_sketch', 'lion_project')
+  # (fma_max_rank=0); pass 2 also as the complement runs it (project_v).
+  passes = ('sketch', 'project', 'project_v', 'lion_sketch', 'lion_project')
   assert [(r['kernel'], r.get('fma_max_rank')) for r in rows] == [
       ('copy', None), ('read', None), ('apply', None), ('small', None),
       ('leaf_step', None), *((p, 8) for p in passes),

@@ -134,6 +134,25 @@ def test_project_kernel_equals_its_reference(batch, m, n, rank, config,
   assert_close(ours.b_v, theirs.b_v, 1e-5, 'b_v')
 
 
+def test_project_pass_without_q_m_projects_only_v():
+  """Given no ``q_m`` (the two-pass step with the complement, which has
+  ``Q_m^T m`` from its own product of ``g``), pass 2 and its reference
+  return no ``b_m`` and the same direction and ``b_v``."""
+  batch, m, n, rank, config = PASS_CASES[0]
+  g, a_m, v_m, a_v, v_v, _, (q_m, q_v) = pass_inputs(
+      batch, m, n, rank, jnp.float32, config=config)
+  c, zeta = coefficients(batch), zetas(batch)
+  for project in (functools.partial(kernels.project_pass, config=config,
+                                    interpret=INTERPRET),
+                  kernels.project_pass_reference):
+    both = project(g, a_m, v_m, a_v, v_v, q_m, q_v, c, zeta)
+    only_v = project(g, a_m, v_m, a_v, v_v, None, q_v, c, zeta)
+    assert only_v.b_m is None
+    # The same computation in another program: float32 summation order.
+    assert_close(only_v.direction, both.direction, 1e-5, 'direction')
+    assert_close(only_v.b_v, both.b_v, 1e-5, 'b_v')
+
+
 @pytest.mark.parametrize('batch,m,n,rank,dtype', [
     (*SHAPES[1], jnp.float32), (*SHAPES[2], jnp.float32),
     # Sketches 64 wide: the defaults' other tilings (KernelConfig.tiling).

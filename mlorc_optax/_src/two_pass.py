@@ -42,7 +42,10 @@ CholeskyQR2 does, Fukaya et al. 2014); directions with ``lambda`` below
 **Pass 2 (project and update).** Block by block, ``m`` and ``v`` are rebuilt
 from the *previous* factors and the gradient, the update
 ``m_hat / (sqrt(v_hat + eps_root) + eps)`` is written, and ``B_m = Q_m^T m``
-and ``B_v = Q_v^T v`` are accumulated.
+and ``B_v = Q_v^T v`` are accumulated. With the first moment's complement
+the step reads ``g`` once more for ``U_m^T g`` and ``Q_m^T g``, and since
+``m`` is linear in ``g``, ``B_m = b1 (Q_m^T U_m) S_m V_m^T + (1 - b1)
+Q_m^T g`` comes from those: pass 2 then accumulates ``B_v`` only.
 
 **After the passes**, the SVD of each ``B`` (``l x n``) comes from its Gram
 matrix: ``B B^T = E Lambda E^T``, ``W = E^T B`` (rows ordered by decreasing
@@ -371,26 +374,29 @@ def _adam_step(
       a_m, v_m = _padded_factors(leaf.mu, b1, r_pad)
       p2 = project(g, a_m, v_m, a_v, v_v, pad_cols(q_m, l_pad),
                    pad_cols(q_v, l_pad), c, zeta)
+      done = (p2.b_m[:, :l], p2.b_v[:, :l])
+      b_m, b_v = gram.psum(done, rows)
     else:
       # Pass 2 rebuilds m' = m + b1 alpha (I - U U^T) g, from which the
-      # direction comes; its projection Q^T m' is corrected back to Q^T m
-      # with Q^T g, which one more read of g gives with P = U^T g.
-      u, k = _f32(leaf.mu.u), leaf.mu.u.shape[-1]
+      # direction comes, with P = U^T g from one more read of g. That read
+      # gives Q^T g too, and with it the projection of the new moment
+      # m = b1 U S V^T + (1 - b1) g: Q^T m = b1 (Q^T U) S V^T + (1 - b1)
+      # Q^T g, so pass 2 projects only v.
+      u, s, v = map(_f32, leaf.mu)
+      k = u.shape[-1]
       both = jnp.einsum('bmj,bmn->bjn', jnp.concatenate([u, q_m], -1),
                         g.astype(_F32),
                         precision=_gradient_products(leaf, config, interpret))
       both, q_u = gram.psum((both, step_math.inner(q_m, u)), rows)
       p, q_g = both[:, :k], both[:, k:]
       a_c, v_c = _padded_factors(_credited(leaf.mu, p, complement), b1, r_pad)
-      p2 = project(g, a_c, v_c, a_v, v_v, pad_cols(q_m, l_pad),
-                   pad_cols(q_v, l_pad),
+      p2 = project(g, a_c, v_c, a_v, v_v, None, pad_cols(q_v, l_pad),
                    c._replace(one_minus_b1=c.one_minus_b1 + b1 * complement),
                    zeta)
-    done = (p2.b_m[:, :l], p2.b_v[:, :l])
-    b_m, b_v = gram.psum(done, rows)
-    if complement is not None:
-      b_m = b_m - b1 * complement * (
-          q_g - jnp.einsum('blk,bkn->bln', q_u, p, precision=_HI))
+      done = p2.b_v[:, :l]
+      b_v = gram.psum(done, rows)
+      b_m = b1 * jnp.einsum('blk,bnk->bln', q_u * s[:, None, :], v,
+                            precision=_HI) + c.one_minus_b1 * q_g
     bs += [b_m, b_v]
     outs.append(p2.direction.astype(leaf.g.dtype))
   ranks = [leaf.mu.s.shape[-1] for leaf in leaves for _ in range(2)]
@@ -583,7 +589,8 @@ def adam_step(
     complement: None, or the weight ``alpha`` (scalar) of the first
       moment's complement: the direction is computed from ``m + b1 alpha
       (I - U_m U_m^T) g`` (``MomentSpec.complement``; one more read of
-      ``g`` for ``U_m^T g`` and ``Q_m^T g``), the new factors from ``m``.
+      ``g`` for ``U_m^T g`` and ``Q_m^T g``, which also give ``Q_m^T m``),
+      the new factors from ``m``.
 
   Returns:
     Per leaf ``(direction [B, m, n], new mu factors, new nu factors)``,

@@ -77,12 +77,13 @@ class ProjectPassOutputs(NamedTuple):
 
   Attributes:
     direction: the Adam direction ``[B, m, n]`` in the gradient's dtype.
-    b_m: ``Q_m^T m``, ``[B, L, n]``.
+    b_m: ``Q_m^T m``, ``[B, L, n]``; None when the pass was given no
+      ``q_m`` (the caller has ``Q_m^T m`` from elsewhere).
     b_v: ``Q_v^T v``, ``[B, L, n]``.
   """
 
   direction: jax.Array
-  b_m: jax.Array
+  b_m: jax.Array | None
   b_v: jax.Array
 
 
@@ -120,6 +121,8 @@ def _check_project(where, g, a_m, v_m, a_v, v_v, q_m, q_v, coefficients,
   arrays = {'g': (g, 'B m n'), 'a_m': (a_m, 'B m R'), 'v_m': (v_m, 'B n R'),
             'a_v': (a_v, 'B m R'), 'v_v': (v_v, 'B n R'),
             'q_m': (q_m, 'B m L'), 'q_v': (q_v, 'B m L')}
+  if q_m is None:
+    del arrays['q_m']
   return launch_lib.check_operands(
       where, arrays, {'coefficients': coefficients, 'zeta': zeta}, config)
 
@@ -258,7 +261,10 @@ def project_pass_reference(
     v_m: ``V_m`` ``[B, n, R]``.
     a_v: ``b2 U_v S_v`` ``[B, m, R]``.
     v_v: ``V_v`` ``[B, n, R]``.
-    q_m: ``[B, m, L]`` orthonormal basis for the new first moment.
+    q_m: ``[B, m, L]`` orthonormal basis for the new first moment, or None:
+      ``Q_m^T m`` is not accumulated (``b_m`` is None). The two-pass step
+      with the first moment's complement gets it from small products and
+      ``Q_m^T g``, which it computes anyway.
     q_v: ``[B, m, L]`` orthonormal basis for the new second moment.
     coefficients: :class:`~mlorc_optax._src.step_math.AdamCoefficients`,
       each field a scalar or one value per matrix ``[B]``.
@@ -270,7 +276,8 @@ def project_pass_reference(
     ``v = fix(a_v v_v^T) + (1 - b2) g**2``
     (:func:`~mlorc_optax._src.step_math.adam_new_moments`), the direction
     ``(k_m m + k_g g) / (sqrt(c_v v + eps_root) + eps)`` and the projections
-    of ``m`` and ``v`` clipped at the overflow bound.
+    of ``m`` (unless ``q_m`` is None) and ``v`` clipped at the overflow
+    bound.
 
   Raises:
     ValueError: naming the argument whose shape does not fit.
@@ -287,7 +294,9 @@ def project_pass_reference(
   direction = step_math.adam_direction(m, v, g32, c).astype(g.dtype)
   m, v = step_math.adam_projection_terms(
       m, v, step_math.overflow_bound(*g.shape[-2:]))
-  return ProjectPassOutputs(direction, project(q_m, m), project(q_v, v))
+  return ProjectPassOutputs(direction,
+                            None if q_m is None else project(q_m, m),
+                            project(q_v, v))
 
 
 def _project_kernel(
@@ -313,12 +322,16 @@ def _project_kernel(
     d_ref[b, rows, cols] = step_math.adam_direction(m, v, g, c, ops).astype(
         d_ref.dtype)
     m, v = step_math.adam_projection_terms(m, v, bound)
-    return (acc[0] + products.project(qm_ref, b, rows, m),
-            acc[1] + products.project(qv_ref, b, rows, v))
+    acc_m, acc_v = acc
+    if qm_ref is not None:
+      acc_m = acc_m + products.project(qm_ref, b, rows, m)
+    return acc_m, acc_v + products.project(qv_ref, b, rows, v)
 
-  z = jnp.zeros((qm_ref.shape[-1], bn), _F32)
-  acc_m, acc_v = jax.lax.fori_loop(*loop.blocks(part), body, (z, z))
-  bm_ref[part, b, :, cols] = acc_m
+  z = jnp.zeros((qv_ref.shape[-1], bn), _F32)
+  acc_m, acc_v = jax.lax.fori_loop(
+      *loop.blocks(part), body, (None if qm_ref is None else z, z))
+  if bm_ref is not None:
+    bm_ref[part, b, :, cols] = acc_m
   bv_ref[part, b, :, cols] = acc_v
 
 
@@ -337,16 +350,18 @@ def project_pass(
   coefficients, zeta = _check_project('project_pass', g, a_m, v_m, a_v, v_v,
                                       q_m, q_v, coefficients, zeta, config)
   batch, _, cols = g.shape
-  width = q_m.shape[-1]
+  width = q_v.shape[-1]
 
   def out_shape(parts):
     proj = jax.ShapeDtypeStruct((parts, batch, width, cols), _F32)
-    return (jax.ShapeDtypeStruct(g.shape, g.dtype), proj, proj)
+    return (jax.ShapeDtypeStruct(g.shape, g.dtype),
+            None if q_m is None else proj, proj)
 
   direction, b_m, b_v = launch_lib.launch(
       _project_kernel, g, over='cols', out_shape=out_shape,
       args=(coefficients, zeta, g, a_m, v_m, a_v, v_v, q_m, q_v),
       config=config, interpret=interpret, name='mlorc_adam_project',
       width=width, rank=a_m.shape[-1])
-  return ProjectPassOutputs(direction, jnp.sum(b_m, axis=0),
+  return ProjectPassOutputs(direction,
+                            None if b_m is None else jnp.sum(b_m, axis=0),
                             jnp.sum(b_v, axis=0))
