@@ -1,10 +1,13 @@
 """Runs each fused pass a few times on one stack, for a kernel profiler.
 
 Nsight Compute (``ncu``) profiles kernels by name; this program compiles the
-four passes (:data:`mlorc_optax.kernels.PASSES`) with the default
+four passes (:data:`mlorc_optax.kernels.PASSES`) and MLorc-AdamW's pass 2
+as the step runs it with the first moment's complement (``project_v``, no
+``q_m``; the kernel keeps its name, ``mlorc_adam_project``, so it is the
+fifth launch of a round) with the default
 :class:`~mlorc_optax.kernels.KernelConfig`, runs each once to compile and
-warm up, then ``--rounds`` more times in turn, so that ``--launch-skip 4
---launch-count 4`` profiles one warm launch of each. The operands are those
+warm up, then ``--rounds`` more times in turn, so that ``--launch-skip 5
+--launch-count 5`` profiles one warm launch of each. The operands are those
 of :mod:`benchmarks.fused_passes`
 (:func:`~benchmarks.fused_passes.pass_calls`: random factors, sketches and
 bases; sketches of ``rank + oversample`` columns, padded as the step pads
@@ -16,7 +19,7 @@ Usage (on the GPU machine)::
   XLA_PYTHON_CLIENT_PREALLOCATE=false ncu --clock-control none \\
       --section SpeedOfLight --section MemoryWorkloadAnalysis \\
       --section Occupancy --section LaunchStats --section WarpStateStats \\
-      -k regex:mlorc --launch-skip 4 --launch-count 4 \\
+      -k regex:mlorc --launch-skip 5 --launch-count 5 \\
       python -m benchmarks.pass_profile --dtype bfloat16 > PROFILE.txt
 
 (``XLA_PYTHON_CLIENT_PREALLOCATE=false``: ncu saves the device memory a
