@@ -242,6 +242,15 @@ def _sketch_of(a: jax.Array, v_omega: jax.Array) -> jax.Array:
   return jnp.einsum('bmk,bkl->bml', a, v_omega, precision=_HI)
 
 
+def _projection_of(q_a: jax.Array, v: jax.Array, decay: Any,
+                   one_minus_decay: Any, q_g: jax.Array) -> jax.Array:
+  """``Q^T m`` ``[B, l, n]`` of the moment ``m = decay a v^T + (1 - decay)
+  g``, linear in ``g``, from ``q_a = Q^T a`` ``[B, l, k]`` and ``q_g = Q^T
+  g``: a small product instead of a projection of ``m`` in pass 2."""
+  return (decay * jnp.einsum('blk,bnk->bln', q_a, v, precision=_HI)
+          + one_minus_decay * q_g)
+
+
 def _small(v: jax.Array, omega: jax.Array) -> jax.Array:
   """``v^T omega`` ``[B, k, l]`` (a sum over this device's columns)."""
   return step_math.inner(v, omega)
@@ -395,8 +404,7 @@ def _adam_step(
                    zeta)
       done = p2.b_v[:, :l]
       b_v = gram.psum(done, rows)
-      b_m = b1 * jnp.einsum('blk,bnk->bln', q_u * s[:, None, :], v,
-                            precision=_HI) + c.one_minus_b1 * q_g
+      b_m = _projection_of(q_u * s[:, None, :], v, b1, c.one_minus_b1, q_g)
     bs += [b_m, b_v]
     outs.append(p2.direction.astype(leaf.g.dtype))
   ranks = [leaf.mu.s.shape[-1] for leaf in leaves for _ in range(2)]
@@ -505,8 +513,7 @@ def _lion_step(
           + coefficients.b1 * complement))
     done = p2.q_g[:, :leaf.omega.shape[-1]]
     qa, q_g = gram.psum((step_math.inner(q, a), done), rows)
-    bs.append(b2 * jnp.einsum('blk,bnk->bln', qa, v, precision=_HI)
-              + one_minus_b2 * q_g)
+    bs.append(_projection_of(qa, v, b2, one_minus_b2, q_g))
     outs.append(p2.direction.astype(leaf.g.dtype))
   factors = gram.svds_of_projections(
       qs, bs, [leaf.mu.s.shape[-1] for leaf in leaves],
