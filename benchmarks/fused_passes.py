@@ -172,11 +172,11 @@ def pass_calls(ops: PassOperands, rank: int, sketch_cols: int,
                                om[..., :l], COEFFICIENTS.one_minus_b2,
                                config=config, interpret=interpret)
 
-  def project(g, config):
+  def project(g, config, project_m=True):
     r, l = widths(config)
     return kernels.project_pass(g, a[..., :r], v[..., :r], a[..., :r],
-                                v[..., :r], q[..., :l], q[..., :l],
-                                COEFFICIENTS, ZETA, config=config,
+                                v[..., :r], q[..., :l] if project_m else None,
+                                q[..., :l], COEFFICIENTS, ZETA, config=config,
                                 interpret=interpret)
 
   def lion_sketch(g, config):
@@ -190,15 +190,10 @@ def pass_calls(ops: PassOperands, rank: int, sketch_cols: int,
         kernels.LionCoefficients(0.9, 0.1), config=config,
         interpret=interpret)
 
-  def project_v(g, config):  # with the complement: Q_m^T m from outside
-    r, l = widths(config)
-    return kernels.project_pass(g, a[..., :r], v[..., :r], a[..., :r],
-                                v[..., :r], None, q[..., :l], COEFFICIENTS,
-                                ZETA, config=config, interpret=interpret)
-
   calls = dict(zip(kernels.PASSES,
                    (sketch, project, lion_sketch, lion_project)))
-  calls['project_v'] = project_v
+  # With the complement the step has Q_m^T m from outside the pass.
+  calls['project_v'] = functools.partial(project, project_m=False)
   return calls
 
 
@@ -269,24 +264,24 @@ def measure(batch: int, rows: int, cols: int, rank: int, dtype: str,
          (g, factors), 3 * size * item)
 
   calls_of = pass_calls(ops, rank, sketch_cols, interpret)
-  # Each pass's row name and the arrays it must move (in gradients).
-  timed = dict(zip(kernels.PASSES, (('sketch', 1), ('project', 2),
-                                    ('lion_sketch', 1), ('lion_project', 2))))
+  # Each call's row name, its kernel (which --passes names and whose tiling
+  # it takes) and the arrays it must move (in gradients).
+  timed = {'mlorc_adam_sketch': ('sketch', 'mlorc_adam_sketch', 1),
+           'mlorc_adam_project': ('project', 'mlorc_adam_project', 2),
+           'project_v': ('project_v', 'mlorc_adam_project', 2),
+           'mlorc_lion_sketch': ('lion_sketch', 'mlorc_lion_sketch', 1),
+           'mlorc_lion_project': ('lion_project', 'mlorc_lion_project', 2)}
   for config in sweep_configs(sweep, variants):
     fields = dataclasses.asdict(config)
-    for kernel, (name, moved) in timed.items():
+    for call, (name, kernel, moved) in timed.items():
       if kernel not in passes:
         continue
       # The tiling this pass took (its pass_tilings entry or the fields).
       tiling = config.tiling(
           kernel, dt, kernels.kernel_widths(rank, sketch_cols, config)[1]
       )._asdict()
-      record(name, functools.partial(calls_of[kernel], config=config), (g,),
+      record(name, functools.partial(calls_of[call], config=config), (g,),
              moved * size * item, **fields, tiling=tiling)
-      if kernel == 'mlorc_adam_project':
-        record('project_v', functools.partial(calls_of['project_v'],
-                                              config=config), (g,),
-               moved * size * item, **fields, tiling=tiling)
   return rows_out
 
 
