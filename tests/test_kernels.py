@@ -153,6 +153,21 @@ def test_project_pass_without_q_m_projects_only_v():
     assert_close(only_v.b_v, both.b_v, 1e-5, 'b_v')
 
 
+def projected_moments(g, a_m, v_m, a_v, v_v, c, zeta):
+  """``(m, v)``, the new moments pass 2 projects (clipped), as its reference
+  computes them."""
+  batch, m, n = g.shape
+  reconstruct = lambda a, v: jnp.einsum('bik,bjk->bij', a, v,
+                                        precision=step_math.HIGHEST)
+  per_matrix = lambda x: launch.expand_per_matrix(jax.tree.map(
+      lambda y: jnp.broadcast_to(jnp.asarray(y, jnp.float32), (batch,)), x))
+  return step_math.adam_projection_terms(
+      *step_math.adam_new_moments(
+          reconstruct(a_m, v_m), reconstruct(a_v, v_v),
+          g.astype(jnp.float32), per_matrix(zeta), per_matrix(c)),
+      step_math.overflow_bound(m, n))
+
+
 @pytest.mark.parametrize('batch,m,n,rank,dtype', [
     (*SHAPES[1], jnp.float32), (*SHAPES[2], jnp.float32),
     # Sketches 64 wide: the defaults' other tilings (KernelConfig.tiling).
@@ -222,15 +237,7 @@ def test_gpu_default_products_stay_within_their_rounding(batch, m, n, rank,
                               config=config, interpret=INTERPRET)
   theirs = kernels.project_pass_reference(g, a_m, v_m, a_v, v_v, q_m, q_v, c,
                                           zeta)
-  reconstruct = lambda a, v: jnp.einsum('bik,bjk->bij', a, v,
-                                        precision=step_math.HIGHEST)
-  per_matrix = lambda x: launch.expand_per_matrix(jax.tree.map(
-      lambda y: jnp.broadcast_to(jnp.asarray(y, jnp.float32), (batch,)), x))
-  moments = step_math.adam_projection_terms(
-      *step_math.adam_new_moments(
-          reconstruct(a_m, v_m), reconstruct(a_v, v_v), g, per_matrix(zeta),
-          per_matrix(c)),
-      step_math.overflow_bound(m, n))
+  moments = projected_moments(g, a_m, v_m, a_v, v_v, c, zeta)
   for x, y, q, moment in zip(ours[1:], theirs[1:], (q_m, q_v), moments):
     bound = np.einsum('bil,bij->blj', np.abs(f64(q)), np.abs(f64(moment)))
     assert np.all(np.abs(f64(x) - f64(y)) <= 2.0**-8 * bound + slack(y))
@@ -674,6 +681,99 @@ def test_compiled_bf16_sketches_round_omega_once_for_both_products():
     assert launch.sketch_operand(omega, config, interpret) is omega
 
 
+def test_compiled_bf16_dots_get_their_operands_in_bfloat16():
+  """A compiled MLorc-AdamW pass hands its bfloat16 dots ``omega`` and
+  ``Q`` already in bfloat16 (the rounding the dot's preset applies anyway:
+  the kernel loads half the bytes and converts nothing); float32 presets
+  and interpret mode keep them as they are."""
+  x = jax.random.normal(jax.random.key(0), (2, 64, 16))
+  default = kernels.KernelConfig()
+  for field in ('sketch_precision', 'project_precision'):
+    cast = launch.dot_input(x, field, default, False)
+    assert cast.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(cast, x.astype(jnp.bfloat16))
+    assert launch.dot_input(x, field, default, True) is x
+    assert launch.dot_input(x, field, FULL, False) is x
+    assert launch.dot_input(cast, field, default, False) is cast
+
+
+def test_passes_given_bfloat16_operands_round_only_the_tile():
+  """Handed ``omega`` and ``Q`` in bfloat16, as compiled MLorc-AdamW
+  passes get them (:func:`launch.dot_input`; MLorc-Lion's may be given
+  them), every pass rounds each streamed tile to
+  bfloat16 (relative error at most ``2**-8``: round to nearest with 8
+  significant bits) and sums the products in float32: within ``2**-8`` of
+  ``|tile| |operand|``, plus float32 summation, of its reference with the
+  same operands in float32. Tiles that bfloat16 holds exactly (a bfloat16
+  gradient, the 0/1 indicator of negative entries) are not rounded at all,
+  so their products must match to float32 summation. Interpret mode runs
+  the same kernel bodies, so this checks them on a CPU; but XLA on a CPU
+  may keep a bfloat16 result in float32 (excess precision), so that every
+  dot in the kernels returns float32 is checked on their jaxprs."""
+  batch, m, n, rank = 2, 128, 192, 4
+  g, a_m, v_m, a_v, v_v, (om, ov), (q_m, q_v) = pass_inputs(
+      batch, m, n, rank, jnp.bfloat16, config=FULL)
+  bf16 = lambda x: x.astype(jnp.bfloat16)
+  f32 = lambda x: x.astype(jnp.float32)
+  f64 = lambda x: np.asarray(x, np.float64)
+  c, zeta = coefficients(batch), zetas(batch)
+  b1 = jnp.full((batch,), B1)
+  coef = kernels.LionCoefficients(b1=b1, one_minus_b1=1 - b1)
+  interpreted = dict(config=FULL, interpret=True)
+  passes = (
+      lambda: kernels.sketch_pass(g, a_v, v_v, bf16(om), bf16(ov), 1 - B2,
+                                  **interpreted),
+      lambda: kernels.project_pass(g, a_m, v_m, a_v, v_v, bf16(q_m),
+                                   bf16(q_v), c, zeta, **interpreted),
+      lambda: kernels.lion_sketch_pass(g, bf16(om), **interpreted),
+      lambda: kernels.lion_project_pass(g, a_m, v_m, bf16(q_m), coef,
+                                        **interpreted))
+  for run in passes:
+    dots = [eqn for eqn in _equations(jax.make_jaxpr(run)().jaxpr)
+            if eqn.primitive.name == 'dot_general']
+    assert dots and all(eqn.outvars[0].aval.dtype == jnp.float32
+                        for eqn in dots)
+
+  def within(ours, theirs, name, bound=0.0):
+    slack = 1e-5 * np.abs(f64(theirs)).max()
+    assert ours.dtype == jnp.float32, name
+    assert np.all(np.abs(f64(ours) - f64(theirs))
+                  <= 2.0**-8 * f64(bound) + slack), name
+
+  run = functools.partial(kernels.sketch_pass, config=FULL, interpret=True)
+  ours = run(g, a_v, v_v, bf16(om), bf16(ov), 1 - B2)
+  theirs = kernels.sketch_pass_reference(g, a_v, v_v, f32(bf16(om)),
+                                         f32(bf16(ov)), 1 - B2)
+  within(ours.g_omega, theirs.g_omega, 'g_omega')
+  within(ours.neg_omega, theirs.neg_omega, 'neg_omega')
+  within(ours.x_omega, theirs.x_omega, 'x_omega', kernels.sketch_pass_reference(
+      g, a_v, v_v, jnp.abs(f32(bf16(om))), jnp.abs(f32(bf16(ov))),
+      1 - B2).x_omega)  # x >= 0: its products with |omega| bound them
+  assert_close(ours.neg_count, theirs.neg_count, 1e-5, 'neg_count')
+
+  ours = kernels.project_pass(g, a_m, v_m, a_v, v_v, bf16(q_m), bf16(q_v),
+                              c, zeta, config=FULL, interpret=True)
+  theirs = kernels.project_pass_reference(g, a_m, v_m, a_v, v_v,
+                                          f32(bf16(q_m)), f32(bf16(q_v)), c,
+                                          zeta)
+  moments = projected_moments(g, a_m, v_m, a_v, v_v, c, zeta)
+  for name, q, moment in (('b_m', q_m, moments[0]), ('b_v', q_v, moments[1])):
+    within(getattr(ours, name), getattr(theirs, name), name,
+           jnp.einsum('bil,bij->blj', jnp.abs(q), jnp.abs(moment)))
+  # The direction does not involve Q.
+  np.testing.assert_array_equal(ours.direction, kernels.project_pass(
+      g, a_m, v_m, a_v, v_v, q_m, q_v, c, zeta, config=FULL,
+      interpret=True).direction)
+
+  within(kernels.lion_sketch_pass(g, bf16(om), config=FULL, interpret=True),
+         kernels.lion_sketch_pass_reference(g, f32(bf16(om))), 'lion sketch')
+  ours = kernels.lion_project_pass(g, a_m, v_m, bf16(q_m), coef, config=FULL,
+                                   interpret=True)
+  theirs = kernels.lion_project_pass_reference(g, a_m, v_m, f32(bf16(q_m)),
+                                               coef)
+  within(ours.q_g, theirs.q_g, 'lion q_g')
+
+
 def _launched_tiles(config, name, dtype, shape=(1, 128, 256), width=16):
   """``(bm, bn, num_warps, num_stages)`` that :func:`launch.launch` gives the
   pass ``name`` for a gradient of ``dtype`` and sketches ``width`` wide (a
@@ -864,17 +964,21 @@ def test_kernels_reject_what_they_cannot_tile_but_references_take_it():
 # The pallas_calls are named (profiles and HLO show these names).
 
 
-def _pallas_call_names(jaxpr):
-  names = []
+def _equations(jaxpr):
+  """Every equation of ``jaxpr`` and of the jaxprs in its parameters (a
+  ``pallas_call``'s kernel, a loop's body), depth first."""
   for eqn in jaxpr.eqns:
-    if eqn.primitive.name == 'pallas_call':
-      names.append(eqn.params['name'])
+    yield eqn
     for param in eqn.params.values():
       for sub in param if isinstance(param, (tuple, list)) else (param,):
         sub = getattr(sub, 'jaxpr', sub)  # a ClosedJaxpr's Jaxpr
         if hasattr(sub, 'eqns'):
-          names += _pallas_call_names(sub)
-  return names
+          yield from _equations(sub)
+
+
+def _pallas_call_names(jaxpr):
+  return [eqn.params['name'] for eqn in _equations(jaxpr)
+          if eqn.primitive.name == 'pallas_call']
 
 
 def test_every_pallas_call_is_named():

@@ -230,6 +230,9 @@ def sketch_pass(
 
   # Pass 1 reconstructs with dots (launch.Products): factors 16 wide.
   a_v, v_v = launch_lib.dot_operand(a_v), launch_lib.dot_operand(v_v)
+  omega_m, omega_v = (
+      launch_lib.dot_input(o, 'sketch_precision', config, interpret)
+      for o in (omega_m, omega_v))
   out = launch_lib.launch(
       _sketch_kernel, g, over='rows', out_shape=out_shape,
       args=(one_minus_b2, g, a_v, v_v, omega_m, omega_v), config=config,
@@ -351,6 +354,8 @@ def project_pass(
                                       q_m, q_v, coefficients, zeta, config)
   batch, _, cols = g.shape
   width = q_v.shape[-1]
+  q_m, q_v = (None if q is None else launch_lib.dot_input(
+      q, 'project_precision', config, interpret) for q in (q_m, q_v))
 
   def out_shape(parts):
     proj = jax.ShapeDtypeStruct((parts, batch, width, cols), _F32)

@@ -422,22 +422,49 @@ def kernel_widths(rank: int, width: int,
   return r, pow2_at_least(width)
 
 
+def dot_input(x: jax.Array, precision: str, config: KernelConfig,
+              interpret: bool) -> jax.Array:
+  """``x`` in the dtype a compiled kernel's dot at ``config.<precision>``
+  (a field of :data:`PRECISION_FIELDS`) takes its operands in.
+
+  Cast to the preset's input type where that is narrower than ``x``'s
+  (bfloat16 for ``'bf16'``), the rounding the Triton lowering would apply
+  inside the kernel: the products are unchanged, but the kernel loads half
+  the bytes and converts nothing (:class:`Products` casts the tile to the
+  same type). Unchanged for the TF32 and ``'ieee'`` presets, whose inputs
+  are float32, and in interpret mode, whose dots are float32.
+
+  MLorc-AdamW's passes take ``omega`` and ``Q`` so: on an H200 (jax
+  0.11.2, LLaMA-7B stacks, L=8, bfloat16, both trees in one call) that
+  took its step from 1.86x to 1.64x ``optax.adamw``'s at rank 4 and from
+  3.77x to 3.50x at rank 32, its pass 2 without ``q_m`` from 1.25 to 0.96
+  ms on an 8 x 4096 x 11008 stack (``benchmarks/README.md``). MLorc-Lion's
+  passes keep float32 operands: in the same call the change left its
+  rank-4 step where it was (7.50 ms before, 7.58 after, ``optax.lion``
+  4.28 / 4.26 ms) and raised its compiled temporaries from 0.23x to 0.32x
+  the parameter bytes.
+  """
+  inputs = jnp.dtype(
+      PRECISIONS[getattr(config, precision)].supported_rhs_types[0])
+  if interpret or inputs.itemsize >= x.dtype.itemsize:
+    return x
+  return x.astype(inputs)
+
+
 def sketch_operand(omega: jax.Array, config: KernelConfig,
                    interpret: bool) -> jax.Array:
-  """``omega`` as the compiled kernels' sketches multiply by it.
+  """``omega`` as the compiled kernels' sketches multiply by it, in its own
+  dtype.
 
-  Cast to the input type of the ``KernelConfig.sketch_precision`` preset,
-  as the Triton lowering casts a dot's operands, and held in its own dtype:
-  rounded to bfloat16 for ``'bf16'``, so that the small products
-  ``V^T omega`` outside the kernels use the same sketch (the sketch is then
-  exactly ``(M + E) omega`` with ``E`` only the rounding of the streamed
-  tile). Unchanged for float32 inputs (the TF32 presets round inside the
-  tensor cores), and in interpret mode, whose dots are float32.
+  Rounded as :func:`dot_input` rounds it for ``sketch_precision`` (to
+  bfloat16 for ``'bf16'``) and held in ``omega``'s dtype, so that the small
+  products ``V^T omega`` outside the kernels use the same sketch (the sketch
+  is then exactly ``(M + E) omega`` with ``E`` only the rounding of the
+  streamed tile). Unchanged for float32 inputs (the TF32 presets round
+  inside the tensor cores), and in interpret mode, whose dots are float32.
   """
-  inputs = PRECISIONS[config.sketch_precision].supported_rhs_types[0]
-  if interpret or jnp.dtype(inputs) == omega.dtype:
-    return omega
-  return omega.astype(inputs).astype(omega.dtype)
+  rounded = dot_input(omega, 'sketch_precision', config, interpret)
+  return omega if rounded is omega else rounded.astype(omega.dtype)
 
 
 def pad_cols(x: jax.Array, width: int) -> jax.Array:
@@ -504,7 +531,9 @@ class Products:
   (:func:`block`); refs hold ``[B, rows or cols, width]`` arrays. The
   sketches ``tile @ omega`` (summed over the column blocks) and projections
   ``q^T tile`` (over the row blocks) are tensor-core dots at their
-  precisions; the reconstruction ``a v^T`` of a factor pair is a dot at its
+  precisions with float32 sums, the tile cast to the dtype of ``omega`` or
+  ``q`` (MLorc-AdamW's passes hand them in the dot's input dtype,
+  :func:`dot_input`); the reconstruction ``a v^T`` of a factor pair is a dot at its
   precision, or with ``fma`` float32 multiply-adds over the factors' true
   rank, ``sum_k a_k v_k^T`` (exact to float32 rounding), the factors read a
   column at a time.
@@ -544,15 +573,21 @@ class Products:
 
   def sketch(self, tile: jax.Array, omega_ref: Any, b: Any,
              cols: Any) -> jax.Array:
-    """``tile @ omega_ref[b, cols, :]``, ``[bm, L]``."""
-    return jnp.dot(tile, omega_ref[b, cols, :],
-                   precision=self.precisions.sketches)
+    """``tile @ omega_ref[b, cols, :]``, ``[bm, L]``, the tile in
+    ``omega``'s dtype (:func:`dot_input`)."""
+    omega = omega_ref[b, cols, :]
+    return jnp.dot(tile.astype(omega.dtype), omega,
+                   precision=self.precisions.sketches,
+                   preferred_element_type=jnp.float32)
 
   def project(self, q_ref: Any, b: Any, rows: Any,
               tile: jax.Array) -> jax.Array:
-    """``q_ref[b, rows, :]^T @ tile``, ``[L, bn]``."""
-    return jnp.dot(q_ref[b, rows, :].T, tile,
-                   precision=self.precisions.projections)
+    """``q_ref[b, rows, :]^T @ tile``, ``[L, bn]``, the tile in ``q``'s
+    dtype (:func:`dot_input`)."""
+    q = q_ref[b, rows, :]
+    return jnp.dot(q.T, tile.astype(q.dtype),
+                   precision=self.precisions.projections,
+                   preferred_element_type=jnp.float32)
 
 
 def launch(
