@@ -231,10 +231,10 @@ class KernelConfig:
     sketch_precision: precision of pass 1's sketches ``tile @ omega``, the
       same choices. They only find the range the moments are projected on,
       with the default ``'bf16'`` each is the sketch of a matrix within
-      ``2**-9`` of the moment, entry by entry of the streamed part
-      (``(1 - b1) g``, or ``(1 - b2) g**2 + r_-``; ``omega`` rounded once,
-      :func:`sketch_operand`). That moves the singular values, and so the
-      range finder's error ``||(I - Q Q^T) M||``, by no more than ``2**-9``
+      ``2**-8`` of the moment, entry by entry of the streamed part
+      (``(1 - b1) g``, or ``(1 - b2) g**2 + r_-``, rounded to 8
+      significant bits; ``omega`` rounded once, :func:`sketch_operand`).
+      That moves the singular values, and so the range finder's error ``||(I - Q Q^T) M||``, by no more than ``2**-8``
       of the streamed part's Frobenius norm, far below the rank-``r``
       truncation error; the projections that make the factors stay at
       ``project_precision``. On an H200 it took MLorc-AdamW's pass 1 from
@@ -242,7 +242,7 @@ class KernelConfig:
     project_precision: precision of pass 2's projections ``Q^T tile``, from
       which the new factors come, the same choices. With the default
       ``'bf16'`` the new factors are those of ``Q Q^T (M + E)``, ``E``
-      within ``2**-9`` of the moment ``M`` entry by entry (the rounding of
+      within ``2**-8`` of the moment ``M`` entry by entry (the rounding of
       storing it in bfloat16, as ``optax.adamw(mu_dtype=jnp.bfloat16)``
       stores its first moment), far below the rank-``r`` truncation error;
       ``Q`` is rounded too, which moves the projection by as little. On an
