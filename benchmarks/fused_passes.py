@@ -48,6 +48,7 @@ import tyro
 
 import mlorc_optax
 from benchmarks import sketch_precision
+from benchmarks.toolkit import environment
 from benchmarks.toolkit import results
 from benchmarks.toolkit import timing
 from mlorc_optax import kernels
@@ -237,7 +238,8 @@ def measure(batch: int, rows: int, cols: int, rank: int, dtype: str,
   base = dict(batch=batch, rows=rows, cols=cols, rank=rank,
               sketch_cols=sketch_cols, dtype=dtype,
               device=jax.devices()[0].device_kind,
-              jax_version=jax.__version__)
+              jax_version=jax.__version__,
+              mlorc_optax_source=environment.library_source())
   rows_out = []
 
   def record(name, fn, args, nbytes, **extra):

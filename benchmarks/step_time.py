@@ -301,7 +301,9 @@ def measure(case: str, dtype: str, optimizer: str, rank: int | None,
       case=case, dtype=dtype, optimizer=optimizer, rank=rank,
       params=param_count(case), backend=jax.default_backend(),
       device=jax.local_devices()[0].device_kind, jax_version=jax.__version__,
-      optax_version=optax.__version__, status='error', error=None)
+      optax_version=optax.__version__,
+      mlorc_optax_source=environment.library_source(), status='error',
+      error=None)
   try:
     tx, params, grads = make_problem(case, dtype, optimizer, rank)
     if optimizer.startswith('mlorc_'):

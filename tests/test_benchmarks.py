@@ -50,6 +50,9 @@ def test_step_time_tool_measures_every_optimizer_on_a_tiny_tree(tmp_path):
     assert r['status'] == 'ok', r['error']
     assert r['step_s'] > 0 and r['ratio_vs_adamw'] > 0
     assert r['params'] == 2 * (64 * 64 + 2 * 64 * 160)
+    # Which source tree was measured (two trees' runs must differ here).
+    assert r['mlorc_optax_source'] == str(
+        Path(mlorc_optax.__file__).resolve().parent)
   by_name = {r['optimizer']: r for r in results}
   # State sizes: adamw two dense moments; MLorc B((m+n)r + r) per moment.
   assert by_name['adamw']['opt_state_bytes'] >= 2 * 4 * by_name['adamw'][
@@ -223,6 +226,8 @@ def test_fused_passes_tool_times_every_piece_on_a_tiny_stack(tmp_path):
   for r in rows:
     assert 'error' not in r, r
     assert r['ms'] > 0
+    assert r['mlorc_optax_source'] == str(
+        Path(mlorc_optax.__file__).resolve().parent)
   assert len(out.read_text().splitlines()) == len(rows)
 
 

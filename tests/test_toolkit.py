@@ -105,6 +105,14 @@ def test_device_line_is_one_short_line():
   assert '\n' not in environment.device_line()
 
 
+def test_library_source_is_the_folder_of_the_imported_package():
+  import mlorc_optax  # pylint: disable=g-import-not-at-top
+
+  source = Path(environment.library_source())
+  assert source.is_dir() and source.name == 'mlorc_optax'
+  assert (source / '__init__.py').samefile(mlorc_optax.__file__)
+
+
 def test_versions_name_python_and_the_libraries_results_depend_on():
   v = environment.versions()
   for name in ('python', 'jax', 'jaxlib', 'optax', 'numpy', 'mlorc_optax'):

@@ -211,6 +211,19 @@ def device_line(description: dict[str, Any] | None = None) -> str:
   return f'{d["count"]} x {d["device_kind"]} ({d["platform"]})'
 
 
+def library_source() -> str:
+  """The folder the imported ``mlorc_optax`` package comes from.
+
+  A result names it so that a comparison of two source trees shows which
+  tree each run imported: ``python -m`` puts the current folder first on
+  ``sys.path``, so run from a checkout's root it imports that checkout's
+  package whatever ``PYTHONPATH`` says (``benchmarks/README.md``).
+  """
+  import mlorc_optax  # pylint: disable=g-import-not-at-top
+
+  return str(Path(mlorc_optax.__file__).resolve().parent)
+
+
 def versions() -> dict[str, str]:
   """Versions of Python and of the libraries a result depends on.
 
