@@ -226,7 +226,8 @@ def test_gpu_default_products_stay_within_their_rounding(batch, m, n, rank,
   for name, x, y, bound in zip(theirs._fields, ours, theirs, bounds):
     if name in extra:
       assert np.all(np.abs(f64(x) - f64(y))
-                    <= BF16_PRODUCT * f64(bound) + extra[name] + slack(y)), name
+                    <= BF16_PRODUCT * f64(bound) + extra[name] + slack(y)
+                    ), name
   assert np.all(np.abs(f64(ours.neg_count) - f64(theirs.neg_count))
                 <= near_zero.sum(-1))
   assert np.all(np.abs(f64(ours.neg_sum) - f64(theirs.neg_sum))
@@ -700,21 +701,23 @@ def test_compiled_bf16_dots_get_their_operands_in_bfloat16():
     assert launch.dot_input(x, field, default, True) is x
     assert launch.dot_input(x, field, FULL, False) is x
     assert launch.dot_input(cast, field, default, False) is cast
+  with pytest.raises(ValueError, match='precision must be one of'):
+    launch.dot_input(x, 'block_rows', default, False)
 
 
 def test_passes_given_bfloat16_operands_round_only_the_tile():
-  """Handed ``omega`` and ``Q`` in bfloat16, as compiled MLorc-AdamW
-  passes get them (:func:`launch.dot_input`; MLorc-Lion's may be given
-  them), every pass rounds each streamed tile to
-  bfloat16 (relative error at most ``2**-8``: round to nearest with 8
-  significant bits) and sums the products in float32: within ``2**-8`` of
-  ``|tile| |operand|``, plus float32 summation, of its reference with the
-  same operands in float32. Tiles that bfloat16 holds exactly (a bfloat16
-  gradient, the 0/1 indicator of negative entries) are not rounded at all,
-  so their products must match to float32 summation. Interpret mode runs
-  the same kernel bodies, so this checks them on a CPU; but XLA on a CPU
-  may keep a bfloat16 result in float32 (excess precision), so that every
-  dot in the kernels returns float32 is checked on their jaxprs."""
+  """Handed ``omega`` and ``Q`` in bfloat16, as compiled MLorc-AdamW passes
+  get them (:func:`launch.dot_input`; MLorc-Lion's may be given them), every
+  pass rounds each streamed tile to bfloat16 (relative error at most
+  ``2**-8``: round to nearest with 8 significant bits) and sums the products
+  in float32: within ``2**-8`` of ``|tile| |operand|``, plus float32
+  summation, of its reference with the same operands in float32. Tiles that
+  bfloat16 holds exactly (a bfloat16 gradient, the 0/1 indicator of negative
+  entries) are not rounded at all, so their products must match to float32
+  summation. Interpret mode runs the same kernel bodies, so this checks them
+  on a CPU; but XLA on a CPU may keep a bfloat16 result in float32 (excess
+  precision), so that every dot in the kernels returns float32 is checked on
+  their jaxprs."""
   batch, m, n, rank = 2, 128, 192, 4
   g, a_m, v_m, a_v, v_v, (om, ov), (q_m, q_v) = pass_inputs(
       batch, m, n, rank, jnp.bfloat16, config=FULL)
@@ -725,19 +728,22 @@ def test_passes_given_bfloat16_operands_round_only_the_tile():
   b1 = jnp.full((batch,), B1)
   coef = kernels.LionCoefficients(b1=b1, one_minus_b1=1 - b1)
   interpreted = dict(config=FULL, interpret=True)
-  passes = (
-      lambda: kernels.sketch_pass(g, a_v, v_v, bf16(om), bf16(ov), 1 - B2,
-                                  **interpreted),
-      lambda: kernels.project_pass(g, a_m, v_m, a_v, v_v, bf16(q_m),
-                                   bf16(q_v), c, zeta, **interpreted),
-      lambda: kernels.lion_sketch_pass(g, bf16(om), **interpreted),
-      lambda: kernels.lion_project_pass(g, a_m, v_m, bf16(q_m), coef,
-                                        **interpreted))
-  for run in passes:
+  passes = {
+      'sketch': lambda: kernels.sketch_pass(g, a_v, v_v, bf16(om), bf16(ov),
+                                            1 - B2, **interpreted),
+      'project': lambda: kernels.project_pass(
+          g, a_m, v_m, a_v, v_v, bf16(q_m), bf16(q_v), c, zeta,
+          **interpreted),
+      'lion_sketch': lambda: kernels.lion_sketch_pass(g, bf16(om),
+                                                      **interpreted),
+      'lion_project': lambda: kernels.lion_project_pass(
+          g, a_m, v_m, bf16(q_m), coef, **interpreted)}
+  for run in passes.values():
     dots = [eqn for eqn in _equations(jax.make_jaxpr(run)().jaxpr)
             if eqn.primitive.name == 'dot_general']
     assert dots and all(eqn.outvars[0].aval.dtype == jnp.float32
                         for eqn in dots)
+  ours = {name: run() for name, run in passes.items()}
 
   def within(ours, theirs, name, bound=0.0):
     slack = 1e-5 * np.abs(f64(theirs)).max()
@@ -745,38 +751,33 @@ def test_passes_given_bfloat16_operands_round_only_the_tile():
     assert np.all(np.abs(f64(ours) - f64(theirs))
                   <= 2.0**-8 * f64(bound) + slack), name
 
-  run = functools.partial(kernels.sketch_pass, config=FULL, interpret=True)
-  ours = run(g, a_v, v_v, bf16(om), bf16(ov), 1 - B2)
+  sketch = ours['sketch']
   theirs = kernels.sketch_pass_reference(g, a_v, v_v, f32(bf16(om)),
                                          f32(bf16(ov)), 1 - B2)
-  within(ours.g_omega, theirs.g_omega, 'g_omega')
-  within(ours.neg_omega, theirs.neg_omega, 'neg_omega')
-  within(ours.x_omega, theirs.x_omega, 'x_omega', kernels.sketch_pass_reference(
-      g, a_v, v_v, jnp.abs(f32(bf16(om))), jnp.abs(f32(bf16(ov))),
-      1 - B2).x_omega)  # x >= 0: its products with |omega| bound them
-  assert_close(ours.neg_count, theirs.neg_count, 1e-5, 'neg_count')
+  within(sketch.g_omega, theirs.g_omega, 'g_omega')
+  within(sketch.neg_omega, theirs.neg_omega, 'neg_omega')
+  # x >= 0: its products with |omega| bound the rounding.
+  within(sketch.x_omega, theirs.x_omega, 'x_omega',
+         kernels.sketch_pass_reference(g, a_v, v_v, jnp.abs(f32(bf16(om))),
+                                       jnp.abs(f32(bf16(ov))), 1 - B2).x_omega)
+  assert_close(sketch.neg_count, theirs.neg_count, 1e-5, 'neg_count')
 
-  ours = kernels.project_pass(g, a_m, v_m, a_v, v_v, bf16(q_m), bf16(q_v),
-                              c, zeta, config=FULL, interpret=True)
+  project = ours['project']
   theirs = kernels.project_pass_reference(g, a_m, v_m, a_v, v_v,
                                           f32(bf16(q_m)), f32(bf16(q_v)), c,
                                           zeta)
   moments = projected_moments(g, a_m, v_m, a_v, v_v, c, zeta)
   for name, q, moment in (('b_m', q_m, moments[0]), ('b_v', q_v, moments[1])):
-    within(getattr(ours, name), getattr(theirs, name), name,
+    within(getattr(project, name), getattr(theirs, name), name,
            jnp.einsum('bil,bij->blj', jnp.abs(q), jnp.abs(moment)))
   # The direction does not involve Q.
-  np.testing.assert_array_equal(ours.direction, kernels.project_pass(
-      g, a_m, v_m, a_v, v_v, q_m, q_v, c, zeta, config=FULL,
-      interpret=True).direction)
+  np.testing.assert_array_equal(project.direction, kernels.project_pass(
+      g, a_m, v_m, a_v, v_v, q_m, q_v, c, zeta, **interpreted).direction)
 
-  within(kernels.lion_sketch_pass(g, bf16(om), config=FULL, interpret=True),
+  within(ours['lion_sketch'],
          kernels.lion_sketch_pass_reference(g, f32(bf16(om))), 'lion sketch')
-  ours = kernels.lion_project_pass(g, a_m, v_m, bf16(q_m), coef, config=FULL,
-                                   interpret=True)
-  theirs = kernels.lion_project_pass_reference(g, a_m, v_m, f32(bf16(q_m)),
-                                               coef)
-  within(ours.q_g, theirs.q_g, 'lion q_g')
+  within(ours['lion_project'].q_g, kernels.lion_project_pass_reference(
+      g, a_m, v_m, f32(bf16(q_m)), coef).q_g, 'lion q_g')
 
 
 def _launched_tiles(config, name, dtype, shape=(1, 128, 256), width=16):

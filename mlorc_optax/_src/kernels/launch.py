@@ -234,11 +234,12 @@ class KernelConfig:
       ``2**-8`` of the moment, entry by entry of the streamed part
       (``(1 - b1) g``, or ``(1 - b2) g**2 + r_-``, rounded to 8
       significant bits; ``omega`` rounded once, :func:`sketch_operand`).
-      That moves the singular values, and so the range finder's error ``||(I - Q Q^T) M||``, by no more than ``2**-8``
-      of the streamed part's Frobenius norm, far below the rank-``r``
-      truncation error; the projections that make the factors stay at
-      ``project_precision``. On an H200 it took MLorc-AdamW's pass 1 from
-      1.76 to 0.99 ms (8 x 4096 x 11008 float32, ``benchmarks/README.md``).
+      That moves the singular values, and so the range finder's error
+      ``||(I - Q Q^T) M||``, by no more than ``2**-8`` of the streamed
+      part's Frobenius norm, far below the rank-``r`` truncation error;
+      the projections that make the factors stay at ``project_precision``.
+      On an H200 it took MLorc-AdamW's pass 1 from 1.76 to 0.99 ms (8 x
+      4096 x 11008 float32, ``benchmarks/README.md``).
     project_precision: precision of pass 2's projections ``Q^T tile``, from
       which the new factors come, the same choices. With the default
       ``'bf16'`` the new factors are those of ``Q Q^T (M + E)``, ``E``
@@ -443,7 +444,13 @@ def dot_input(x: jax.Array, precision: str, config: KernelConfig,
   rank-4 step where it was (7.50 ms before, 7.58 after, ``optax.lion``
   4.28 / 4.26 ms) and raised its compiled temporaries from 0.23x to 0.32x
   the parameter bytes.
+
+  Raises:
+    ValueError: if ``precision`` is not one of :data:`PRECISION_FIELDS`.
   """
+  if precision not in PRECISION_FIELDS:
+    raise ValueError(f'precision must be one of {PRECISION_FIELDS}, got '
+                     f'{precision!r}.')
   inputs = jnp.dtype(
       PRECISIONS[getattr(config, precision)].supported_rhs_types[0])
   if interpret or inputs.itemsize >= x.dtype.itemsize:
@@ -533,10 +540,10 @@ class Products:
   ``q^T tile`` (over the row blocks) are tensor-core dots at their
   precisions with float32 sums, the tile cast to the dtype of ``omega`` or
   ``q`` (MLorc-AdamW's passes hand them in the dot's input dtype,
-  :func:`dot_input`); the reconstruction ``a v^T`` of a factor pair is a dot at its
-  precision, or with ``fma`` float32 multiply-adds over the factors' true
-  rank, ``sum_k a_k v_k^T`` (exact to float32 rounding), the factors read a
-  column at a time.
+  :func:`dot_input`); the reconstruction ``a v^T`` of a factor pair is a
+  dot at its precision, or with ``fma`` float32 multiply-adds over the
+  factors' true rank, ``sum_k a_k v_k^T`` (exact to float32 rounding), the
+  factors read a column at a time.
 
   Attributes:
     precisions: the dots' :class:`DotPrecisions` (:func:`dot_precisions`).
