@@ -688,10 +688,10 @@ def test_compiled_bf16_sketches_round_omega_once_for_both_products():
 
 
 def test_compiled_bf16_dots_get_their_operands_in_bfloat16():
-  """A compiled MLorc-AdamW pass hands its bfloat16 dots ``omega`` and
-  ``Q`` already in bfloat16 (the rounding the dot's preset applies anyway:
-  the kernel loads half the bytes and converts nothing); float32 presets
-  and interpret mode keep them as they are."""
+  """:func:`launch.dot_input` hands a bfloat16 dot its operand already in
+  bfloat16 (the rounding the dot's preset applies anyway: the kernel loads
+  half the bytes and converts nothing); float32 presets and interpret mode
+  keep it as it is."""
   x = jax.random.normal(jax.random.key(0), (2, 64, 16))
   default = kernels.KernelConfig()
   for field in ('sketch_precision', 'project_precision'):
@@ -705,9 +705,50 @@ def test_compiled_bf16_dots_get_their_operands_in_bfloat16():
     launch.dot_input(x, 'block_rows', default, False)
 
 
+@pytest.mark.parametrize('config, bfloat16', [
+    (kernels.KernelConfig(), True),  # 'bf16' sketches and projections
+    (FULL, False)])
+def test_which_compiled_passes_take_bfloat16_operands(config, bfloat16):
+  """Compiled, MLorc-AdamW's passes take ``omega`` and ``Q`` and
+  MLorc-Lion's pass 1 takes ``omega`` in their dot's input dtype
+  (:func:`launch.dot_input`); MLorc-Lion's pass 2 keeps a float32 ``Q``
+  (cast, it raised the step's temporaries: ``dot_input``'s docstring).
+  Checked on what each ``pallas_call`` receives; tracing compiles nothing,
+  so this runs on a CPU."""
+  batch, m, n, rank = 1, 64, 128, 4
+  g, a_m, v_m, a_v, v_v, (om, ov), (q_m, q_v) = pass_inputs(
+      batch, m, n, rank, jnp.float32, config=config)
+  c, zeta = coefficients(batch), zetas(batch)
+  coef = kernels.LionCoefficients(B1, 1 - B1)
+  compiled = dict(config=config, interpret=False)
+  narrow = jnp.bfloat16 if bfloat16 else jnp.float32
+  # Each pass, and the dtypes its kernel must get om / ov / q_m / q_v in.
+  passes = {
+      'mlorc_adam_sketch': (lambda: kernels.sketch_pass(
+          g, a_v, v_v, om, ov, 1 - B2, **compiled), [narrow, narrow]),
+      'mlorc_adam_project': (lambda: kernels.project_pass(
+          g, a_m, v_m, a_v, v_v, q_m, q_v, c, zeta, **compiled),
+                             [narrow, narrow]),
+      'mlorc_lion_sketch': (lambda: kernels.lion_sketch_pass(
+          g, om, **compiled), [narrow]),
+      'mlorc_lion_project': (lambda: kernels.lion_project_pass(
+          g, a_m, v_m, q_m, coef, **compiled), [jnp.float32])}
+  for name, (run, expected) in passes.items():
+    [call] = [eqn for eqn in _equations(jax.make_jaxpr(run)().jaxpr)
+              if eqn.primitive.name == 'pallas_call']
+    assert call.params['name'] == name
+    # Each pass's sketches [B, n, L] or bases [B, m, L] are its last
+    # arguments.
+    operands = [v.aval for v in call.invars[-len(expected):]]
+    rows = n if name.endswith('sketch') else m
+    assert [x.shape for x in operands] == [(batch, rows, om.shape[-1])] * len(
+        expected), name
+    assert [x.dtype for x in operands] == expected, name
+
+
 def test_passes_given_bfloat16_operands_round_only_the_tile():
   """Handed ``omega`` and ``Q`` in bfloat16, as compiled MLorc-AdamW passes
-  get them (:func:`launch.dot_input`; MLorc-Lion's may be given them), every
+  and MLorc-Lion's pass 1 get them (:func:`launch.dot_input`), every
   pass rounds each streamed tile to bfloat16 (relative error at most
   ``2**-8``: round to nearest with 8 significant bits) and sums the products
   in float32: within ``2**-8`` of ``|tile| |operand|``, plus float32

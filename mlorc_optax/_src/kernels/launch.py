@@ -436,14 +436,16 @@ def dot_input(x: jax.Array, precision: str, config: KernelConfig,
   are float32, and in interpret mode, whose dots are float32.
 
   MLorc-AdamW's passes take ``omega`` and ``Q`` so: on an H200 (jax
-  0.11.2, LLaMA-7B stacks, L=8, bfloat16, both trees in one call) that
-  took its step from 1.86x to 1.64x ``optax.adamw``'s at rank 4 and from
-  3.77x to 3.50x at rank 32, its pass 2 without ``q_m`` from 1.25 to 0.96
-  ms on an 8 x 4096 x 11008 stack (``benchmarks/README.md``). MLorc-Lion's
-  passes keep float32 operands: in the same call the change left its
-  rank-4 step where it was (7.50 ms before, 7.58 after, ``optax.lion``
-  4.28 / 4.26 ms) and raised its compiled temporaries from 0.23x to 0.32x
-  the parameter bytes.
+  0.11.2, LLaMA-7B stacks, L=8, both trees in one call) that took its step
+  from 1.86x to 1.64x ``optax.adamw``'s at rank 4 and from 3.77x to 3.50x
+  at rank 32 in bfloat16, from 1.28x to 1.25x and from 2.19x to 1.96x in
+  float32, and its bfloat16 pass 2 without ``q_m`` from 1.25 to 0.96 ms on
+  an 8 x 4096 x 11008 stack (``benchmarks/README.md``). MLorc-Lion's pass
+  1 takes ``omega`` so too (its bfloat16 rank-32 step from 3.17x to 2.91x
+  ``optax.lion``'s, rank 4 unchanged at 1.76x, temporaries unchanged); its
+  pass 2 keeps a float32 ``Q``: cast, it left the rank-4 step where it was
+  (7.50 ms before, 7.58 after, ``optax.lion`` 4.28 / 4.26 ms) and raised
+  the compiled temporaries from 0.23x to 0.32x the parameter bytes.
 
   Raises:
     ValueError: if ``precision`` is not one of :data:`PRECISION_FIELDS`.
@@ -539,11 +541,11 @@ class Products:
   sketches ``tile @ omega`` (summed over the column blocks) and projections
   ``q^T tile`` (over the row blocks) are tensor-core dots at their
   precisions with float32 sums, the tile cast to the dtype of ``omega`` or
-  ``q`` (MLorc-AdamW's passes hand them in the dot's input dtype,
-  :func:`dot_input`); the reconstruction ``a v^T`` of a factor pair is a
-  dot at its precision, or with ``fma`` float32 multiply-adds over the
-  factors' true rank, ``sum_k a_k v_k^T`` (exact to float32 rounding), the
-  factors read a column at a time.
+  ``q`` (MLorc-AdamW's passes and MLorc-Lion's pass 1 hand them in the
+  dot's input dtype, :func:`dot_input`); the reconstruction ``a v^T`` of a
+  factor pair is a dot at its precision, or with ``fma`` float32
+  multiply-adds over the factors' true rank, ``sum_k a_k v_k^T`` (exact to
+  float32 rounding), the factors read a column at a time.
 
   Attributes:
     precisions: the dots' :class:`DotPrecisions` (:func:`dot_precisions`).

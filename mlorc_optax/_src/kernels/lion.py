@@ -124,6 +124,7 @@ def lion_sketch_pass(
   """
   _check_sketch('lion_sketch_pass', g, omega, config)
   batch, rows, _ = g.shape
+  omega = launch_lib.dot_input(omega, 'sketch_precision', config, interpret)
   out = launch_lib.launch(
       _lion_sketch_kernel, g, over='rows',
       out_shape=lambda parts: jax.ShapeDtypeStruct(
