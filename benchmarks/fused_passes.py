@@ -4,7 +4,12 @@ For one stack of matrices ``[B, m, n]`` (default: 8 x 4096 x 11008, the
 gate/up projections of LLaMA-7B) this times, on the default device:
 
 * ``copy`` (``y = 2 x``: read + write) and ``read`` (``sum(x)``): the
-  memory bandwidth the kernels should reach, measured in the same run;
+  memory bandwidth the kernels should reach, measured in the same run,
+  before the passes and again after them (rows with ``"order": "last"``,
+  ``apply`` too): on an H200 the first copy of a run once took longer
+  than the three-array ``apply`` after it (``benchmarks/README.md``,
+  sixteenth session), so a pass's ratio should take the faster of each
+  pair;
 * ``sketch``: pass 1 (:func:`mlorc_optax.kernels.sketch_pass`), which reads
   the gradient once;
 * ``project``: pass 2 (:func:`mlorc_optax.kernels.project_pass`), which
@@ -254,10 +259,14 @@ def measure(batch: int, rows: int, cols: int, rank: int, dtype: str,
     print(json.dumps(r), flush=True)
     rows_out.append(r)
 
-  record('copy', lambda x: x * 2, (g,), 2 * size * item)
-  record('read', lambda x: jnp.sum(x, dtype=f32), (g,), size * item)
-  record('apply', lambda p, d: p - 1e-4 * (d + 1e-4 * p), (w, g),
-         3 * size * item)
+  def references(**extra):
+    record('copy', lambda x: x * 2, (g,), 2 * size * item, **extra)
+    record('read', lambda x: jnp.sum(x, dtype=f32), (g,), size * item,
+           **extra)
+    record('apply', lambda p, d: p - 1e-4 * (d + 1e-4 * p), (w, g),
+           3 * size * item, **extra)
+
+  references()
   record('small', small, (y, b), 0)
   record('leaf_step', lambda g, f: kernels.adam_step(
       [kernels.AdamLeafInputs(g, f, f, ops.omega[..., :sketch_cols],
@@ -284,6 +293,7 @@ def measure(batch: int, rows: int, cols: int, rank: int, dtype: str,
       )._asdict()
       record(name, functools.partial(calls_of[call], config=config), (g,),
              moved * size * item, **fields, tiling=tiling)
+  references(order='last')
   return rows_out
 
 
