@@ -18,12 +18,23 @@ The stages of a tile of pass 1 (:mod:`mlorc_optax.kernels` docs):
    (dots at ``KernelConfig.sketch_precision``, ``bf16`` by default);
 4. two row sums (negative entries and their magnitudes).
 
-A :class:`Variant` drops or changes stages; ``full`` is the library's
-kernel (a test checks that it returns what
+A :class:`Variant` drops or changes stages; ``full`` computes what the
+library's kernel computes (a test checks that it returns what
 :func:`~mlorc_optax.kernels.sketch_pass` returns). Variants that drop a
-stage compute something else: they are for timing only. Prints one JSON
-line per variant, next to a plain read and copy of the gradient, the
-library's pass and Lion's pass 1, and appends them to ``--json``.
+stage compute something else: they are for timing only.
+
+The variants run this module's own copy of the kernel (commit
+``fc39557``). It does not follow what the library's pass gained since:
+the per-pass tilings (``KernelConfig.pass_tilings``), the bfloat16
+operands of :func:`~mlorc_optax._src.kernels.launch.dot_input` and the
+:data:`~mlorc_optax._src.kernels.launch.FAST` arithmetic. Its times are
+therefore not the library's pass; ``library_sketch_pass`` is. The
+sixteenth session's ablation switched pieces off in the library kernel
+itself instead (``results/fused_passes/sixteenth/pass1_ablation.patch``).
+
+Prints one JSON line per variant, next to a plain read and copy of the
+gradient, the library's pass and Lion's pass 1, and appends them to
+``--json``.
 
 Usage::
 
