@@ -47,6 +47,7 @@ from mlorc_optax._src.kernels import launch
 
 import numpy_reference as ref
 from closeness import assert_close, assert_close_but_for_the_fix
+from helpers import EPS32
 from helpers import FULL  # float32-level dots; rank <= 8 by multiply-adds
 
 B1, B2, EPS = 0.9, 0.999, 1e-8
@@ -155,6 +156,25 @@ def test_project_pass_without_q_m_projects_only_v():
     # The same computation in another program: float32 summation order.
     assert_close(only_v.direction, both.direction, 1e-5, 'direction')
     assert_close(only_v.b_v, both.b_v, 1e-5, 'b_v')
+
+
+def test_folded_numerator_is_adams_numerator():
+  """``k_m m + k_g g`` with ``m = rec + (1 - b1) g`` is ``k_g' g + k_m
+  rec`` with :func:`step_math.adam_folded_numerator`'s ``(k_m, k_g')``
+  (per matrix, as pass 2 without ``q_m`` computes it), to float32
+  rounding of the three terms."""
+  batch = 3
+  c = kernels.AdamCoefficients(*[
+      launch.expand_per_matrix(jnp.broadcast_to(jnp.float32(x), (batch,)))
+      for x in coefficients(batch)])
+  rec, g = jax.random.normal(jax.random.key(5), (2, batch, 16, 32))
+  m, _ = step_math.adam_new_moments(rec, rec, g, 0.0, c)
+  scale, k_g = step_math.adam_folded_numerator(c)
+  ours = k_g * g + scale * rec
+  theirs = c.k_m * m + c.k_g * g
+  magnitude = jnp.abs(c.k_m * rec) + jnp.abs((c.k_m * c.one_minus_b1
+                                              + jnp.abs(c.k_g)) * g)
+  assert jnp.all(jnp.abs(ours - theirs) <= 8 * EPS32 * magnitude)
 
 
 def projected_moments(g, a_m, v_m, a_v, v_v, c, zeta):

@@ -223,9 +223,17 @@ def adam_new_moments(
   Returns:
     ``(m, v)``, float32, shaped like ``g``.
   """
-  m = ops.fma(c.one_minus_b1, g, rec_m)
-  v = ops.fma(c.one_minus_b2, g * g, jnp.where(rec_v < 0, zeta, rec_v))
-  return m, v
+  return (ops.fma(c.one_minus_b1, g, rec_m),
+          adam_new_second_moment(rec_v, g, zeta, c, ops))
+
+
+def adam_new_second_moment(
+    rec_v: jax.Array, g: jax.Array, zeta: Any, c: AdamCoefficients,
+    ops: Arithmetic = PLAIN,
+) -> jax.Array:
+  """``v = fix(b2 v~) + (1 - b2) g**2``, the second moment of
+  :func:`adam_new_moments` (same arguments)."""
+  return ops.fma(c.one_minus_b2, g * g, jnp.where(rec_v < 0, zeta, rec_v))
 
 
 def adam_direction(
@@ -234,9 +242,37 @@ def adam_direction(
 ) -> jax.Array:
   """``(k_m m + k_g g) / (sqrt(c_v v + eps_root) + eps)``, clipped to
   ``[-bound, bound]`` (float32), computed with ``ops``."""
-  num = ops.fma(c.k_g, g, c.k_m * m)
+  return adam_ratio(ops.fma(c.k_g, g, c.k_m * m), v, c, ops)
+
+
+def adam_ratio(
+    num: jax.Array, v: jax.Array, c: AdamCoefficients,
+    ops: Arithmetic = PLAIN,
+) -> jax.Array:
+  """``num / (sqrt(c_v v + eps_root) + eps)``, clipped to ``[-bound,
+  bound]`` (float32): :func:`adam_direction` given its numerator ``num =
+  k_m m + k_g g``."""
   den = ops.sqrt(ops.fma(c.c_v, v, c.eps_root)) + c.eps
   return jnp.clip(ops.div(num, den), -c.bound, c.bound)
+
+
+def adam_folded_numerator(c: AdamCoefficients) -> tuple[Any, Any]:
+  """``(k_m, k_g')`` such that Adam's numerator is one multiply-add.
+
+  With ``m = rec_m + (1 - b1) g`` (:func:`adam_new_moments`),
+
+  .. math::
+
+    k_m\\, m + k_g\\, g = (k_m\\, \\mathrm{rec}_m)
+    + \\big(k_m (1 - \\beta_1) + k_g\\big)\\, g ,
+
+  so a caller that needs ``m`` only through the numerator scales the
+  reconstruction's factor by ``k_m`` (the first value) and computes
+  ``fma(k_g', g, k_m rec_m)`` with ``k_g'`` the second: one multiply-add per
+  entry where ``m`` and the numerator took three. Each is computed as the
+  fields are given (scalars or per-matrix arrays).
+  """
+  return c.k_m, c.k_m * c.one_minus_b1 + c.k_g
 
 
 def adam_update_bound(b1: Any, b2: Any, count: Any, nesterov: bool) -> Any:
@@ -373,9 +409,15 @@ def adam_projection_terms(
   """The new moments as pass 2 projects them: clipped at ``bound``.
 
   ``v >= 0`` (the fix removed the negative entries), so it is clipped from
-  above only.
+  above only (:func:`second_moment_projection_term`).
   """
-  return clip_magnitude(m, bound), jnp.minimum(v, bound)
+  return clip_magnitude(m, bound), second_moment_projection_term(v, bound)
+
+
+def second_moment_projection_term(v: jax.Array, bound: float) -> jax.Array:
+  """The new second moment as pass 2 projects it (the second value of
+  :func:`adam_projection_terms`): ``v >= 0``, clipped from above only."""
+  return jnp.minimum(v, bound)
 
 
 # ----------------------------------------------------------------------------

@@ -19,7 +19,12 @@ factors up to ``KernelConfig.fma_max_rank`` wide. Pass 2's kernel writes
 each tile of the direction before it accumulates the projections, which
 keeps fewer tiles live (computing all three before writing any made the
 pass 1.6x slower on an H200,
-``benchmarks/fused_passes.py``). A grid program owns a block of rows (pass 1)
+``benchmarks/fused_passes.py``). Given no ``q_m`` it never forms ``m``: the
+direction's numerator ``k_m m + k_g g`` is one multiply-add from ``a_m``
+scaled by ``k_m`` (:func:`~mlorc_optax._src.step_math.adam_folded_numerator`),
+which took the LLaMA-7B step on an H200 from 1.27x to 1.22x ``optax.adamw``'s
+in float32 and from 1.67x to 1.62x in bfloat16 at rank 4
+(``benchmarks/README.md``). A grid program owns a block of rows (pass 1)
 or of columns (pass 2) and loops over the other axis inside the kernel, so
 its accumulations never race (:func:`.launch.launch`).
 
@@ -318,17 +323,24 @@ def _project_kernel(
     rows = launch_lib.block(i, bm)
     g = g_ref[b, rows, cols].astype(_F32)
     ops = products.arithmetic
-    m, v = step_math.adam_new_moments(
-        products.outer(products.rows(am_ref, b, rows), vm),
-        products.outer(products.rows(av_ref, b, rows), vv), g, zeta, c, ops)
-    # The direction is written before the projections: fewer live tiles.
-    d_ref[b, rows, cols] = step_math.adam_direction(m, v, g, c, ops).astype(
-        d_ref.dtype)
-    m, v = step_math.adam_projection_terms(m, v, bound)
+    rec_m = products.outer(products.rows(am_ref, b, rows), vm)
+    rec_v = products.outer(products.rows(av_ref, b, rows), vv)
     acc_m, acc_v = acc
-    if qm_ref is not None:
-      acc_m = acc_m + products.project(qm_ref, b, rows, m)
-    return acc_m, acc_v + products.project(qv_ref, b, rows, v)
+    # The direction is written before the projections: fewer live tiles.
+    if qm_ref is None:
+      # a_m carries k_m and c.k_g is the folded k_g (project_pass): the
+      # numerator k_m m + k_g g is one multiply-add, m is never formed.
+      v = step_math.adam_new_second_moment(rec_v, g, zeta, c, ops)
+      d = step_math.adam_ratio(ops.fma(c.k_g, g, rec_m), v, c, ops)
+      d_ref[b, rows, cols] = d.astype(d_ref.dtype)
+    else:
+      m, v = step_math.adam_new_moments(rec_m, rec_v, g, zeta, c, ops)
+      d = step_math.adam_direction(m, v, g, c, ops)
+      d_ref[b, rows, cols] = d.astype(d_ref.dtype)
+      acc_m = acc_m + products.project(
+          qm_ref, b, rows, step_math.clip_magnitude(m, bound))
+    return acc_m, acc_v + products.project(
+        qv_ref, b, rows, step_math.second_moment_projection_term(v, bound))
 
   z = jnp.zeros((qv_ref.shape[-1], bn), _F32)
   acc_m, acc_v = jax.lax.fori_loop(
@@ -356,6 +368,13 @@ def project_pass(
   width = q_v.shape[-1]
   q_m, q_v = (None if q is None else launch_lib.dot_input(
       q, 'project_precision', config, interpret) for q in (q_m, q_v))
+
+  if q_m is None:
+    # Without Q_m^T m the kernel needs m only in the direction's numerator:
+    # a_m carries k_m, and k_g becomes k_m (1 - b1) + k_g.
+    k_m, k_g = step_math.adam_folded_numerator(coefficients)
+    a_m = a_m * k_m[:, None, None]
+    coefficients = coefficients._replace(k_g=k_g)
 
   def out_shape(parts):
     proj = jax.ShapeDtypeStruct((parts, batch, width, cols), _F32)
