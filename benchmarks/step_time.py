@@ -177,6 +177,16 @@ def param_count(case: str) -> int:
   return layers * sum(m * n for _, (m, n) in mats)
 
 
+def _with_default_tilings(*entries: Any) -> Any:
+  """The default :class:`~mlorc_optax.kernels.KernelConfig` with these
+  :class:`~mlorc_optax.kernels.PassTiling` entries in place of the defaults'
+  for the same pass, gradient width and ``min_width``."""
+  keys = {(e.kernel, e.itemsize, e.min_width) for e in entries}
+  default = mlorc_optax.kernels.KernelConfig().pass_tilings
+  return mlorc_optax.kernels.KernelConfig(pass_tilings=entries + tuple(
+      e for e in default if (e.kernel, e.itemsize, e.min_width) not in keys))
+
+
 #: Kernel settings an MLorc option may name
 #: (``mlorc_adamw:kernel_config=uniform_tiling``), each the default
 #: :class:`~mlorc_optax.kernels.KernelConfig` but for its precisions or
@@ -193,9 +203,9 @@ KERNEL_CONFIGS = {
     'exact_pass1_tf32_projections': mlorc_optax.kernels.KernelConfig(
         sketch_reconstruct_precision='tf32x3', project_precision='tf32'),
     'project_2_stages': mlorc_optax.kernels.KernelConfig(
-        pass_tilings=mlorc_optax.kernels.KernelConfig().pass_tilings + tuple(
-            mlorc_optax.kernels.PassTiling('mlorc_adam_project', size, 64, 64,
-                                           4, 2) for size in (2, 4))),
+        pass_tilings=tuple(
+            e._replace(num_stages=2) if e.kernel == 'mlorc_adam_project'
+            else e for e in mlorc_optax.kernels.KernelConfig().pass_tilings)),
     # The ninth session's defaults: one tiling per pass and dtype, whatever
     # the sketch width.
     'width_blind_tilings': mlorc_optax.kernels.KernelConfig(
@@ -203,14 +213,25 @@ KERNEL_CONFIGS = {
     # The fastest tilings of the tenth session's sweep of MLorc-AdamW's
     # passes (8 x 4096 x 11008, r=4; benchmarks/README.md), for every sketch
     # width, with today's other default entries.
-    'swept_tilings': mlorc_optax.kernels.KernelConfig(pass_tilings=(
+    'swept_tilings': _with_default_tilings(
         mlorc_optax.kernels.PassTiling('mlorc_adam_sketch', 2, 128, 32, 4, 3),
         mlorc_optax.kernels.PassTiling('mlorc_adam_sketch', 4, 128, 32, 4, 3),
         mlorc_optax.kernels.PassTiling('mlorc_adam_project', 2, 64, 32, 2, 3),
-        mlorc_optax.kernels.PassTiling('mlorc_adam_project', 4, 32, 64, 2, 3),
-        *mlorc_optax.kernels.KernelConfig().pass_tilings[1:])),
+        mlorc_optax.kernels.PassTiling('mlorc_adam_project', 4, 32, 64, 2,
+                                       3)),
     'target_programs_8192': mlorc_optax.kernels.KernelConfig(
         target_programs=8192),
+    # Both passes 2 with sketches under 64 columns aiming for 4096 or 8192
+    # programs (PassTiling.target_programs), the others at the config's 2048.
+    **{f'project_programs_{n}': _with_default_tilings(
+        mlorc_optax.kernels.PassTiling('mlorc_adam_project', 2, 64, 64, 4, 3,
+                                       target_programs=n),
+        mlorc_optax.kernels.PassTiling('mlorc_adam_project', 4, 64, 64, 4, 3,
+                                       target_programs=n),
+        mlorc_optax.kernels.PassTiling('mlorc_lion_project', 2, 64, 128, 4, 3,
+                                       target_programs=n),
+        mlorc_optax.kernels.PassTiling('mlorc_lion_project', 4, 64, 64, 4, 3,
+                                       target_programs=n)) for n in (4096, 8192)},
     'plain_math': mlorc_optax.kernels.KernelConfig(fast_math=False),
 }
 

@@ -604,6 +604,39 @@ def test_uneven_splits_sum_every_block_once(target_programs, sizes):
   assert_close(ours.q_g, theirs.q_g, 1e-5)
 
 
+def test_a_pass_tiling_can_set_its_own_program_target():
+  """A :class:`PassTiling` entry's ``target_programs`` splits its pass's
+  loop as the config's field would (here the Lion pass 2 of 80 x 80
+  matrices into 3 + 2 row blocks), and only that pass's; its results are
+  the reference's."""
+  entry = kernels.PassTiling('mlorc_lion_project', 4, 16, 16, 2, 3,
+                             target_programs=10)
+  config = dataclasses.replace(FULL, block_rows=16, block_cols=16,
+                               target_programs=5, pass_tilings=(entry,))
+  assert config.tiling('mlorc_lion_project', jnp.float32, 16) == entry
+  assert config.tiling('mlorc_lion_sketch', jnp.float32,
+                       16).target_programs == 5
+  # An entry without one takes the config's.
+  plain = dataclasses.replace(config, pass_tilings=(
+      entry._replace(target_programs=None),))
+  assert plain.tiling('mlorc_lion_project', jnp.float32,
+                      16).target_programs == 5
+  g, a_m, v_m, _, _, _, qs = pass_inputs(1, 80, 80, 4, jnp.float32,
+                                         config=config)
+  coef = kernels.LionCoefficients(0.9, 0.1)
+  jaxpr = jax.make_jaxpr(functools.partial(
+      kernels.lion_project_pass, config=config, interpret=INTERPRET))(
+          g, a_m, v_m, qs[0], coef)
+  [call] = [e for e in jaxpr.eqns if e.primitive.name == 'pallas_call']
+  # 5 column blocks, each loop of 5 row blocks split in 2 parts.
+  assert call.params['grid_mapping'].grid == (1, 5, 2)
+  ours = kernels.lion_project_pass(g, a_m, v_m, qs[0], coef, config=config,
+                                   interpret=INTERPRET)
+  theirs = kernels.lion_project_pass_reference(g, a_m, v_m, qs[0], coef)
+  assert_close(ours.q_g, theirs.q_g, 1e-5)
+  np.testing.assert_array_equal(ours.direction, theirs.direction)
+
+
 def test_tiles_and_what_the_kernels_support():
   config = kernels.KernelConfig()
   assert launch.tile(4096, 64) == 64 and launch.tile(48, 64) == 16
@@ -928,6 +961,8 @@ def test_each_pass_takes_its_tiling_for_the_gradient_and_sketch_widths():
      r'pass_tilings\[0\]\.num_stages must be an int'),
     (kernels.PassTiling('mlorc_adam_sketch', 2, 64, 32, 2, 3, -16),
      r'pass_tilings\[0\]\.min_width must be an int >= 0'),
+    (kernels.PassTiling('mlorc_adam_sketch', 2, 64, 32, 2, 3, 0, 0),
+     r'pass_tilings\[0\]\.target_programs must be an int >= 1'),
     (('mlorc_adam_sketch', 2, 64, 32, 2, 3),
      r'pass_tilings\[0\] must be a PassTiling'),
 ])

@@ -128,6 +128,8 @@ class PassTiling(NamedTuple):
       :func:`kernel_widths`) it applies to; of the entries for a pass and
       itemsize that apply, the one with the largest ``min_width`` is taken
       (:meth:`KernelConfig.tiling`). 0: every width.
+    target_programs: as :attr:`KernelConfig.target_programs`, for this
+      pass; None: the config's.
   """
 
   kernel: str
@@ -137,6 +139,7 @@ class PassTiling(NamedTuple):
   num_warps: int
   num_stages: int
   min_width: int = 0
+  target_programs: int | None = None
 
 
 #: The default :attr:`KernelConfig.pass_tilings`. MLorc-AdamW's pass 1 with
@@ -153,7 +156,12 @@ class PassTiling(NamedTuple):
 #: for sketches narrower than 64 columns: in the same run that took its
 #: rank-4 step from 7.84 to 7.28 ms, where at rank 32 (64 columns) the step
 #: took 13.34 ms against 12.92 with the fields' 64 x 64
-#: (``benchmarks/README.md``, "Tilings by sketch width").
+#: (``benchmarks/README.md``, "Tilings by sketch width"). No entry sets its
+#: own ``target_programs``: both passes 2 aiming for 8192 programs with
+#: sketches under 64 columns ran 17 % faster alone (float32, rank 4) but
+#: left the step no faster and raised its temporaries from 0.24x to 0.33x
+#: the parameter bytes with their partial sums; 4096 moved the step by less
+#: than the runs' spread (``benchmarks/README.md``, seventeenth session).
 DEFAULT_PASS_TILINGS = (
     PassTiling('mlorc_adam_sketch', 2, 64, 32, 2, 3),
     PassTiling('mlorc_adam_sketch', 2, 128, 32, 4, 3, min_width=64),
@@ -202,10 +210,11 @@ class KernelConfig:
     num_warps: Triton warps per program (a power of two).
     num_stages: Triton software-pipelining stages (``>= 1``).
     pass_tilings: :class:`PassTiling` entries, each replacing the four
-      fields above for one pass, gradient dtype width and sketches at least
-      ``min_width`` wide (at most one entry per triple); the passes without
-      one use the fields (:meth:`tiling`). Any tile fits a matrix the fields
-      fit, since both are multiples of 16.
+      fields above (and ``target_programs``, where it names one) for one
+      pass, gradient dtype width and sketches at least ``min_width`` wide
+      (at most one entry per triple); the passes without one use the fields
+      (:meth:`tiling`). Any tile fits a matrix the fields fit, since both
+      are multiples of 16.
     reconstruct_precision: precision of pass 2's reconstructions
       ``U S V^T`` of the previous factors, from which the update comes
       (factors wider than ``fma_max_rank``; narrower ones are rebuilt by
@@ -255,7 +264,7 @@ class KernelConfig:
     target_programs: grid programs a pass aims for (an H100 has 132 SMs,
       each running up to 16 programs of 4 warps); a pass whose grid is
       smaller splits its inner loop into more programs and sums their partial
-      results (:func:`splits`).
+      results (:func:`splits`). A :class:`PassTiling` entry can set its own.
     group_max_elements: leaves whose gradients have at most this many
       entries and whose arrays agree in shape (but for the batch axis) and
       dtype share one launch of each pass: their arrays are concatenated
@@ -313,6 +322,8 @@ class KernelConfig:
       _check_tiling(where, entry.block_rows, entry.block_cols,
                     entry.num_warps, entry.num_stages)
       _check_int(f'{where}.min_width', entry.min_width, 0)
+      if entry.target_programs is not None:
+        _check_int(f'{where}.target_programs', entry.target_programs, 1)
     _check_int('KernelConfig.target_programs', self.target_programs, 1)
     for name in ('group_max_elements', 'fma_max_rank'):
       _check_int(f'KernelConfig.{name}', getattr(self, name), 0)
@@ -330,15 +341,20 @@ class KernelConfig:
     ``dtype`` and sketches ``width`` columns wide (as the kernels take
     them, :func:`kernel_widths`): of its :attr:`pass_tilings` entries with
     ``min_width <= width`` the one with the largest ``min_width``, else the
-    config's fields."""
+    config's fields; its ``target_programs`` is never None (the config's
+    where the entry has none)."""
     itemsize = jnp.dtype(dtype).itemsize
     fits = [e for e in self.pass_tilings
             if (e.kernel, e.itemsize) == (kernel, itemsize)
             and e.min_width <= width]
     if fits:
-      return max(fits, key=lambda e: e.min_width)
+      entry = max(fits, key=lambda e: e.min_width)
+      if entry.target_programs is None:
+        entry = entry._replace(target_programs=self.target_programs)
+      return entry
     return PassTiling(kernel, itemsize, self.block_rows, self.block_cols,
-                      self.num_warps, self.num_stages)
+                      self.num_warps, self.num_stages,
+                      target_programs=self.target_programs)
 
 
 def tile(dim: int, target: int) -> int | None:
@@ -660,7 +676,7 @@ def launch(
         'supports).')
   blocks, loop = ((rows // bm, cols // bn) if over == 'rows'
                   else (cols // bn, rows // bm))
-  split = splits(batch * blocks, loop, config.target_programs)
+  split = splits(batch * blocks, loop, tiling.target_programs)
   products = Products(dot_precisions(config, interpret, name),
                       fma=rank is not None and uses_fma(rank, config),
                       arithmetic=arithmetic(config, interpret))
