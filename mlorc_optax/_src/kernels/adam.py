@@ -326,17 +326,17 @@ def _project_kernel(
     rec_m = products.outer(products.rows(am_ref, b, rows), vm)
     rec_v = products.outer(products.rows(av_ref, b, rows), vv)
     acc_m, acc_v = acc
-    # The direction is written before the projections: fewer live tiles.
     if qm_ref is None:
       # a_m carries k_m and c.k_g is the folded k_g (project_pass): the
       # numerator k_m m + k_g g is one multiply-add, m is never formed.
       v = step_math.adam_new_second_moment(rec_v, g, zeta, c, ops)
       d = step_math.adam_ratio(ops.fma(c.k_g, g, rec_m), v, c, ops)
-      d_ref[b, rows, cols] = d.astype(d_ref.dtype)
     else:
       m, v = step_math.adam_new_moments(rec_m, rec_v, g, zeta, c, ops)
       d = step_math.adam_direction(m, v, g, c, ops)
-      d_ref[b, rows, cols] = d.astype(d_ref.dtype)
+    # The direction is written before the projections: fewer live tiles.
+    d_ref[b, rows, cols] = d.astype(d_ref.dtype)
+    if qm_ref is not None:
       acc_m = acc_m + products.project(
           qm_ref, b, rows, step_math.clip_magnitude(m, bound))
     return acc_m, acc_v + products.project(
