@@ -221,17 +221,14 @@ KERNEL_CONFIGS = {
                                        3)),
     'target_programs_8192': mlorc_optax.kernels.KernelConfig(
         target_programs=8192),
-    # Both passes 2 with sketches under 64 columns aiming for 4096 or 8192
-    # programs (PassTiling.target_programs), the others at the config's 2048.
-    **{f'project_programs_{n}': _with_default_tilings(
-        mlorc_optax.kernels.PassTiling('mlorc_adam_project', 2, 64, 64, 4, 3,
-                                       target_programs=n),
-        mlorc_optax.kernels.PassTiling('mlorc_adam_project', 4, 64, 64, 4, 3,
-                                       target_programs=n),
-        mlorc_optax.kernels.PassTiling('mlorc_lion_project', 2, 64, 128, 4, 3,
-                                       target_programs=n),
-        mlorc_optax.kernels.PassTiling('mlorc_lion_project', 4, 64, 64, 4, 3,
-                                       target_programs=n)) for n in (4096, 8192)},
+    # Both passes 2 with sketches under 64 columns (the default tiling of
+    # each, at 16 columns) aiming for 4096 or 8192 programs
+    # (PassTiling.target_programs), the others at the config's 2048.
+    **{f'project_programs_{n}': _with_default_tilings(*(
+        mlorc_optax.kernels.KernelConfig().tiling(kernel, dtype, 16)._replace(
+            target_programs=n)
+        for kernel in ('mlorc_adam_project', 'mlorc_lion_project')
+        for dtype in (jnp.bfloat16, jnp.float32))) for n in (4096, 8192)},
     'plain_math': mlorc_optax.kernels.KernelConfig(fast_math=False),
 }
 
